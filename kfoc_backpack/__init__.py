@@ -1,0 +1,15 @@
+"""K-FOC: Kronecker-factored optimal curvature for BackPACK and laplace-torch.
+
+Layers (dependencies point down the list only):
+
+1. :mod:`kfoc_backpack.solver` — nearest-Kronecker solvers on plain tensors;
+2. :mod:`kfoc_backpack.extensions` — BackPACK extensions ``KFOC``, ``KFOCExact``;
+3. :mod:`kfoc_backpack.laplace` — laplace-torch backend and Laplace classes.
+"""
+
+from kfoc_backpack.extensions import KFOC, KFOCExact
+from kfoc_backpack.solver import KroneckerFactors, SolverOptions
+
+__version__ = "0.1.0"
+
+__all__ = ["KFOC", "KFOCExact", "KroneckerFactors", "SolverOptions", "__version__"]

@@ -1,0 +1,178 @@
+"""The BackPACK extensions ``KFOC`` (Monte-Carlo Fisher) and ``KFOCExact`` (GGN)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from backpack.extensions.backprop_extension import FAIL_ERROR, FAIL_SILENT, FAIL_WARN
+from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
+from backpack.extensions.secondorder.hbp import LossHessianStrategy
+from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
+from backpack.extensions.module_extension import ModuleExtension
+from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
+
+from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
+from kfoc_backpack.extensions.linear import KFOCLinear
+from kfoc_backpack.extensions.module_map import (
+    sqrt_ggn_module_extensions,
+    unsupported_param_module_extensions,
+)
+from kfoc_backpack.extensions.unsupported import (
+    UnsupportedParamsModule,
+    handle_unsupported,
+)
+from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, KroneckerFactors, SolverOptions
+
+
+class SolveRecord(NamedTuple):
+    """One weight solve, as logged in :attr:`KFOCBase.solve_log`.
+
+    Attributes:
+        module: Class name of the layer.
+        weight_shape: Shape of the layer's weight.
+        iterations: Power steps the solver took.
+        converged: Whether the tolerance was reached.
+    """
+
+    module: str
+    weight_shape: tuple[int, ...]
+    iterations: int
+    converged: bool
+
+
+class KFOCBase(SqrtGGN):
+    """Common base of :class:`KFOC` and :class:`KFOCExact`.
+
+    Backpropagates BackPACK's GGN/Fisher matrix square root (``SqrtGGN``) and, at
+    every ``Linear``/``Conv1d``/``Conv2d``/``Conv3d`` layer, stores the
+    Frobenius-optimal Kronecker factors of the weight block and the exact bias
+    block, in BackPACK's ``KFAC`` layout: ``weight.<savefield> = [L_out, R_in]``,
+    ``bias.<savefield> = [B]``.
+
+    Args:
+        loss_hessian_strategy: ``'exact'`` or ``'sampling'``.
+        savefield: Attribute the factors are stored under.
+        tol: Solver stopping precision (paper default ``1e-5``).
+        max_iter: Solver iteration cap (paper default ``100``).
+        fail_mode: BackPACK's convention for a parameterised layer that K-FOC does
+            not support (``BatchNorm``, ``Embedding``, transposed convolutions, or a
+            layer BackPACK does not know): ``'ERROR'`` (default) raises naming the
+            layer, ``'WARNING'`` warns and writes nothing for it, ``'SILENT'`` skips
+            it.
+    """
+
+    def __init__(
+        self,
+        loss_hessian_strategy: str,
+        savefield: str,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        fail_mode: str = FAIL_ERROR,
+    ):
+        if fail_mode not in (FAIL_ERROR, FAIL_WARN, FAIL_SILENT):
+            raise ValueError(
+                f"fail_mode must be one of {FAIL_ERROR!r}, {FAIL_WARN!r}, "
+                f"{FAIL_SILENT!r}, got {fail_mode!r}."
+            )
+        self.loss_hessian_strategy = loss_hessian_strategy
+        self.solver_options = SolverOptions(tol=tol, max_iter=max_iter)
+        self.fail_mode = fail_mode
+        module_exts: dict[type[Module], ModuleExtension] = {
+            **sqrt_ggn_module_extensions(),
+            **{
+                layer: UnsupportedParamsModule(inner)
+                for layer, inner in unsupported_param_module_extensions().items()
+            },
+            Linear: KFOCLinear(),
+            Conv1d: KFOCConv1d(),
+            Conv2d: KFOCConv2d(),
+            Conv3d: KFOCConv3d(),
+        }
+        self._known_layers = frozenset(module_exts)
+        SecondOrderBackpropExtension.__init__(
+            self, savefield=savefield, module_exts=module_exts, fail_mode=fail_mode
+        )
+        self.solve_log: deque[SolveRecord] = deque(maxlen=4096)
+
+    def __call__(self, module: Module, g_inp, g_out) -> None:
+        """Run the module extension; reject unknown layers that have parameters."""
+        if type(module) not in self._known_layers:
+            handle_unsupported(self, module)
+        super().__call__(module, g_inp, g_out)
+
+    def log_solve(self, module: Module, factors: KroneckerFactors) -> None:
+        """Record one weight solve in :attr:`solve_log`."""
+        self.solve_log.append(
+            SolveRecord(
+                module.__class__.__name__,
+                tuple(module.weight.shape),
+                factors.iterations,
+                factors.converged,
+            )
+        )
+
+
+class KFOC(KFOCBase):
+    """K-FOC of the Monte-Carlo Fisher (the paper's FIM), savefield ``kfoc``.
+
+    The K-FOC counterpart of BackPACK's ``KFAC``: for each input, ``mc_samples``
+    labels are drawn from the model's predictive distribution (BackPACK's sampled
+    loss-Hessian square root; reproducible with ``torch.manual_seed``), and the
+    Frobenius-optimal ``L_out ⊗ R_in`` of the resulting Fisher block is stored in
+    ``weight.kfoc``; ``bias.kfoc`` is ``[B]``, the exact block of the same Fisher.
+
+    Example::
+
+        model, lossfunc = extend(model), extend(torch.nn.CrossEntropyLoss())
+        with backpack(KFOC()):
+            lossfunc(model(X), y).backward()
+        L_out, R_in = model[0].weight.kfoc
+
+    Args:
+        mc_samples: Number of sampled labels per input.
+        tol: Solver stopping precision (paper default ``1e-5``).
+        max_iter: Solver iteration cap (paper default ``100``).
+        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` for parameterised layers
+            K-FOC does not support (see :class:`KFOCBase`).
+    """
+
+    def __init__(
+        self,
+        mc_samples: int = 1,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        fail_mode: str = FAIL_ERROR,
+    ):
+        if int(mc_samples) != mc_samples or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        self._mc_samples = int(mc_samples)
+        super().__init__(LossHessianStrategy.SAMPLING, "kfoc", tol, max_iter, fail_mode)
+
+    def get_num_mc_samples(self) -> int:
+        """Return the number of Monte-Carlo samples per input."""
+        return self._mc_samples
+
+
+class KFOCExact(KFOCBase):
+    """K-FOC of the exact GGN, savefield ``kfoc_exact`` (counterpart of ``KFLR``).
+
+    Uses the exact loss-Hessian square root (``C`` columns per input for ``C``
+    classes or outputs) and stores the Frobenius-optimal ``L_out ⊗ R_in`` of the GGN
+    block in ``weight.kfoc_exact`` and the exact bias block ``[B]`` in
+    ``bias.kfoc_exact``.
+
+    Args:
+        tol: Solver stopping precision (paper default ``1e-5``).
+        max_iter: Solver iteration cap (paper default ``100``).
+        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` for parameterised layers
+            K-FOC does not support (see :class:`KFOCBase`).
+    """
+
+    def __init__(
+        self,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        fail_mode: str = FAIL_ERROR,
+    ):
+        super().__init__(LossHessianStrategy.EXACT, "kfoc_exact", tol, max_iter, fail_mode)

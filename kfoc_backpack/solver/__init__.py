@@ -1,0 +1,33 @@
+"""Solver layer: Frobenius-optimal Kronecker products of structured sums.
+
+Pure tensor maths on any device and floating dtype; knows nothing of BackPACK or
+laplace-torch.
+"""
+
+from kfoc_backpack.solver._common import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    KroneckerFactors,
+    SolverOptions,
+)
+from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
+from kfoc_backpack.solver.kronecker import (
+    merge_kronecker,
+    nearest_kronecker_outer,
+    nearest_kronecker_samples,
+    nearest_kronecker_sum,
+)
+
+__all__ = [
+    "DEFAULT_MAX_ITER",
+    "DEFAULT_TOL",
+    "KroneckerFactors",
+    "SolverOptions",
+    "kron_error_dense",
+    "kron_error_outer",
+    "kron_error_samples",
+    "merge_kronecker",
+    "nearest_kronecker_outer",
+    "nearest_kronecker_samples",
+    "nearest_kronecker_sum",
+]

@@ -1,0 +1,433 @@
+r"""Frobenius-optimal single Kronecker product of structured sums (the K-FOC solvers).
+
+Every solver returns :class:`KroneckerFactors` ``(left, right, iterations,
+converged)`` with ``left ⊗ right ≈ F`` optimal in the Frobenius norm, and follows the
+same conventions (see :func:`~kfoc_backpack.solver._common.finalize`): symmetric
+factors, sign fixed by ``tr(left) ≥ 0`` (both factors positive semi-definite when
+``F`` is), scale split evenly (``‖left‖_F = ‖right‖_F``), the input's device and
+dtype, all-zero input giving all-zero factors. Vectorisation is PyTorch's row-major
+one, so ``torch.kron(left, right)`` is directly comparable with ``F``.
+
+Three structures of ``F`` are supported:
+
+* :func:`nearest_kronecker_sum` — ``F = Σ_k w_k L_k ⊗ R_k`` (paper Algorithm 1);
+* :func:`nearest_kronecker_samples` — ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` for per-sample
+  matrices ``X_k`` (paper Algorithm 2; convolutions);
+* :func:`nearest_kronecker_outer` — ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)``, i.e.
+  per-sample matrices ``X_{k,j} = s_{k,j} a_kᵀ`` of rank one (``Linear`` layers),
+  solved in ``K``-dimensional coefficient space without ever forming ``X``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.solver._common import (
+    KroneckerFactors,
+    SolverOptions,
+    finalize,
+    working_dtype,
+)
+from kfoc_backpack.solver.gram import coefficient_power_iteration, top_eigvec_2x2
+from kfoc_backpack.solver.power import (
+    factor_power_iteration,
+    samples_to_left,
+    samples_to_right,
+    terms_to_left,
+    terms_to_right,
+)
+
+GRAM_MAX_TERMS = 4096
+"""Largest number of terms for which the coefficient-space route is used by default."""
+
+_EXPLICIT_GRAM_MAX_ELEMENTS = 1 << 24
+"""Memory cap (elements) for materialising ``S_kᵀS_k`` in the outer-product Gram."""
+
+
+def _options(options: SolverOptions | None) -> SolverOptions:
+    return SolverOptions() if options is None else options
+
+
+def _check_every(device: torch.device) -> int:
+    """Evaluate stopping criteria less often on accelerators to avoid syncs."""
+    return 1 if device.type == "cpu" else 4
+
+
+def _check_finite(result: KroneckerFactors, what: str) -> KroneckerFactors:
+    if not bool(torch.isfinite(result.left).all() & torch.isfinite(result.right).all()):
+        raise FloatingPointError(
+            f"{what}: the input contains NaN or infinite values; no factors returned."
+        )
+    return result
+
+
+def _random_coefficients(num: int, like: Tensor, options: SolverOptions) -> Tensor:
+    return torch.randn(
+        num, generator=options.generator, dtype=like.dtype, device="cpu"
+    ).to(like.device)
+
+
+def _random_matrix(dim: int, like: Tensor, options: SolverOptions) -> Tensor:
+    mat = torch.randn(dim, dim, generator=options.generator, dtype=like.dtype, device="cpu")
+    return mat.to(like.device)
+
+
+def _validate_square_stack(terms: Tensor, name: str) -> None:
+    if terms.dim() != 3 or terms.shape[-1] != terms.shape[-2]:
+        raise ValueError(
+            f"{name} must have shape [K, D, D] (a stack of square matrices), "
+            f"got {tuple(terms.shape)}."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Σ_k w_k L_k ⊗ R_k
+# --------------------------------------------------------------------------------------
+
+
+def nearest_kronecker_sum(
+    left_terms: Tensor,
+    right_terms: Tensor,
+    weights: Tensor | None = None,
+    *,
+    options: SolverOptions | None = None,
+    init: Tensor | None = None,
+    method: str = "auto",
+) -> KroneckerFactors:
+    """Optimal ``L ⊗ R`` for ``F = Σ_k w_k L_k ⊗ R_k`` (paper Algorithm 1).
+
+    The terms may be any square matrices; the factors are symmetrised only when all
+    terms are symmetric (then the optimum is symmetric), and positive semi-definite
+    when all terms are.
+
+    Args:
+        left_terms: ``[K, M, M]`` left terms ``L_k``.
+        right_terms: ``[K, N, N]`` right terms ``R_k``.
+        weights: Optional ``[K]`` weights ``w_k`` (default all ones).
+        options: Solver options (tolerance, iteration cap, random initialisation).
+        init: Optional ``[M, M]`` warm start of the left factor (e.g. the previous
+            solution). Default: ``Σ_k w_k L_k``.
+        method: ``"auto"``, ``"closed_form"`` (only ``K ≤ 2``), ``"gram"``
+            (coefficient space, ``O(K²(M² + N²))`` set-up, ``O(K²)`` per step) or
+            ``"power"`` (factor space, ``O(K(M² + N²))`` per step). ``"auto"`` uses
+            the closed form for ``K ≤ 2``, ``"gram"`` up to
+            :data:`GRAM_MAX_TERMS` terms and ``"power"`` beyond.
+
+    Returns:
+        The optimal factors, see the module docstring for the conventions.
+
+    Raises:
+        ValueError: For inconsistent shapes or an unknown ``method``.
+    """
+    _validate_square_stack(left_terms, "left_terms")
+    _validate_square_stack(right_terms, "right_terms")
+    num = left_terms.shape[0]
+    if right_terms.shape[0] != num:
+        raise ValueError(
+            f"left_terms and right_terms need the same number of terms, got {num} "
+            f"and {right_terms.shape[0]}."
+        )
+    if method not in ("auto", "closed_form", "gram", "power"):
+        raise ValueError(
+            f"Unknown method {method!r}; use 'auto', 'closed_form', 'gram' or 'power'."
+        )
+    opts = _options(options)
+    out_dtype = left_terms.dtype
+    dtype = working_dtype(out_dtype)
+    m, n = left_terms.shape[-1], right_terms.shape[-1]
+    if num == 0:
+        zeros = left_terms.new_zeros(m, m), right_terms.new_zeros(n, n)
+        return KroneckerFactors(*zeros, 0, True)
+    left_terms = left_terms.to(dtype)
+    right_terms = right_terms.to(dtype)
+    if weights is not None:
+        if weights.shape != (num,):
+            raise ValueError(f"weights must have shape [{num}], got {tuple(weights.shape)}.")
+        left_terms = left_terms * weights.to(dtype).reshape(num, 1, 1)
+
+    if method == "auto":
+        method = "closed_form" if num <= 2 else "gram" if num <= GRAM_MAX_TERMS else "power"
+    if method == "closed_form" and num > 2:
+        raise ValueError(f"method='closed_form' needs at most 2 terms, got {num}.")
+
+    left_flat = left_terms.reshape(num, -1)
+    right_flat = right_terms.reshape(num, -1)
+    if method in ("closed_form", "gram"):
+        gram_left = left_flat @ left_flat.T
+        gram_right = right_flat @ right_flat.T
+
+        def solve(start: Tensor) -> tuple[Tensor, Tensor, int, bool]:
+            if method == "closed_form":
+                alpha = _closed_form_coefficients(gram_left, gram_right, num)
+                return alpha, gram_left @ alpha, 0, True
+            return coefficient_power_iteration(
+                gram_left,
+                gram_right,
+                start,
+                opts.tol,
+                opts.max_iter,
+                _check_every(left_terms.device),
+            )
+
+        if opts.random_init:
+            start = _random_coefficients(num, left_terms, opts)
+        elif init is not None:
+            start = gram_right @ (left_flat @ init.to(dtype).reshape(-1))
+        else:
+            start = torch.ones(num, dtype=dtype, device=left_terms.device)
+        alpha, beta, iters, converged = solve(start)
+        if _needs_restart(beta, gram_right, gram_left):
+            alpha, beta, iters, converged = solve(
+                _random_coefficients(num, left_terms, opts)
+            )
+        left = (alpha @ left_flat).reshape(m, m)
+        right = (beta @ right_flat).reshape(n, n)
+    else:
+        to_right = terms_to_right(left_terms, right_terms)
+        to_left = terms_to_left(left_terms, right_terms)
+        if opts.random_init:
+            start = _random_matrix(m, left_terms, opts)
+        elif init is not None:
+            start = init.to(dtype)
+        else:
+            start = left_terms.sum(0)
+        check = _check_every(left_terms.device)
+        left, right, iters, converged = factor_power_iteration(
+            to_right, to_left, start, opts.tol, opts.max_iter, check
+        )
+        total = (left_flat @ left_flat.T * (right_flat @ right_flat.T)).sum()
+        if bool((torch.linalg.matrix_norm(right) == 0) & (total > 0)):
+            left, right, iters, converged = factor_power_iteration(
+                to_right,
+                to_left,
+                _random_matrix(m, left_terms, opts),
+                opts.tol,
+                opts.max_iter,
+                check,
+            )
+    symmetric = bool(
+        (left_terms == left_terms.transpose(-1, -2)).all()
+        & (right_terms == right_terms.transpose(-1, -2)).all()
+    )
+    left, right = finalize(left, right, out_dtype, symmetric=symmetric)
+    return _check_finite(
+        KroneckerFactors(left, right, iters, converged), "nearest_kronecker_sum"
+    )
+
+
+def _closed_form_coefficients(gram_left: Tensor, gram_right: Tensor, num: int) -> Tensor:
+    """Exact left coefficients for one or two terms."""
+    if num == 1:
+        alpha = torch.ones(1, dtype=gram_left.dtype, device=gram_left.device)
+    else:
+        alpha = top_eigvec_2x2(gram_right @ gram_left)
+    norm = (alpha @ (gram_left @ alpha)).clamp_min(0).sqrt()
+    return alpha / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _needs_restart(beta: Tensor, gram_right: Tensor, gram_left: Tensor) -> bool:
+    """Whether the start was orthogonal to the solution of a non-zero problem."""
+    sigma_sq = beta @ (gram_right @ beta)
+    total = (gram_left * gram_right).sum()
+    return bool((sigma_sq <= 1e-12 * total) & (total > 0))
+
+
+def merge_kronecker(
+    left_a: Tensor,
+    right_a: Tensor,
+    left_b: Tensor,
+    right_b: Tensor,
+    weight_a: float | Tensor = 1.0,
+    weight_b: float | Tensor = 1.0,
+) -> KroneckerFactors:
+    """Optimal ``L ⊗ R`` for ``w_a L_a ⊗ R_a + w_b L_b ⊗ R_b``, in closed form.
+
+    The two-term problem of running aggregation: exact through the ``2 × 2`` Gram
+    matrices, no iteration.
+
+    Args:
+        left_a: ``[M, M]`` left factor of the first product.
+        right_a: ``[N, N]`` right factor of the first product.
+        left_b: ``[M, M]`` left factor of the second product.
+        right_b: ``[N, N]`` right factor of the second product.
+        weight_a: Weight of the first product.
+        weight_b: Weight of the second product.
+
+    Returns:
+        The optimal factors (conventions as for every solver).
+    """
+    weights = torch.stack(
+        [torch.as_tensor(weight_a, dtype=left_a.dtype, device=left_a.device),
+         torch.as_tensor(weight_b, dtype=left_a.dtype, device=left_a.device)]
+    )
+    return nearest_kronecker_sum(
+        torch.stack([left_a, left_b]),
+        torch.stack([right_a, right_b]),
+        weights,
+        method="closed_form",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Σ_k vec(X_k) vec(X_k)ᵀ
+# --------------------------------------------------------------------------------------
+
+
+def nearest_kronecker_samples(
+    samples: Tensor,
+    *,
+    options: SolverOptions | None = None,
+    init: Tensor | None = None,
+) -> KroneckerFactors:
+    """Optimal ``L ⊗ R`` for ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (paper Algorithm 2).
+
+    ``L`` acts on the row (output) side and ``R`` on the column (input) side of the
+    ``X_k``. The half-steps ``R ← Σ_k X_kᵀ L X_k`` and ``L ← Σ_k X_k R X_kᵀ`` map
+    positive semi-definite matrices to positive semi-definite ones, so the default
+    start ``L⁽⁰⁾ = I`` (never orthogonal to the PSD optimum) keeps both factors PSD.
+
+    Cost per step ``O(K M N (M + N))``, memory ``O(K M N)``.
+
+    Args:
+        samples: ``[K, M, N]`` per-sample matrices ``X_k``.
+        options: Solver options.
+        init: Optional ``[M, M]`` warm start of the left factor (positive
+            semi-definite, e.g. K-FAC's left factor or the previous solution).
+
+    Returns:
+        The optimal factors (conventions in the module docstring).
+
+    Raises:
+        ValueError: If ``samples`` is not three-dimensional.
+    """
+    if samples.dim() != 3:
+        raise ValueError(f"samples must have shape [K, M, N], got {tuple(samples.shape)}.")
+    opts = _options(options)
+    out_dtype = samples.dtype
+    samples = samples.to(working_dtype(out_dtype))
+    num, m, n = samples.shape
+    if num == 0:
+        zeros = samples.new_zeros(m, m), samples.new_zeros(n, n)
+        return KroneckerFactors(zeros[0].to(out_dtype), zeros[1].to(out_dtype), 0, True)
+    if opts.random_init:
+        start = _random_matrix(m, samples, opts)
+    elif init is not None:
+        start = init.to(samples.dtype)
+    else:
+        start = torch.eye(m, dtype=samples.dtype, device=samples.device)
+    left, right, iters, converged = factor_power_iteration(
+        samples_to_right(samples),
+        samples_to_left(samples),
+        start,
+        opts.tol,
+        opts.max_iter,
+        _check_every(samples.device),
+    )
+    left, right = finalize(left, right, out_dtype)
+    return _check_finite(
+        KroneckerFactors(left, right, iters, converged), "nearest_kronecker_samples"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)
+# --------------------------------------------------------------------------------------
+
+
+def outer_gram_left(sqrt_out: Tensor) -> Tensor:
+    """Gram matrix ``G[k, l] = ⟨S_kᵀS_k, S_lᵀS_l⟩_F = ‖S_k S_lᵀ‖²_F``.
+
+    Args:
+        sqrt_out: ``[K, J, M]`` stack of the ``J`` output-side vectors per term.
+
+    Returns:
+        ``[K, K]`` Gram matrix, computed through whichever of two routes is cheaper:
+        materialising ``B_k = S_kᵀS_k`` (``O(K J M² + K² M²)``, used when ``M`` is
+        small) or the pairwise products ``(s_{k,i} · s_{l,j})²`` (``O(K² J² M / 2)``,
+        never allocating anything of size ``K · M²``).
+    """
+    num, cols, dim = sqrt_out.shape
+    if cols == 1:
+        flat = sqrt_out[:, 0]
+        return (flat @ flat.T).square()
+    explicit_cost = num * cols * dim * dim + num * num * dim * dim
+    pairs_cost = num * num * cols * cols * dim // 2
+    if explicit_cost < pairs_cost and num * dim * dim <= _EXPLICIT_GRAM_MAX_ELEMENTS:
+        blocks = torch.einsum("kjp,kjq->kpq", sqrt_out, sqrt_out).reshape(num, -1)
+        return blocks @ blocks.T
+    gram = sqrt_out.new_zeros(num, num)
+    for i in range(cols):
+        rest = sqrt_out[:, i:].transpose(0, 1).reshape(-1, dim)
+        prods = (sqrt_out[:, i] @ rest.T).square().reshape(num, cols - i, num)
+        off = prods[:, 1:].sum(1)
+        gram += prods[:, 0] + off + off.T
+    return gram
+
+
+def nearest_kronecker_outer(
+    sqrt_out: Tensor,
+    inputs: Tensor,
+    *,
+    options: SolverOptions | None = None,
+    init: Tensor | None = None,
+) -> KroneckerFactors:
+    """Optimal ``L ⊗ R`` for ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)`` in coefficient space.
+
+    This is ``F = Σ_{k,j} vec(X_{kj}) vec(X_{kj})ᵀ`` with rank-one per-sample
+    matrices ``X_{kj} = s_{kj} a_kᵀ``: a ``Linear`` layer's GGN with ``J`` columns of
+    the loss-Hessian square root (``J`` Monte-Carlo samples or classes) per input.
+    The optimum is ``L = Σ_k α_k S_kᵀ S_k`` and ``R = Σ_k β_k a_k a_kᵀ``; the power
+    method runs on ``α, β ∈ ℝᴷ`` using the Gram matrices (DESIGN §1), cost
+    ``O(K² (J² M + N))`` once plus ``O(K²)`` per step, and the factors are formed once
+    at the end in ``O(K J M² + K N²)`` — the cost of K-FAC's own factors. Nothing of
+    size ``K · M · N`` is allocated. The start ``α = 1`` is K-FAC's left factor.
+
+    Args:
+        sqrt_out: ``[K, J, M]`` output-side vectors ``s_{kj}``.
+        inputs: ``[K, N]`` input-side vectors ``a_k``.
+        options: Solver options.
+        init: Optional ``[M, M]`` warm start of the left factor; it is mapped to
+            coefficients by one half-step.
+
+    Returns:
+        The optimal factors (conventions in the module docstring).
+
+    Raises:
+        ValueError: For inconsistent shapes.
+    """
+    if sqrt_out.dim() == 2:
+        sqrt_out = sqrt_out.unsqueeze(1)
+    if sqrt_out.dim() != 3 or inputs.dim() != 2 or sqrt_out.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            "nearest_kronecker_outer expects sqrt_out [K, J, M] (or [K, M]) and inputs "
+            f"[K, N], got {tuple(sqrt_out.shape)} and {tuple(inputs.shape)}."
+        )
+    opts = _options(options)
+    out_dtype = sqrt_out.dtype
+    dtype = working_dtype(out_dtype)
+    sqrt_out, inputs = sqrt_out.to(dtype), inputs.to(dtype)
+    num, cols, m = sqrt_out.shape
+    n = inputs.shape[1]
+    flat_out = sqrt_out.reshape(num * cols, m)
+    if num == 0:
+        zeros = flat_out.new_zeros(m, m).to(out_dtype), inputs.new_zeros(n, n).to(out_dtype)
+        return KroneckerFactors(*zeros, 0, True)
+    gram_left = outer_gram_left(sqrt_out)
+    gram_right = (inputs @ inputs.T).square()
+    if opts.random_init:
+        start = _random_coefficients(num, inputs, opts).abs()
+    elif init is not None:
+        halfstep = ((flat_out @ init.to(dtype)) * flat_out).sum(1).reshape(num, cols).sum(1)
+        start = gram_right @ halfstep
+    else:
+        start = torch.ones(num, dtype=dtype, device=inputs.device)
+    alpha, beta, iters, converged = coefficient_power_iteration(
+        gram_left, gram_right, start, opts.tol, opts.max_iter, _check_every(inputs.device)
+    )
+    left = (flat_out * alpha.repeat_interleave(cols).unsqueeze(1)).T @ flat_out
+    right = (inputs * beta.unsqueeze(1)).T @ inputs
+    left, right = finalize(left, right, out_dtype)
+    return _check_finite(
+        KroneckerFactors(left, right, iters, converged), "nearest_kronecker_outer"
+    )
