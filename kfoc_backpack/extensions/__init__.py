@@ -4,6 +4,7 @@
 savefield ``kfoc_exact``), with one module extension per supported layer type.
 """
 
-from kfoc_backpack.extensions.kfoc import KFOC, KFOCBase, KFOCExact, SolveRecord
+from kfoc_backpack.extensions.base import LayerTerms
+from kfoc_backpack.extensions.kfoc import KFOC, KFOCBase, KFOCExact, KFOCTerms, SolveRecord
 
-__all__ = ["KFOC", "KFOCBase", "KFOCExact", "SolveRecord"]
+__all__ = ["KFOC", "KFOCBase", "KFOCExact", "KFOCTerms", "LayerTerms", "SolveRecord"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,10 +12,47 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.solver import KroneckerFactors
+from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """The per-sample quantities of one weight, as stored by ``KFOCTerms``.
+
+    Attributes:
+        terms: The weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` in structured form.
+        input_trace: ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``, the trace K-FOC gives its
+            input-side factor (see :func:`kfac_scale_split`).
+        kfac: K-FAC's factors ``(L, R)`` of the same block from the same samples;
+            for convolutions the KFC approximation (paper eq. 9),
+            ``Σ_{k,t} ds_{k,t} ds_{k,t}ᵀ ⊗ (1/(N·T)) Σ_{n,t} â_{n,t} â_{n,t}ᵀ``.
+    """
+
+    terms: OuterTerms | SampleTerms
+    input_trace: Tensor
+    kfac: tuple[Tensor, Tensor]
+
+    def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
+        """K-FOC's ``[L_out, R_in]`` from solver factors, in K-FAC's scale split."""
+        return kfac_scale_split(factors, self.input_trace)
+
+
+def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """K-FAC/KFC factors (paper eq. 9) of a layer with shared weights.
+
+    Args:
+        sqrt: ``[M, N, T, out]`` square-root GGN at the output positions.
+        inputs: ``[N, T, in]`` (unfolded) inputs at the same positions.
+
+    Returns:
+        ``(Σ_{m,n,t} ds ds ᵀ, (1/(N·T)) Σ_{n,t} â âᵀ)``.
+    """
+    flat_sqrt = sqrt.flatten(end_dim=2)
+    flat_inputs = inputs.flatten(end_dim=1)
+    return flat_sqrt.T @ flat_sqrt, flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
 
 
 def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:
@@ -53,6 +91,38 @@ class KFOCBaseModule(SqrtGGNBaseModule):
     def __init__(self, derivatives: BaseDerivatives):
         super().__init__(derivatives, params=["weight", "bias"])
 
+    def layer_terms(self, ext: KFOCBase, module: Module, backproped: Tensor) -> LayerTerms:
+        """Per-sample quantities of the weight block (implemented per layer type)."""
+        raise NotImplementedError
+
+    def weight(
+        self,
+        ext: KFOCBase,
+        module: Module,
+        g_inp: tuple[Tensor, ...],
+        g_out: tuple[Tensor, ...],
+        backproped: Tensor,
+    ) -> list[Tensor] | LayerTerms:
+        """Return ``[L_out, R_in]``, ``L_out ⊗ R_in`` optimal for the weight block.
+
+        Args:
+            ext: The running K-FOC extension.
+            module: The layer.
+            g_inp: Gradients w.r.t. the layer inputs (unused).
+            g_out: Gradients w.r.t. the layer outputs (unused).
+            backproped: ``[M, N, C_out, *spatial]`` GGN/Fisher square root.
+
+        Returns:
+            ``[L_out, R_in]`` (``[C_out, C_out]`` and ``[C_in·Πkernel, C_in·Πkernel]``),
+            or the :class:`LayerTerms` themselves for ``KFOCTerms``.
+        """
+        terms = self.layer_terms(ext, module, backproped)
+        if not ext.solves:
+            return terms
+        factors = terms.terms.solve(ext.solver_options)
+        self.record(ext, module, factors)
+        return terms.kfoc(factors)
+
     def bias(
         self,
         ext: KFOCBase,
@@ -68,9 +138,12 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         Returns:
             ``[B]``, ``B`` of shape ``[C_out, C_out]``.
         """
-        sqrt = backproped.flatten(start_dim=3).sum(-1) if backproped.dim() > 3 else backproped
-        sqrt = sqrt.flatten(end_dim=1)
+        sqrt = self.bias_sqrt(backproped).flatten(end_dim=1)
         return [sqrt.T @ sqrt]
+
+    def bias_sqrt(self, backproped: Tensor) -> Tensor:
+        """``[M, N, C_out]``: the square root summed over positions (per layer type)."""
+        raise NotImplementedError
 
     def record(self, ext: KFOCBase, module: Module, factors: KroneckerFactors) -> None:
         """Log the solve on the extension and warn if it did not converge."""

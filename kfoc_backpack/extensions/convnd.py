@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
@@ -11,13 +11,13 @@ from backpack.utils.conv import unfold_input
 from torch import Tensor, einsum
 from torch.nn import Conv1d, Conv2d, Conv3d
 
-from kfoc_backpack.extensions.base import KFOCBaseModule, kfac_scale_split
-from kfoc_backpack.solver import nearest_kronecker_samples
+from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms, kfc_factors
+from kfoc_backpack.solver import SampleTerms
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
 
-ConvNd = Union[Conv1d, Conv2d, Conv3d]
+ConvNd = Conv1d | Conv2d | Conv3d
 
 
 class KFOCConvNd(KFOCBaseModule):
@@ -63,33 +63,18 @@ class KFOCConvNd(KFOCBaseModule):
                 "K-FOC supports padding_mode='zeros'."
             )
 
-    def weight(
-        self,
-        ext: KFOCBase,
-        module: ConvNd,
-        g_inp: tuple[Tensor, ...],
-        g_out: tuple[Tensor, ...],
-        backproped: Tensor,
-    ) -> list[Tensor]:
-        """Return ``[L_out, R_in]`` with ``L_out ⊗ R_in`` optimal for the weight block.
-
-        Args:
-            ext: The running K-FOC extension.
-            module: The layer.
-            g_inp: Gradients w.r.t. the layer inputs (unused).
-            g_out: Gradients w.r.t. the layer outputs (unused).
-            backproped: ``[M, N, C_out, *spatial_out]`` GGN/Fisher square root.
-
-        Returns:
-            ``[L_out, R_in]`` of shapes ``[C_out, C_out]`` and
-            ``[C_in·Πkernel, C_in·Πkernel]``.
-        """
+    def layer_terms(self, ext: KFOCBase, module: ConvNd, backproped: Tensor) -> LayerTerms:
+        """Per-sample quantities; ``backproped`` is ``[M, N, C_out, *spatial_out]``."""
         unfolded = unfold_input(module, module.input0)  # [N, C_in·Πkernel, T]
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
         samples = einsum("mnot,nit->mnoi", sqrt, unfolded).flatten(end_dim=1)
-        factors = nearest_kronecker_samples(samples, options=ext.solver_options)
-        self.record(ext, module, factors)
-        return kfac_scale_split(factors, unfolded.square().sum() / unfolded.shape[0])
+        input_trace = unfolded.square().sum() / unfolded.shape[0]
+        kfac = kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))
+        return LayerTerms(SampleTerms(samples), input_trace, kfac)
+
+    def bias_sqrt(self, backproped: Tensor) -> Tensor:
+        """Sum ``[M, N, C_out, *spatial]`` over the output positions."""
+        return backproped.flatten(start_dim=3).sum(-1)
 
 
 class KFOCConv1d(KFOCConvNd):

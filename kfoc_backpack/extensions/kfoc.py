@@ -6,10 +6,10 @@ from collections import deque
 from typing import NamedTuple
 
 from backpack.extensions.backprop_extension import FAIL_ERROR, FAIL_SILENT, FAIL_WARN
+from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
 from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
-from backpack.extensions.module_extension import ModuleExtension
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
@@ -69,6 +69,7 @@ class KFOCBase(SqrtGGN):
         tol: float = DEFAULT_TOL,
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
+        solves: bool = True,
     ):
         if fail_mode not in (FAIL_ERROR, FAIL_WARN, FAIL_SILENT):
             raise ValueError(
@@ -78,6 +79,7 @@ class KFOCBase(SqrtGGN):
         self.loss_hessian_strategy = loss_hessian_strategy
         self.solver_options = SolverOptions(tol=tol, max_iter=max_iter)
         self.fail_mode = fail_mode
+        self.solves = solves
         module_exts: dict[type[Module], ModuleExtension] = {
             **sqrt_ggn_module_extensions(),
             **{
@@ -176,3 +178,31 @@ class KFOCExact(KFOCBase):
         fail_mode: str = FAIL_ERROR,
     ):
         super().__init__(LossHessianStrategy.EXACT, "kfoc_exact", tol, max_iter, fail_mode)
+
+
+class KFOCTerms(KFOCBase):
+    """Store each weight's per-sample quantities instead of solving (savefield ``kfoc_terms``).
+
+    ``weight.kfoc_terms`` is a :class:`~kfoc_backpack.extensions.base.LayerTerms`:
+    the structured block ``F`` (``OuterTerms`` for ``Linear``, ``SampleTerms`` for
+    convolutions), K-FOC's input trace and K-FAC's factors of the same samples. It is
+    what aggregation over a data set and the paper's comparison build on: every
+    estimator and the ground truth from one backward pass with shared samples.
+    ``bias.kfoc_terms`` is ``[B]``, the exact bias block.
+
+    Args:
+        exact: Exact GGN (``True``) or Monte-Carlo Fisher (``False``, default).
+        mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
+        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
+    """
+
+    def __init__(self, exact: bool = False, mc_samples: int = 1, fail_mode: str = FAIL_ERROR):
+        if int(mc_samples) != mc_samples or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        self._mc_samples = int(mc_samples)
+        strategy = LossHessianStrategy.EXACT if exact else LossHessianStrategy.SAMPLING
+        super().__init__(strategy, "kfoc_terms", fail_mode=fail_mode, solves=False)
+
+    def get_num_mc_samples(self) -> int:
+        """Return the number of Monte-Carlo samples per input."""
+        return self._mc_samples

@@ -8,8 +8,8 @@ from backpack.core.derivatives.linear import LinearDerivatives
 from torch import Tensor, einsum
 from torch.nn import Linear
 
-from kfoc_backpack.extensions.base import KFOCBaseModule, kfac_scale_split
-from kfoc_backpack.solver import nearest_kronecker_outer, nearest_kronecker_samples
+from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms, kfc_factors
+from kfoc_backpack.solver import OuterTerms, SampleTerms
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -29,37 +29,22 @@ class KFOCLinear(KFOCBaseModule):
     def __init__(self):
         super().__init__(LinearDerivatives())
 
-    def weight(
-        self,
-        ext: KFOCBase,
-        module: Linear,
-        g_inp: tuple[Tensor, ...],
-        g_out: tuple[Tensor, ...],
-        backproped: Tensor,
-    ) -> list[Tensor]:
-        """Return ``[L_out, R_in]`` with ``L_out ⊗ R_in`` optimal for the weight block.
-
-        Args:
-            ext: The running K-FOC extension.
-            module: The layer.
-            g_inp: Gradients w.r.t. the layer inputs (unused).
-            g_out: Gradients w.r.t. the layer outputs (unused).
-            backproped: ``[M, N, *, out]`` GGN/Fisher square root at the output.
-
-        Returns:
-            ``[L_out, R_in]`` of shapes ``[out, out]`` and ``[in, in]``.
-        """
+    def layer_terms(self, ext: KFOCBase, module: Linear, backproped: Tensor) -> LayerTerms:
+        """Per-sample quantities of the weight; ``backproped`` is ``[M, N, *, out]``."""
         inputs = module.input0
         num = inputs.shape[0]
-        options = ext.solver_options
+        input_trace = inputs.square().sum() / num
         if inputs.dim() == 2:
-            factors = nearest_kronecker_outer(
-                backproped.transpose(0, 1), inputs, options=options
-            )
-        else:
-            sqrt = backproped.flatten(start_dim=2, end_dim=-2)
-            flat_inputs = inputs.flatten(start_dim=1, end_dim=-2)
-            samples = einsum("mnto,nti->mnoi", sqrt, flat_inputs)
-            factors = nearest_kronecker_samples(samples.flatten(end_dim=1), options=options)
-        self.record(ext, module, factors)
-        return kfac_scale_split(factors, inputs.square().sum() / num)
+            terms = OuterTerms(backproped.transpose(0, 1), inputs)
+            kfac = kfc_factors(backproped.unsqueeze(2), inputs.unsqueeze(1))
+            return LayerTerms(terms, input_trace, kfac)
+        sqrt = backproped.flatten(start_dim=2, end_dim=-2)  # [M, N, T, out]
+        flat_inputs = inputs.flatten(start_dim=1, end_dim=-2)  # [N, T, in]
+        samples = einsum("mnto,nti->mnoi", sqrt, flat_inputs).flatten(end_dim=1)
+        return LayerTerms(SampleTerms(samples), input_trace, kfc_factors(sqrt, flat_inputs))
+
+    def bias_sqrt(self, backproped: Tensor) -> Tensor:
+        """Sum ``[M, N, *, out]`` over the extra input dimensions."""
+        if backproped.dim() == 3:
+            return backproped
+        return backproped.flatten(start_dim=2, end_dim=-2).sum(2)

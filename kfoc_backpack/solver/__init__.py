@@ -10,6 +10,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
 )
+from kfoc_backpack.solver.aggregation import AGGREGATIONS, KroneckerAccumulator
 from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
 from kfoc_backpack.solver.kronecker import (
     merge_kronecker,
@@ -17,11 +18,16 @@ from kfoc_backpack.solver.kronecker import (
     nearest_kronecker_samples,
     nearest_kronecker_sum,
 )
+from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecker_terms
 
 __all__ = [
+    "AGGREGATIONS",
+    "KroneckerAccumulator",
     "DEFAULT_MAX_ITER",
     "DEFAULT_TOL",
     "KroneckerFactors",
+    "OuterTerms",
+    "SampleTerms",
     "SolverOptions",
     "kron_error_dense",
     "kron_error_outer",
@@ -30,4 +36,5 @@ __all__ = [
     "nearest_kronecker_outer",
     "nearest_kronecker_samples",
     "nearest_kronecker_sum",
+    "nearest_kronecker_terms",
 ]

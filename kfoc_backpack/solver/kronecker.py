@@ -63,9 +63,9 @@ def _check_finite(result: KroneckerFactors, what: str) -> KroneckerFactors:
 
 
 def _random_coefficients(num: int, like: Tensor, options: SolverOptions) -> Tensor:
-    return torch.randn(
-        num, generator=options.generator, dtype=like.dtype, device="cpu"
-    ).to(like.device)
+    return torch.randn(num, generator=options.generator, dtype=like.dtype, device="cpu").to(
+        like.device
+    )
 
 
 def _random_matrix(dim: int, like: Tensor, options: SolverOptions) -> Tensor:
@@ -178,9 +178,7 @@ def nearest_kronecker_sum(
             start = torch.ones(num, dtype=dtype, device=left_terms.device)
         alpha, beta, iters, converged = solve(start)
         if _needs_restart(beta, gram_right, gram_left):
-            alpha, beta, iters, converged = solve(
-                _random_coefficients(num, left_terms, opts)
-            )
+            alpha, beta, iters, converged = solve(_random_coefficients(num, left_terms, opts))
         left = (alpha @ left_flat).reshape(m, m)
         right = (beta @ right_flat).reshape(n, n)
     else:
@@ -211,9 +209,7 @@ def nearest_kronecker_sum(
         & (right_terms == right_terms.transpose(-1, -2)).all()
     )
     left, right = finalize(left, right, out_dtype, symmetric=symmetric)
-    return _check_finite(
-        KroneckerFactors(left, right, iters, converged), "nearest_kronecker_sum"
-    )
+    return _check_finite(KroneckerFactors(left, right, iters, converged), "nearest_kronecker_sum")
 
 
 def _closed_form_coefficients(gram_left: Tensor, gram_right: Tensor, num: int) -> Tensor:
@@ -258,8 +254,10 @@ def merge_kronecker(
         The optimal factors (conventions as for every solver).
     """
     weights = torch.stack(
-        [torch.as_tensor(weight_a, dtype=left_a.dtype, device=left_a.device),
-         torch.as_tensor(weight_b, dtype=left_a.dtype, device=left_a.device)]
+        [
+            torch.as_tensor(weight_a, dtype=left_a.dtype, device=left_a.device),
+            torch.as_tensor(weight_b, dtype=left_a.dtype, device=left_a.device),
+        ]
     )
     return nearest_kronecker_sum(
         torch.stack([left_a, left_b]),
@@ -428,6 +426,4 @@ def nearest_kronecker_outer(
     left = (flat_out * alpha.repeat_interleave(cols).unsqueeze(1)).T @ flat_out
     right = (inputs * beta.unsqueeze(1)).T @ inputs
     left, right = finalize(left, right, out_dtype)
-    return _check_finite(
-        KroneckerFactors(left, right, iters, converged), "nearest_kronecker_outer"
-    )
+    return _check_finite(KroneckerFactors(left, right, iters, converged), "nearest_kronecker_outer")

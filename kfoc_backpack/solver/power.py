@@ -6,7 +6,7 @@ once (no Python loop over terms), so they run as well on a GPU as on the CPU.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ def factor_power_iteration(
     max_iter: int,
     check_every: int = 1,
 ) -> tuple[Tensor, Tensor, int, bool]:
-    """Generic power method for the top singular pair of a rearranged matrix ``A``.
+    """Run the power method for the top singular pair of a rearranged matrix ``A``.
 
     Args:
         to_right: ``L ↦ mat(Aᵀ vec L)``, an ``[M, M] → [N, N]`` map.

@@ -1,0 +1,121 @@
+r"""Aggregation of per-batch Kronecker factors over a data set (DESIGN §2).
+
+The target is ``F = Σ_p w_p F_p`` with ``F_p ≈ L_p ⊗ R_p`` the batch blocks and
+``w_p`` their weights. Weight by sample count, never by batch count: with a loss
+reduced by ``mean`` each ``F_p`` is a batch mean and ``w_p = n_p / Σ_q n_q`` gives the
+data-set mean; with ``sum`` reduction ``w_p = 1`` gives the data-set sum.
+
+* ``"approx"`` (paper's K-FOC_approx): ``(Σ_p w_p L_p) ⊗ (Σ_p w_p R_p / Σ_p w_p)``,
+  factor-wise sums as in K-FAC.
+* ``"running"`` (paper's K-FOC_running): after each batch the optimal Kronecker
+  product of ``Ŝ + w_p L_p ⊗ R_p`` (two terms, closed form), where ``Ŝ`` is the
+  running estimate of ``Σ_{q<p} w_q F_q``.
+
+Both keep K-FAC's scale split: the right factor has the weighted mean trace of the
+batch right factors (see :func:`kfoc_backpack.extensions.base.kfac_scale_split`).
+The data-set optimum (``"optimal"``) needs the per-sample terms, see
+:func:`kfoc_backpack.solver.nearest_kronecker_terms`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.solver.kronecker import merge_kronecker
+
+AGGREGATIONS = ("approx", "running")
+
+
+class KroneckerAccumulator:
+    """Running aggregate of weighted Kronecker products ``Σ_p w_p L_p ⊗ R_p``.
+
+    Example::
+
+        acc = KroneckerAccumulator("running")
+        for X, y in loader:
+            ...  # backward with KFOC()
+            acc.update(*layer.weight.kfoc, weight=len(X))
+        L, R = acc.factors(normalize=True)   # weights divided by their sum
+
+    Args:
+        aggregation: ``"approx"`` or ``"running"``.
+
+    Raises:
+        ValueError: For an unknown aggregation.
+    """
+
+    def __init__(self, aggregation: str = "running"):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"Unknown aggregation {aggregation!r}; supported: {', '.join(AGGREGATIONS)} "
+                "(the data-set optimum needs the per-sample terms)."
+            )
+        self.aggregation = aggregation
+        self.total_weight = 0.0
+        self._left: Tensor | None = None
+        self._right: Tensor | None = None
+        self._right_trace: Tensor | None = None
+
+    def update(self, left: Tensor, right: Tensor, weight: float = 1.0) -> None:
+        """Add the batch product ``weight · left ⊗ right``.
+
+        Args:
+            left: ``[M, M]`` left factor of the batch.
+            right: ``[N, N]`` right factor of the batch.
+            weight: The batch's weight ``w_p ≥ 0`` (e.g. its number of samples).
+
+        Raises:
+            ValueError: For a negative weight or factors of changing shape.
+        """
+        if weight < 0:
+            raise ValueError(f"weight must be non-negative, got {weight}.")
+        trace = torch.diagonal(right).sum() * weight
+        if self._left is None:
+            first_right = right * weight if self.aggregation == "approx" else right
+            self._left, self._right, self._right_trace = left * weight, first_right, trace
+            self.total_weight = float(weight)
+            return
+        if left.shape != self._left.shape or right.shape != self._right.shape:
+            raise ValueError(
+                f"Factor shapes changed from {tuple(self._left.shape)}, "
+                f"{tuple(self._right.shape)} to {tuple(left.shape)}, {tuple(right.shape)}."
+            )
+        self.total_weight += float(weight)
+        self._right_trace = self._right_trace + trace
+        if self.aggregation == "approx":
+            self._left = self._left + weight * left
+            self._right = self._right + weight * right
+        else:
+            merged = merge_kronecker(self._left, self._right, left, right, 1.0, weight)
+            self._left, self._right = merged.left, merged.right
+
+    def factors(self, normalize: bool = False) -> tuple[Tensor, Tensor]:
+        """Return the aggregate ``(L, R)`` in K-FAC's scale split.
+
+        Args:
+            normalize: Divide the weights by their sum (e.g. the data-set mean when
+                the weights are sample counts).
+
+        Returns:
+            ``(L, R)`` with ``L ⊗ R ≈ Σ_p w_p F_p`` (or its normalised version).
+
+        Raises:
+            RuntimeError: If nothing was added yet.
+        """
+        if self._left is None:
+            raise RuntimeError("KroneckerAccumulator.factors() called before any update().")
+        total = self.total_weight
+        if self.aggregation == "approx":
+            left = self._left
+            right = self._right / total if total > 0 else self._right
+        else:
+            left, right = self._left, self._right
+            target = self._right_trace / total if total > 0 else self._right_trace
+            trace = torch.diagonal(right).sum()
+            valid = (trace > 0) & (target > 0)
+            scale = torch.where(valid, target / torch.where(valid, trace, 1.0), 1.0)
+            left, right = left / scale, right * scale
+        if normalize and total > 0:
+            left = left / total
+        return left, right
