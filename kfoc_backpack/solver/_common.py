@@ -124,7 +124,7 @@ def finalize(
     sign = torch.where(flip, -1.0, 1.0).to(left.dtype)
     norm_left = torch.linalg.matrix_norm(left)
     norm_right = torch.linalg.matrix_norm(right)
-    nonzero = (norm_left > 0) & (norm_right > 0)
+    nonzero = (norm_left != 0) & (norm_right != 0)  # NaN stays NaN and is caught later
     ratio = torch.where(nonzero, norm_right / torch.where(nonzero, norm_left, 1.0), 1.0)
     scale = ratio.sqrt()
     left = torch.where(nonzero, left * (sign * scale), torch.zeros_like(left))

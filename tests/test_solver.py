@@ -1,0 +1,385 @@
+"""Solver tests against a dense SVD of the Van Loan rearrangement."""
+
+import pytest
+import torch
+from ground_truth import (
+    optimal_relative_error,
+    relative_error,
+    sum_of_kron,
+    sum_of_outer,
+)
+
+from kfoc_backpack.solver import (
+    KroneckerAccumulator,
+    OuterTerms,
+    SampleTerms,
+    SolverOptions,
+    kron_error_dense,
+    kron_error_outer,
+    kron_error_samples,
+    merge_kronecker,
+    nearest_kronecker_outer,
+    nearest_kronecker_samples,
+    nearest_kronecker_sum,
+    nearest_kronecker_terms,
+)
+
+# float64: within 1e-8 of the optimum's relative error; float32 within 1e-4.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+# a tighter stopping precision for float64 random problems whose spectral gap is small
+OPTIONS = {torch.float64: SolverOptions(tol=1e-7, max_iter=2000), torch.float32: None}
+SHAPES = [(1, 2, 3), (5, 3, 4), (12, 4, 2), (40, 3, 3)]  # K, M, N (K > M², N² last)
+
+
+def assert_optimal(dense, result, m, n, dtype):
+    assert result.left.shape == (m, m) and result.right.shape == (n, n)
+    assert result.left.dtype == dtype and result.right.dtype == dtype
+    assert torch.isfinite(result.left).all() and torch.isfinite(result.right).all()
+    got = relative_error(dense, result.left, result.right)
+    best = optimal_relative_error(dense, m, n)
+    assert got <= best + TOLERANCE[dtype], (got, best)
+
+
+def assert_psd(mat, dtype):
+    evals = torch.linalg.eigvalsh(mat.double())
+    assert evals.min() >= -TOLERANCE[dtype] * max(evals.abs().max().item(), 1.0)
+    torch.testing.assert_close(mat, mat.T)
+
+
+def assert_balanced(result):
+    norm_l = torch.linalg.matrix_norm(result.left.double())
+    norm_r = torch.linalg.matrix_norm(result.right.double())
+    torch.testing.assert_close(norm_l, norm_r, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_samples_random(shape, dtype, device):
+    k, m, n = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    samples = torch.randn(k, m, n, generator=gen, dtype=dtype).to(device)
+    result = nearest_kronecker_samples(samples, options=OPTIONS[dtype])
+    dense = sum_of_outer(samples.double()).cpu()
+    assert result.left.device == samples.device
+    assert_optimal(dense, result._replace(left=result.left.cpu(), right=result.right.cpu()),
+                   m, n, dtype)
+    assert_psd(result.left.cpu(), dtype)
+    assert_psd(result.right.cpu(), dtype)
+    assert_balanced(result)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cols", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_outer_random(shape, cols, dtype, device):
+    k, m, n = shape
+    gen = torch.Generator().manual_seed(7 * sum(shape) + cols)
+    sqrt_out = torch.randn(k, cols, m, generator=gen, dtype=dtype).to(device)
+    inputs = torch.randn(k, n, generator=gen, dtype=dtype).to(device)
+    result = nearest_kronecker_outer(sqrt_out, inputs, options=OPTIONS[dtype])
+    samples = torch.einsum("kjp,kq->kjpq", sqrt_out, inputs).reshape(-1, m, n)
+    dense = sum_of_outer(samples.double()).cpu()
+    result = result._replace(left=result.left.cpu(), right=result.right.cpu())
+    assert_optimal(dense, result, m, n, dtype)
+    assert_psd(result.left, dtype)
+    assert_psd(result.right, dtype)
+
+
+def test_outer_gram_routes_agree():
+    """The explicit (small M) and pairwise Gram routes compute the same Gram."""
+    from kfoc_backpack.solver.kronecker import outer_gram_left
+
+    gen = torch.Generator().manual_seed(3)
+    small = torch.randn(6, 10, 2, generator=gen, dtype=torch.float64)  # explicit route
+    large = torch.randn(6, 2, 30, generator=gen, dtype=torch.float64)  # pairwise route
+    for sqrt_out in (small, large):
+        blocks = torch.einsum("kjp,kjq->kpq", sqrt_out, sqrt_out).flatten(1)
+        torch.testing.assert_close(outer_gram_left(sqrt_out), blocks @ blocks.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["gram", "power"])
+@pytest.mark.parametrize("kind", ["psd", "symmetric", "general"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sum_random(shape, kind, method, dtype):
+    k, m, n = shape
+    gen = torch.Generator().manual_seed(11 * sum(shape) + len(kind))
+    left = torch.randn(k, m, m, generator=gen, dtype=dtype)
+    right = torch.randn(k, n, n, generator=gen, dtype=dtype)
+    if kind == "psd":
+        left, right = left @ left.mT, right @ right.mT
+    elif kind == "symmetric":
+        left, right = left + left.mT, right + right.mT
+    result = nearest_kronecker_sum(left, right, method=method, options=OPTIONS[dtype])
+    assert_optimal(sum_of_kron(left.double(), right.double()), result, m, n, dtype)
+    if kind == "psd":
+        assert_psd(result.left, dtype)
+        assert_psd(result.right, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sum_weighted_and_closed_form(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 2):
+        left = torch.randn(k, 3, 3, generator=gen, dtype=dtype)
+        right = torch.randn(k, 4, 4, generator=gen, dtype=dtype)
+        weights = torch.rand(k, generator=gen, dtype=dtype) + 0.5
+        result = nearest_kronecker_sum(left, right, weights)
+        assert result.iterations == 0 and result.converged
+        dense = sum_of_kron(left.double() * weights.double()[:, None, None], right.double())
+        assert_optimal(dense, result, 3, 4, dtype)
+
+
+def test_merge_is_exact_two_term_optimum():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    c = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    d = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    a, b, c, d = a @ a.T, b @ b.T, c @ c.T, d @ d.T
+    merged = merge_kronecker(a, b, c, d, 0.3, 0.7)
+    dense = 0.3 * torch.kron(a, b) + 0.7 * torch.kron(c, d)
+    got = relative_error(dense, merged.left, merged.right)
+    assert abs(got - optimal_relative_error(dense, 4, 3)) < 1e-12
+
+
+# ---------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_all_zero_input_gives_zero_factors(dtype):
+    zeros = torch.zeros(4, 3, 5, dtype=dtype)
+    for result in (
+        nearest_kronecker_samples(zeros),
+        nearest_kronecker_outer(torch.zeros(4, 2, 3, dtype=dtype), torch.zeros(4, 5, dtype=dtype)),
+        nearest_kronecker_outer(torch.randn(4, 2, 3).to(dtype), torch.zeros(4, 5, dtype=dtype)),
+        nearest_kronecker_sum(torch.zeros(4, 3, 3, dtype=dtype), torch.zeros(4, 5, 5, dtype=dtype)),
+        nearest_kronecker_sum(torch.zeros(2, 3, 3, dtype=dtype), torch.ones(2, 5, 5, dtype=dtype)),
+    ):
+        assert result.left.dtype == dtype
+        assert not result.left.any() and not result.right.any()
+        assert result.converged
+
+
+def test_zero_terms_among_nonzero_and_empty():
+    gen = torch.Generator().manual_seed(5)
+    samples = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64)
+    samples[::2] = 0
+    result = nearest_kronecker_samples(samples)
+    assert_optimal(sum_of_outer(samples), result, 3, 4, torch.float64)
+    empty = nearest_kronecker_samples(torch.zeros(0, 3, 4))
+    assert empty.left.shape == (3, 3) and not empty.left.any()
+
+
+def test_rank_deficient_terms():
+    gen = torch.Generator().manual_seed(6)
+    u = torch.randn(8, 4, 1, generator=gen, dtype=torch.float64)
+    v = torch.randn(8, 1, 5, generator=gen, dtype=torch.float64)
+    samples = u @ v  # rank one, through the general route
+    result = nearest_kronecker_samples(samples, options=OPTIONS[torch.float64])
+    assert_optimal(sum_of_outer(samples), result, 4, 5, torch.float64)
+    same = (u[:1] @ v[:1]).expand(5, 4, 5)  # identical rank-one terms: F is Kronecker
+    result = nearest_kronecker_samples(same)
+    assert relative_error(sum_of_outer(same), result.left, result.right) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tied_singular_values_give_optimal_psd_product(dtype):
+    """σ₁ = σ₂: any product from the tied pair is optimal; ours must be, and PSD."""
+    eye = torch.eye(3, dtype=dtype)
+    samples = torch.stack([torch.outer(eye[0], eye[0]), torch.outer(eye[1], eye[1])])
+    dense = sum_of_outer(samples.double())
+    sv = torch.linalg.svdvals(dense.reshape(3, 3, 3, 3).permute(0, 2, 1, 3).reshape(9, 9))
+    assert torch.isclose(sv[0], sv[1])
+    diag = torch.stack([torch.diag(eye[0]), torch.diag(eye[1])])
+    for result in (
+        nearest_kronecker_samples(samples),
+        nearest_kronecker_outer(eye[:2, None, :], eye[:2]),
+        nearest_kronecker_sum(diag, diag),  # closed form
+        nearest_kronecker_sum(diag, diag, method="gram"),
+        nearest_kronecker_sum(diag, diag, method="power"),
+    ):
+        assert_optimal(dense, result, 3, 3, dtype)
+        assert_psd(result.left, dtype)
+        assert_psd(result.right, dtype)
+
+
+def test_ties_in_sum_of_kron():
+    eye = torch.eye(3, dtype=torch.float64)
+    diag = torch.stack([torch.diag(eye[i]) for i in range(3)])
+    for k in (2, 3):
+        result = nearest_kronecker_sum(diag[:k], diag[:k])
+        assert_optimal(sum_of_kron(diag[:k], diag[:k]), result, 3, 3, torch.float64)
+        assert_psd(result.left, torch.float64)
+
+
+def test_k_equals_one_is_exact():
+    gen = torch.Generator().manual_seed(8)
+    sample = torch.randn(1, 3, 4, generator=gen, dtype=torch.float64)
+    result = nearest_kronecker_samples(sample)  # vec(X)vec(X)ᵀ is Kronecker iff rank X = 1
+    assert_optimal(sum_of_outer(sample), result, 3, 4, torch.float64)
+    rank_one = sample[:, :, :1] @ sample[:, :1, :]
+    result = nearest_kronecker_samples(rank_one)
+    assert relative_error(sum_of_outer(rank_one), result.left, result.right) < 1e-10
+    s, a = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64), torch.randn(1, 4).double()
+    result = nearest_kronecker_outer(s, a)
+    dense = torch.kron(s[0].T @ s[0], a.T @ a)
+    assert relative_error(dense, result.left, result.right) < 1e-12
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64)
+    samples = base.transpose(1, 2)[:, ::2, :]  # [5, 3, 4], not contiguous
+    assert not samples.is_contiguous()
+    result = nearest_kronecker_samples(samples, options=OPTIONS[torch.float64])
+    assert_optimal(sum_of_outer(samples.contiguous()), result, 3, 4, torch.float64)
+    sqrt_out = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64).transpose(0, 1)
+    inputs = torch.randn(4, 6, generator=gen, dtype=torch.float64).T
+    result = nearest_kronecker_outer(sqrt_out, inputs, options=OPTIONS[torch.float64])
+    samples = torch.einsum("kjp,kq->kjpq", sqrt_out, inputs).reshape(-1, 5, 4)
+    assert_optimal(sum_of_outer(samples), result, 5, 4, torch.float64)
+    left = torch.randn(3, 3, 4, generator=gen, dtype=torch.float64)[:, :, :3].mT
+    right = torch.randn(3, 2, 2, generator=gen, dtype=torch.float64).mT
+    result = nearest_kronecker_sum(left, right)
+    assert_optimal(sum_of_kron(left, right), result, 3, 2, torch.float64)
+
+
+def test_nan_input_raises():
+    samples = torch.randn(3, 2, 2)
+    samples[1, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        nearest_kronecker_samples(samples, options=SolverOptions(max_iter=3))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        nearest_kronecker_outer(samples[:, :1, :], torch.randn(3, 2), options=SolverOptions(max_iter=3))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="tol"):
+        SolverOptions(tol=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        SolverOptions(max_iter=0)
+    with pytest.raises(ValueError, match="samples"):
+        nearest_kronecker_samples(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="same number"):
+        nearest_kronecker_sum(torch.randn(3, 2, 2), torch.randn(2, 2, 2))
+    with pytest.raises(ValueError, match="method"):
+        nearest_kronecker_sum(torch.randn(3, 2, 2), torch.randn(3, 2, 2), method="svd")
+    with pytest.raises(TypeError, match="floating"):
+        nearest_kronecker_samples(torch.ones(2, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="aggregation"):
+        KroneckerAccumulator("mean")
+
+
+# ------------------------------------------------------------------ options and warm starts
+
+
+def test_warm_start_and_generator_reproducible():
+    gen = torch.Generator().manual_seed(10)
+    samples = torch.randn(20, 4, 5, generator=gen, dtype=torch.float64)
+    cold = nearest_kronecker_samples(samples, options=SolverOptions(tol=1e-10, max_iter=500))
+    warm = nearest_kronecker_samples(
+        samples, options=SolverOptions(tol=1e-10, max_iter=500), init=cold.left
+    )
+    assert warm.iterations < cold.iterations
+    torch.testing.assert_close(warm.left, cold.left)
+    opts = [SolverOptions(random_init=True, generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    first = nearest_kronecker_samples(samples, options=opts[0])
+    second = nearest_kronecker_samples(samples, options=opts[1])
+    torch.testing.assert_close(first.left, second.left, rtol=0, atol=0)
+    torch.testing.assert_close(first.left, cold.left, rtol=1e-4, atol=1e-6)
+    s, a = torch.randn(20, 2, 4, generator=gen).double(), torch.randn(20, 5, generator=gen).double()
+    cold = nearest_kronecker_outer(s, a, options=SolverOptions(tol=1e-12, max_iter=1000))
+    warm = nearest_kronecker_outer(s, a, options=SolverOptions(tol=1e-12, max_iter=1000),
+                                   init=cold.left)
+    assert warm.iterations <= cold.iterations
+    torch.testing.assert_close(warm.left, cold.left)
+
+
+def test_max_iter_reported_as_not_converged():
+    gen = torch.Generator().manual_seed(12)
+    samples = torch.randn(30, 5, 5, generator=gen, dtype=torch.float64)
+    result = nearest_kronecker_samples(samples, options=SolverOptions(tol=1e-14, max_iter=2))
+    assert result.iterations == 2 and not result.converged
+
+
+# --------------------------------------------------------------------- errors and terms
+
+
+def test_structured_errors_match_dense():
+    gen = torch.Generator().manual_seed(13)
+    samples = torch.randn(7, 3, 4, generator=gen, dtype=torch.float64)
+    left = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    right = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    dense = sum_of_outer(samples)
+    torch.testing.assert_close(
+        kron_error_samples(samples, left, right), kron_error_dense(dense, left, right)
+    )
+    s, a = torch.randn(7, 2, 3, generator=gen).double(), torch.randn(7, 4, generator=gen).double()
+    dense = sum_of_outer(torch.einsum("kjp,kq->kjpq", s, a).reshape(-1, 3, 4))
+    torch.testing.assert_close(
+        kron_error_outer(s, a, left, right), kron_error_dense(dense, left, right)
+    )
+
+
+def test_terms_objects_consistent():
+    gen = torch.Generator().manual_seed(14)
+    s, a = torch.randn(6, 2, 3, generator=gen).double(), torch.randn(6, 4, generator=gen).double()
+    outer = OuterTerms(s, a)
+    samples = SampleTerms(torch.einsum("kjp,kq->kjpq", s, a).reshape(-1, 3, 4))
+    left = torch.randn(3, 3, generator=gen).double()
+    right = torch.randn(4, 4, generator=gen).double()
+    torch.testing.assert_close(outer.dense(), samples.dense())
+    torch.testing.assert_close(outer.to_right(left), samples.to_right(left))
+    torch.testing.assert_close(outer.to_left(right), samples.to_left(right))
+    torch.testing.assert_close(outer.norm_sq(), samples.norm_sq())
+    torch.testing.assert_close(outer.diagonal(), samples.diagonal())
+    torch.testing.assert_close(outer.diagonal().flatten(), torch.diagonal(outer.dense()))
+    torch.testing.assert_close(outer.error(left, right), samples.error(left, right))
+
+
+def test_multi_block_optimum_and_aggregation():
+    gen = torch.Generator().manual_seed(15)
+    sizes = (5, 5, 2)  # uneven last batch
+    blocks = [
+        OuterTerms(torch.randn(n, 1, 3, generator=gen).double(),
+                   torch.randn(n, 4, generator=gen).double())
+        for n in sizes
+    ]
+    weights = [n / sum(sizes) for n in sizes]
+    dense = sum(w * b.dense() for w, b in zip(weights, blocks, strict=True))
+    best = optimal_relative_error(dense, 3, 4)
+    opt = nearest_kronecker_terms(blocks, weights, options=SolverOptions(tol=1e-9, max_iter=500))
+    assert relative_error(dense, opt.left, opt.right) <= best + 1e-8
+    errors = {}
+    for agg in ("approx", "running"):
+        acc = KroneckerAccumulator(agg)
+        for block, n in zip(blocks, sizes, strict=True):
+            res = block.solve()
+            acc.update(res.left, res.right, n)
+        left, right = acc.factors(normalize=True)
+        errors[agg] = relative_error(dense, left, right)
+        assert errors[agg] >= best - 1e-10
+    # one block covering everything: all aggregations give the optimum
+    single = OuterTerms(torch.cat([b.sqrt_out for b in blocks]), torch.cat([b.inputs for b in blocks]))
+    res = single.solve()
+    for agg in ("approx", "running"):
+        acc = KroneckerAccumulator(agg)
+        acc.update(res.left, res.right, 12)
+        left, right = acc.factors(normalize=True)
+        dense1 = single.dense()
+        assert relative_error(dense1, left, right) <= optimal_relative_error(dense1, 3, 4) + 1e-8
+
+
+def test_running_keeps_kfac_scale_split():
+    gen = torch.Generator().manual_seed(16)
+    acc = KroneckerAccumulator("running")
+    traces = []
+    for n in (3, 4):
+        s, a = torch.randn(n, 1, 3, generator=gen).double(), torch.randn(n, 4, generator=gen).double()
+        res = nearest_kronecker_outer(s, a)
+        acc.update(res.left, res.right, n)
+        traces.append(torch.trace(res.right) * n)
+    left, right = acc.factors()
+    torch.testing.assert_close(torch.trace(right), sum(traces) / 7)
