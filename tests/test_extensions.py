@@ -1,0 +1,347 @@
+"""BackPACK extensions against ground truth computed independently of BackPACK."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from backpack import backpack, extend
+from backpack.extensions import KFAC, KFLR
+from ground_truth import (
+    dense_ggn_block,
+    dense_ggn_sqrt,
+    optimal_relative_error,
+    relative_error,
+)
+from torch import nn
+
+from kfoc_backpack import KFOC, KFOCExact
+from kfoc_backpack.extensions import KFOCTerms, LayerTerms
+from kfoc_backpack.solver import OuterTerms, SampleTerms
+
+
+def mlp(out=3):
+    return nn.Sequential(
+        nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, out)
+    )
+
+
+def cnn(out=3):
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2, dilation=1, padding=2),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 2, 2, dilation=2, padding=1),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, out),
+    )
+
+
+def conv1d_net(out=3):
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12, out)
+    )
+
+
+def conv3d_net(out=3):
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 2, padding=1), nn.Tanh(), nn.Flatten(),
+        nn.Linear(2 * 4 * 4 * 4, out),
+    )
+
+
+INPUT_SHAPES = {mlp: (5,), cnn: (2, 6, 6), conv1d_net: (2, 8), conv3d_net: (1, 3, 3, 3)}
+
+
+def problem(net, loss, reduction, batch=4, dtype=torch.float64, seed=0, out=3):
+    torch.manual_seed(seed)
+    model = net(out).to(dtype)
+    inputs = torch.randn(batch, *INPUT_SHAPES[net], dtype=dtype)
+    if loss is nn.CrossEntropyLoss:
+        targets = torch.randint(0, out, (batch,))
+    else:
+        targets = torch.randn(batch, out, dtype=dtype)
+    return model, loss(reduction=reduction), inputs, targets
+
+
+def run(model, lossfunc, inputs, targets, ext):
+    model, lossfunc = extend(model), extend(lossfunc)
+    model.zero_grad()
+    with backpack(ext):
+        lossfunc(model(inputs), targets).backward()
+    return {
+        name: getattr(p, ext.savefield)
+        for name, p in model.named_parameters()
+        if hasattr(p, ext.savefield)
+    }
+
+
+CASES = [
+    (net, loss, red)
+    for net in (mlp, cnn, conv1d_net, conv3d_net)
+    for loss in (nn.CrossEntropyLoss, nn.MSELoss)
+    for red in ("mean", "sum")
+]
+
+
+@pytest.mark.parametrize("net,loss,reduction", CASES, ids=lambda x: getattr(x, "__name__", x))
+def test_exact_is_optimal_for_dense_ggn(net, loss, reduction):
+    model, lossfunc, inputs, targets = problem(net, loss, reduction)
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
+    factors = run(model, lossfunc, inputs, targets, KFOCExact())
+    for name, value in factors.items():
+        dense = dense_ggn_block(sqrt[name])
+        if name.endswith("bias"):
+            (block,) = value
+            torch.testing.assert_close(block, dense, rtol=1e-10, atol=1e-12)
+            continue
+        left, right = value
+        m, n = left.shape[0], right.shape[0]
+        assert m * n == dense.shape[0], name
+        best = optimal_relative_error(dense, m, n)
+        got = relative_error(dense, left, right)
+        assert got <= best + 1e-6, (name, got, best)
+        for factor in (left, right):
+            torch.testing.assert_close(factor, factor.T)
+            assert torch.linalg.eigvalsh(factor).min() >= -1e-10 * factor.abs().max()
+
+
+def test_scale_split_matches_kfac_convention():
+    """tr(R_in) equals BackPACK's KFAC input factor's trace (K-FAC-compatible split)."""
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
+    ours = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCExact())
+    kflr = run(copy.deepcopy(model), lossfunc, inputs, targets, KFLR())
+    for name, value in ours.items():
+        if name.endswith("weight"):
+            torch.testing.assert_close(torch.trace(value[1]), torch.trace(kflr[name][1]))
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss, nn.MSELoss])
+def test_batch_of_one_linear_is_exact_and_equals_kflr(loss):
+    model, lossfunc, inputs, targets = problem(mlp, loss, "mean", batch=1)
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
+    ours = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCExact())
+    kflr = run(copy.deepcopy(model), lossfunc, inputs, targets, KFLR())
+    for name, value in ours.items():
+        if name.endswith("weight"):
+            dense = dense_ggn_block(sqrt[name])
+            assert relative_error(dense, *value) < 1e-10
+            torch.testing.assert_close(value[0], kflr[name][0])
+            torch.testing.assert_close(value[1], kflr[name][1])
+
+
+@pytest.mark.parametrize("net", [mlp, cnn])
+def test_mc_approaches_exact(net):
+    model, lossfunc, inputs, targets = problem(net, nn.CrossEntropyLoss, "mean", batch=3)
+    exact = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCExact())
+    distances = []
+    for mc in (1, 30, 3000):
+        torch.manual_seed(1)
+        approx = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOC(mc_samples=mc))
+        dist = [
+            relative_error(torch.kron(*exact[k]), *approx[k]) for k in exact if k.endswith("weight")
+        ]
+        distances.append(max(dist))
+    assert distances[0] > distances[1] > distances[2]
+    assert distances[2] < 0.1
+
+
+def test_mc_is_optimal_for_its_own_sampled_fisher():
+    """KFOC's factors are optimal for the MC Fisher of the same samples (SqrtGGNMC)."""
+    from backpack.extensions import SqrtGGNMC
+
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "sum")
+    torch.manual_seed(3)
+    ours = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOC(mc_samples=2))
+    torch.manual_seed(3)
+    sqrt = run(copy.deepcopy(model), lossfunc, inputs, targets, SqrtGGNMC(mc_samples=2))
+    for name, value in ours.items():
+        if name.endswith("weight"):
+            flat = sqrt[name].flatten(start_dim=2).flatten(end_dim=1)
+            dense = flat.T @ flat
+            m, n = value[0].shape[0], value[1].shape[0]
+            assert relative_error(dense, *value) <= optimal_relative_error(dense, m, n) + 1e-6
+
+
+def test_identical_seeds_identical_factors():
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
+    results = []
+    for _ in range(2):
+        torch.manual_seed(42)
+        results.append(run(copy.deepcopy(model), lossfunc, inputs, targets, KFOC()))
+    for name in results[0]:
+        for a, b in zip(results[0][name], results[1][name], strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("net", [mlp, cnn])
+def test_float32(net):
+    model, lossfunc, inputs, targets = problem(net, nn.CrossEntropyLoss, "mean", dtype=torch.float32)
+    sqrt = dense_ggn_sqrt(model.double(), lossfunc, inputs.double(), targets)
+    factors = run(model.float(), lossfunc, inputs, targets, KFOCExact())
+    for name, value in factors.items():
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in value)
+        if name.endswith("weight"):
+            dense = dense_ggn_block(sqrt[name])
+            best = optimal_relative_error(dense, value[0].shape[0], value[1].shape[0])
+            assert relative_error(dense, *value) <= best + 1e-4
+
+
+def test_uneven_and_zero_gradients():
+    """Dead ReLUs give all-zero factors for the layer behind them, never NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every hidden unit dead
+    inputs, targets = torch.randn(5, 3).double(), torch.randint(0, 2, (5,))
+    factors = run(model, nn.CrossEntropyLoss(), inputs, targets, KFOCExact())
+    for value in factors["0.weight"] + factors["0.bias"] + factors["2.weight"]:
+        assert torch.isfinite(value).all() and not value.any()  # zero per-sample terms
+    assert factors["2.bias"][0].any()
+
+
+def test_linear_with_extra_input_dimensions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Flatten())
+    model = model.double()
+    inputs, targets = torch.randn(4, 5, 3).double(), torch.randn(4, 10).double()
+    lossfunc = nn.MSELoss()
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
+    factors = run(model, lossfunc, inputs, targets, KFOCExact())
+    for name, value in factors.items():
+        dense = dense_ggn_block(sqrt[name])
+        if name.endswith("bias"):
+            torch.testing.assert_close(value[0], dense)
+        else:
+            best = optimal_relative_error(dense, value[0].shape[0], value[1].shape[0])
+            assert relative_error(dense, *value) <= best + 1e-6
+
+
+def test_terms_extension_matches_dense_and_kfac():
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
+    terms = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCTerms(exact=True))
+    kflr = run(copy.deepcopy(model), lossfunc, inputs, targets, KFLR())
+    for name, value in terms.items():
+        if not name.endswith("weight"):
+            continue
+        assert isinstance(value, LayerTerms)
+        assert isinstance(value.terms, OuterTerms if name.startswith("7") else SampleTerms)
+        torch.testing.assert_close(value.terms.dense(), dense_ggn_block(sqrt[name]))
+        if name.startswith("7"):  # Linear: K-FAC factors are BackPACK's KFLR
+            torch.testing.assert_close(value.kfac[0], kflr[name][0])
+            torch.testing.assert_close(value.kfac[1], kflr[name][1])
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.BatchNorm1d(3), nn.Embedding(3, 3), Custom()], ids=lambda m: type(m).__name__
+)
+def test_unsupported_parameterised_layer_raises_naming_it(layer):
+    if isinstance(layer, nn.Embedding):
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(6, 2))
+        inputs = torch.randint(0, 3, (4, 2))
+    else:
+        model = nn.Sequential(nn.Linear(2, 3), layer, nn.Linear(3, 2))
+        inputs = torch.randn(4, 2)
+    targets = torch.randint(0, 2, (4,))
+    with pytest.raises(NotImplementedError, match=type(layer).__name__) as info:
+        run(model, nn.CrossEntropyLoss(), inputs, targets, KFOC())
+    assert "Linear, Conv1d, Conv2d, Conv3d" in str(info.value)
+
+
+def test_fail_mode_warning_skips_unsupported_layer():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
+    inputs, targets = torch.randn(4, 2).double(), torch.randint(0, 2, (4,))
+    with pytest.warns(UserWarning, match="BatchNorm1d"):
+        factors = run(model, nn.CrossEntropyLoss(), inputs, targets,
+                      KFOCExact(fail_mode="WARNING"))
+    assert not hasattr(model[1].weight, "kfoc_exact")
+    assert len(factors["0.weight"]) == 2 and len(factors["2.weight"]) == 2
+
+
+def test_frozen_unsupported_layer_is_fine():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double().eval()
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    inputs, targets = torch.randn(4, 2).double(), torch.randint(0, 2, (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        run(model, nn.CrossEntropyLoss(), inputs, targets, KFOCExact())
+    assert len(model[0].weight.kfoc_exact) == 2
+
+
+def test_grouped_convolution_raises():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 2))
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        run(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 4, 4), torch.tensor([0, 1]), KFOC())
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="mc_samples"):
+        KFOC(mc_samples=0)
+    with pytest.raises(ValueError, match="fail_mode"):
+        KFOC(fail_mode="IGNORE")
+    with pytest.raises(ValueError, match="tol"):
+        KFOCExact(tol=-1)
+
+
+def test_solve_log_records_iterations():
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
+    ext = KFOCExact()
+    run(model, lossfunc, inputs, targets, ext)
+    assert [r.module for r in ext.solve_log] == ["Linear", "Conv2d", "Conv2d", "Conv2d"]
+    assert all(r.converged and r.iterations >= 1 for r in ext.solve_log)
+
+
+def test_non_convergence_warns():
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
+    with pytest.warns(RuntimeWarning, match="max_iter=1"):
+        run(model, lossfunc, inputs, targets, KFOCExact(tol=1e-15, max_iter=1))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_linear_never_allocates_per_sample_gradients():
+    """No tensor of ``N·out·in`` elements exists while KFOC runs on a Linear layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    num, dim_in, dim_out = 64, 120, 100
+    model = extend(nn.Sequential(nn.Linear(dim_in, dim_out), nn.ReLU(), nn.Linear(dim_out, 10)))
+    lossfunc = extend(nn.CrossEntropyLoss())
+    inputs, targets = torch.randn(num, dim_in), torch.randint(0, 10, (num,))
+    for ext in (KFOC(), KFOCExact()):
+        LargestTensor.largest = 0
+        with LargestTensor(), backpack(ext):
+            lossfunc(model(inputs), targets).backward()
+        assert LargestTensor.largest < num * dim_in * dim_out / 10, LargestTensor.largest
+    # the same probe does see per-sample gradients when they are formed
+    LargestTensor.largest = 0
+    with LargestTensor():
+        torch.einsum("no,ni->noi", torch.randn(num, dim_out), inputs)
+    assert LargestTensor.largest == num * dim_in * dim_out
