@@ -12,7 +12,8 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms
+from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms, SolverOptions
+from kfoc_backpack.solver._common import scale_split
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -25,19 +26,53 @@ class LayerTerms:
     Attributes:
         terms: The weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` in structured form.
         input_trace: ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``, the trace K-FOC gives its
-            input-side factor (see :func:`kfac_scale_split`).
+            input-side factor (see :meth:`solve`).
         kfac: K-FAC's factors ``(L, R)`` of the same block from the same samples;
             for convolutions the KFC approximation (paper eq. 9),
             ``Σ_{k,t} ds_{k,t} ds_{k,t}ᵀ ⊗ (1/(N·T)) Σ_{n,t} â_{n,t} â_{n,t}ᵀ``.
+            Only computed by ``KFOCTerms`` (``None`` inside the solving extensions).
     """
 
     terms: OuterTerms | SampleTerms
     input_trace: Tensor
-    kfac: tuple[Tensor, Tensor]
+    kfac: tuple[Tensor, Tensor] | None
+
+    def solve(self, options: SolverOptions | None = None) -> KroneckerFactors:
+        """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.
+
+        K-FAC's input-side factor is the mean (over the ``N`` inputs of the batch) of
+        the unfolded input's second moment, ``R_KFAC = (1/N) Σ_n â_nᵀ â_n``; its
+        output-side factor carries everything else (the batch sum, the loss
+        reduction). K-FOC's factors are split so that ``tr(R_in) = tr(R_KFAC)``: they
+        are directly comparable with BackPACK's ``KFAC``/``KFLR`` factors and damping
+        (``√δ`` added to each factor) acts as it does for K-FAC.
+        """
+        return self.terms.solve(options, right_trace=self.input_trace)
 
     def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
-        """K-FOC's ``[L_out, R_in]`` from solver factors, in K-FAC's scale split."""
+        """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
         return kfac_scale_split(factors, self.input_trace)
+
+
+def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:
+    """Rescale ``left ⊗ right`` (product unchanged) so that ``tr(right) = input_trace``.
+
+    Args:
+        factors: Factors of a Kronecker product, any scale split.
+        input_trace: Target trace of the right factor, K-FAC's
+            ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``.
+
+    Returns:
+        ``[left, right]`` in K-FAC's split (see :meth:`LayerTerms.solve`).
+    """
+    c_left, c_right = scale_split(
+        torch.linalg.matrix_norm(factors.left),
+        torch.linalg.matrix_norm(factors.right),
+        torch.diagonal(factors.left).sum(),
+        torch.diagonal(factors.right).sum(),
+        input_trace,
+    )
+    return [factors.left * c_left, factors.right * c_right]
 
 
 def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,30 +88,6 @@ def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
     flat_sqrt = sqrt.flatten(end_dim=2)
     flat_inputs = inputs.flatten(end_dim=1)
     return flat_sqrt.T @ flat_sqrt, flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
-
-
-def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:
-    """Split the scale of ``left ⊗ right`` the way K-FAC splits it.
-
-    K-FAC's input-side factor is the mean (over the ``N`` inputs of the batch) of the
-    unfolded input's second moment, ``R_KFAC = (1/N) Σ_n â_nᵀ â_n``; its output-side
-    factor carries everything else (the batch sum, the loss reduction). K-FOC's
-    factors are rescaled, ``left·c`` and ``right/c``, so that
-    ``tr(right) = tr(R_KFAC)``. The product is unchanged, the factors are directly
-    comparable with BackPACK's ``KFAC``/``KFLR`` factors and damping (``√δ`` added to
-    each factor) acts as it does for K-FAC. All-zero factors stay zero.
-
-    Args:
-        factors: Optimal factors from a solver (any split).
-        input_trace: Scalar ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``.
-
-    Returns:
-        ``[left, right]`` in BackPACK's Kronecker layout.
-    """
-    trace_right = torch.diagonal(factors.right).sum()
-    valid = (trace_right > 0) & (input_trace > 0)
-    scale = torch.where(valid, input_trace / torch.where(valid, trace_right, 1.0), 1.0)
-    return [factors.left / scale, factors.right * scale]
 
 
 class KFOCBaseModule(SqrtGGNBaseModule):
@@ -119,9 +130,9 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         terms = self.layer_terms(ext, module, backproped)
         if not ext.solves:
             return terms
-        factors = terms.terms.solve(ext.solver_options)
+        factors = terms.solve(ext.solver_options)
         self.record(ext, module, factors)
-        return terms.kfoc(factors)
+        return [factors.left, factors.right]
 
     def bias(
         self,

@@ -69,7 +69,7 @@ class KFOCConvNd(KFOCBaseModule):
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
         samples = einsum("mnot,nit->mnoi", sqrt, unfolded).flatten(end_dim=1)
         input_trace = unfolded.square().sum() / unfolded.shape[0]
-        kfac = kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))
+        kfac = None if ext.solves else kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))
         return LayerTerms(SampleTerms(samples), input_trace, kfac)
 
     def bias_sqrt(self, backproped: Tensor) -> Tensor:

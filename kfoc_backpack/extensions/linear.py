@@ -36,12 +36,13 @@ class KFOCLinear(KFOCBaseModule):
         input_trace = inputs.square().sum() / num
         if inputs.dim() == 2:
             terms = OuterTerms(backproped.transpose(0, 1), inputs)
-            kfac = kfc_factors(backproped.unsqueeze(2), inputs.unsqueeze(1))
+            kfac = None if ext.solves else kfc_factors(backproped.unsqueeze(2), inputs.unsqueeze(1))
             return LayerTerms(terms, input_trace, kfac)
         sqrt = backproped.flatten(start_dim=2, end_dim=-2)  # [M, N, T, out]
         flat_inputs = inputs.flatten(start_dim=1, end_dim=-2)  # [N, T, in]
         samples = einsum("mnto,nti->mnoi", sqrt, flat_inputs).flatten(end_dim=1)
-        return LayerTerms(SampleTerms(samples), input_trace, kfc_factors(sqrt, flat_inputs))
+        kfac = None if ext.solves else kfc_factors(sqrt, flat_inputs)
+        return LayerTerms(SampleTerms(samples), input_trace, kfac)
 
     def bias_sqrt(self, backproped: Tensor) -> Tensor:
         """Sum ``[M, N, *, out]`` over the extra input dimensions."""

@@ -90,21 +90,68 @@ def symmetrize(mat: Tensor) -> Tensor:
     return 0.5 * (mat + mat.transpose(-1, -2))
 
 
+def scale_split(
+    norm_left: Tensor,
+    norm_right: Tensor,
+    trace_left: Tensor,
+    trace_right: Tensor,
+    right_trace: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scalars ``(c_L, c_R)`` that fix sign and scale split of an optimal pair.
+
+    ``(c_L · left) ⊗ (c_R · right) = left ⊗ right`` up to the sign, which is chosen so
+    that ``tr(left) ≥ 0`` (both factors PSD for PSD problems). The split is
+
+    * ``right_trace=None``: even, ``‖c_L left‖_F = ‖c_R right‖_F``;
+    * ``right_trace=t > 0``: ``tr(c_R right) = t`` (e.g. K-FAC's input-factor trace,
+      so the factors are drop-in for K-FAC's), falling back to the even split when
+      ``tr(right)`` is not positive.
+
+    A zero factor gives ``c_L = c_R = 0`` (all-zero output, never NaN). Everything is
+    0-dim tensor arithmetic: no host-device synchronisation.
+
+    Args:
+        norm_left: ``‖left‖_F``.
+        norm_right: ``‖right‖_F``.
+        trace_left: ``tr(left)``.
+        trace_right: ``tr(right)``.
+        right_trace: Optional target trace of the right factor.
+
+    Returns:
+        ``(c_L, c_R)``.
+    """
+    flip = (trace_left < 0) | ((trace_left == 0) & (trace_right < 0))
+    sign = torch.where(flip, -1.0, 1.0).to(norm_left.dtype)
+    nonzero = (norm_left != 0) & (norm_right != 0)  # NaN stays NaN and is caught later
+    one = torch.ones_like(norm_left)
+    even = torch.where(nonzero, norm_right / torch.where(nonzero, norm_left, one), one).sqrt()
+    c_left, c_right = even, 1 / even
+    if right_trace is not None:
+        target = torch.as_tensor(right_trace, dtype=norm_left.dtype, device=norm_left.device)
+        current = sign * trace_right
+        valid = nonzero & (current > 0) & (target > 0)
+        ratio = torch.where(valid, target / torch.where(valid, current, one), one)
+        c_left = torch.where(valid, 1 / ratio, c_left)
+        c_right = torch.where(valid, ratio, c_right)
+    zero = torch.zeros_like(one)
+    return (
+        torch.where(nonzero, sign * c_left, zero),
+        torch.where(nonzero, sign * c_right, zero),
+    )
+
+
 def finalize(
-    left: Tensor, right: Tensor, out_dtype: torch.dtype, symmetric: bool = True
+    left: Tensor,
+    right: Tensor,
+    out_dtype: torch.dtype,
+    symmetric: bool = True,
+    right_trace: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Apply the conventions shared by all solvers to an optimal pair.
 
     The input pair may have any split of the scale between the factors. The result
-
-    * is symmetrised (unless ``symmetric=False``, for non-symmetric problems),
-    * has the sign fixed so that ``tr(left) ≥ 0`` (for positive semi-definite
-      problems both factors are then positive semi-definite),
-    * splits the scale evenly: ``‖left‖_F = ‖right‖_F = √‖left ⊗ right‖_F``,
-    * is cast to ``out_dtype``.
-
-    An all-zero pair stays all-zero (no division by zero). No host-device
-    synchronisation happens here.
+    is symmetrised (unless ``symmetric=False``, for non-symmetric problems), has sign
+    and scale split fixed by :func:`scale_split` and is cast to ``out_dtype``.
 
     Args:
         left: ``[M, M]`` left factor.
@@ -112,21 +159,19 @@ def finalize(
         out_dtype: Dtype of the returned factors.
         symmetric: Whether the problem is symmetric, so that rounding asymmetry may
             be removed.
+        right_trace: Optional target trace of the right factor (see
+            :func:`scale_split`).
 
     Returns:
         The normalised pair ``(left, right)``.
     """
     if symmetric:
         left, right = symmetrize(left), symmetrize(right)
-    trace_left = torch.diagonal(left).sum()
-    trace_right = torch.diagonal(right).sum()
-    flip = (trace_left < 0) | ((trace_left == 0) & (trace_right < 0))
-    sign = torch.where(flip, -1.0, 1.0).to(left.dtype)
-    norm_left = torch.linalg.matrix_norm(left)
-    norm_right = torch.linalg.matrix_norm(right)
-    nonzero = (norm_left != 0) & (norm_right != 0)  # NaN stays NaN and is caught later
-    ratio = torch.where(nonzero, norm_right / torch.where(nonzero, norm_left, 1.0), 1.0)
-    scale = ratio.sqrt()
-    left = torch.where(nonzero, left * (sign * scale), torch.zeros_like(left))
-    right = torch.where(nonzero, right * (sign / scale), torch.zeros_like(right))
-    return left.to(out_dtype), right.to(out_dtype)
+    c_left, c_right = scale_split(
+        torch.linalg.matrix_norm(left),
+        torch.linalg.matrix_norm(right),
+        torch.diagonal(left).sum(),
+        torch.diagonal(right).sum(),
+        right_trace,
+    )
+    return (left * c_left).to(out_dtype), (right * c_right).to(out_dtype)

@@ -12,7 +12,7 @@ data-set mean; with ``sum`` reduction ``w_p = 1`` gives the data-set sum.
   running estimate of ``Σ_{q<p} w_q F_q``.
 
 Both keep K-FAC's scale split: the right factor has the weighted mean trace of the
-batch right factors (see :func:`kfoc_backpack.extensions.base.kfac_scale_split`).
+batch right factors (see :func:`kfoc_backpack.solver._common.scale_split`).
 The data-set optimum (``"optimal"``) needs the per-sample terms, see
 :func:`kfoc_backpack.solver.nearest_kronecker_terms`.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kfoc_backpack.solver._common import finalize
 from kfoc_backpack.solver.kronecker import merge_kronecker
 
 AGGREGATIONS = ("approx", "running")
@@ -110,12 +111,8 @@ class KroneckerAccumulator:
             left = self._left
             right = self._right / total if total > 0 else self._right
         else:
-            left, right = self._left, self._right
             target = self._right_trace / total if total > 0 else self._right_trace
-            trace = torch.diagonal(right).sum()
-            valid = (trace > 0) & (target > 0)
-            scale = torch.where(valid, target / torch.where(valid, trace, 1.0), 1.0)
-            left, right = left / scale, right * scale
+            left, right = finalize(self._left, self._right, self._left.dtype, False, target)
         if normalize and total > 0:
             left = left / total
         return left, right

@@ -27,6 +27,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     finalize,
+    scale_split,
     working_dtype,
 )
 from kfoc_backpack.solver.gram import coefficient_power_iteration, top_eigvec_2x2
@@ -55,7 +56,11 @@ def _check_every(device: torch.device) -> int:
 
 
 def _check_finite(result: KroneckerFactors, what: str) -> KroneckerFactors:
-    if not bool(torch.isfinite(result.left).all() & torch.isfinite(result.right).all()):
+    # a Frobenius norm is finite iff every entry is: two scalars instead of two sweeps
+    norms = torch.stack(
+        [torch.linalg.matrix_norm(result.left), torch.linalg.matrix_norm(result.right)]
+    )
+    if not bool(torch.isfinite(norms).all()):
         raise FloatingPointError(
             f"{what}: the input contains NaN or infinite values; no factors returned."
         )
@@ -94,6 +99,7 @@ def nearest_kronecker_sum(
     options: SolverOptions | None = None,
     init: Tensor | None = None,
     method: str = "auto",
+    right_trace: Tensor | float | None = None,
 ) -> KroneckerFactors:
     """Optimal ``L ⊗ R`` for ``F = Σ_k w_k L_k ⊗ R_k`` (paper Algorithm 1).
 
@@ -113,6 +119,8 @@ def nearest_kronecker_sum(
             ``"power"`` (factor space, ``O(K(M² + N²))`` per step). ``"auto"`` uses
             the closed form for ``K ≤ 2``, ``"gram"`` up to
             :data:`GRAM_MAX_TERMS` terms and ``"power"`` beyond.
+        right_trace: Split the scale so that ``tr(right)`` equals this (default:
+            even split), see :func:`~kfoc_backpack.solver._common.scale_split`.
 
     Returns:
         The optimal factors, see the module docstring for the conventions.
@@ -208,7 +216,7 @@ def nearest_kronecker_sum(
         (left_terms == left_terms.transpose(-1, -2)).all()
         & (right_terms == right_terms.transpose(-1, -2)).all()
     )
-    left, right = finalize(left, right, out_dtype, symmetric=symmetric)
+    left, right = finalize(left, right, out_dtype, symmetric, right_trace)
     return _check_finite(KroneckerFactors(left, right, iters, converged), "nearest_kronecker_sum")
 
 
@@ -277,6 +285,7 @@ def nearest_kronecker_samples(
     *,
     options: SolverOptions | None = None,
     init: Tensor | None = None,
+    right_trace: Tensor | float | None = None,
 ) -> KroneckerFactors:
     """Optimal ``L ⊗ R`` for ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (paper Algorithm 2).
 
@@ -292,6 +301,8 @@ def nearest_kronecker_samples(
         options: Solver options.
         init: Optional ``[M, M]`` warm start of the left factor (positive
             semi-definite, e.g. K-FAC's left factor or the previous solution).
+        right_trace: Split the scale so that ``tr(right)`` equals this (default:
+            even split).
 
     Returns:
         The optimal factors (conventions in the module docstring).
@@ -322,7 +333,7 @@ def nearest_kronecker_samples(
         opts.max_iter,
         _check_every(samples.device),
     )
-    left, right = finalize(left, right, out_dtype)
+    left, right = finalize(left, right, out_dtype, right_trace=right_trace)
     return _check_finite(
         KroneckerFactors(left, right, iters, converged), "nearest_kronecker_samples"
     )
@@ -369,6 +380,7 @@ def nearest_kronecker_outer(
     *,
     options: SolverOptions | None = None,
     init: Tensor | None = None,
+    right_trace: Tensor | float | None = None,
 ) -> KroneckerFactors:
     """Optimal ``L ⊗ R`` for ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)`` in coefficient space.
 
@@ -387,6 +399,9 @@ def nearest_kronecker_outer(
         options: Solver options.
         init: Optional ``[M, M]`` warm start of the left factor; it is mapped to
             coefficients by one half-step.
+        right_trace: Split the scale so that ``tr(right)`` equals this (default:
+            even split). Sign and split are applied to the coefficients, so each
+            factor is formed exactly once.
 
     Returns:
         The optimal factors (conventions in the module docstring).
@@ -423,7 +438,21 @@ def nearest_kronecker_outer(
     alpha, beta, iters, converged = coefficient_power_iteration(
         gram_left, gram_right, start, opts.tol, opts.max_iter, _check_every(inputs.device)
     )
+    sq_out = flat_out.square().sum(1).reshape(num, cols).sum(1)  # ‖S_k‖²_F = tr(S_kᵀS_k)
+    c_left, c_right = scale_split(
+        (alpha @ (gram_left @ alpha)).clamp_min(0).sqrt(),
+        (beta @ (gram_right @ beta)).clamp_min(0).sqrt(),
+        alpha @ sq_out,
+        beta @ inputs.square().sum(1),
+        right_trace,
+    )
+    alpha, beta = alpha * c_left, beta * c_right
+    if not bool(torch.isfinite(torch.cat([alpha, beta])).all()):
+        raise FloatingPointError(
+            "nearest_kronecker_outer: the input contains NaN or infinite values; "
+            "no factors returned."
+        )
+    # L = Σ_k α_k S_kᵀS_k and R = Σ_k β_k a_k a_kᵀ, formed once (symmetric, PSD: α, β ≥ 0)
     left = (flat_out * alpha.repeat_interleave(cols).unsqueeze(1)).T @ flat_out
     right = (inputs * beta.unsqueeze(1)).T @ inputs
-    left, right = finalize(left, right, out_dtype)
-    return _check_finite(KroneckerFactors(left, right, iters, converged), "nearest_kronecker_outer")
+    return KroneckerFactors(left.to(out_dtype), right.to(out_dtype), iters, converged)

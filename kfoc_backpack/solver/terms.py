@@ -60,10 +60,15 @@ class OuterTerms:
         return (flat * weights.repeat_interleave(cols).unsqueeze(1)).T @ flat
 
     def solve(
-        self, options: SolverOptions | None = None, init: Tensor | None = None
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors, see :func:`~kfoc_backpack.solver.nearest_kronecker_outer`."""
-        return nearest_kronecker_outer(self.sqrt_out, self.inputs, options=options, init=init)
+        return nearest_kronecker_outer(
+            self.sqrt_out, self.inputs, options=options, init=init, right_trace=right_trace
+        )
 
     def norm_sq(self) -> Tensor:
         """``‖F‖²_F``."""
@@ -108,10 +113,15 @@ class SampleTerms:
         return samples_to_left(self.samples)(right)
 
     def solve(
-        self, options: SolverOptions | None = None, init: Tensor | None = None
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors, see :func:`~kfoc_backpack.solver.nearest_kronecker_samples`."""
-        return nearest_kronecker_samples(self.samples, options=options, init=init)
+        return nearest_kronecker_samples(
+            self.samples, options=options, init=init, right_trace=right_trace
+        )
 
     def norm_sq(self) -> Tensor:
         """``‖F‖²_F``."""
@@ -138,6 +148,7 @@ def nearest_kronecker_terms(
     *,
     options: SolverOptions | None = None,
     init: Tensor | None = None,
+    right_trace: Tensor | float | None = None,
 ) -> KroneckerFactors:
     """Optimal ``L ⊗ R`` for ``F = Σ_p w_p F_p`` over several structured blocks.
 
@@ -150,6 +161,8 @@ def nearest_kronecker_terms(
         weights: Weights ``w_p`` (default all ones).
         options: Solver options.
         init: ``[M, M]`` warm start of the left factor (e.g. a running estimate).
+        right_trace: Split the scale so that ``tr(right)`` equals this (default:
+            even split).
 
     Returns:
         The optimal factors.
@@ -175,5 +188,5 @@ def nearest_kronecker_terms(
         opts.tol,
         opts.max_iter,
     )
-    left, right = finalize(left, right, like.dtype)
+    left, right = finalize(left, right, like.dtype, right_trace=right_trace)
     return KroneckerFactors(left, right, iters, converged)
