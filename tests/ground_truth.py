@@ -46,9 +46,7 @@ def sum_of_outer(samples: Tensor) -> Tensor:
     return flat.T @ flat
 
 
-def per_sample_loss_hessian_sqrt(
-    loss_fn: nn.Module, outputs: Tensor, targets: Tensor
-) -> Tensor:
+def per_sample_loss_hessian_sqrt(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> Tensor:
     """``[N, C, C]`` square roots ``V_n`` with ``V_n V_nᵀ = ∇²_f ℓ_n`` (eigh-based).
 
     The per-sample loss includes the reduction's scaling (``1/N`` for ``mean``; for
@@ -91,9 +89,7 @@ def dense_ggn_sqrt(
     jac = vmap(jacrev(forward), in_dims=(None, 0))(params, inputs)  # [N, C, *shape]
     outputs = functional_call(model, params, (inputs,))
     sqrt_h = per_sample_loss_hessian_sqrt(loss_fn, outputs, targets)  # [N, C, C]
-    return {
-        name: torch.einsum("ncd,nc...->nd...", sqrt_h, j) for name, j in jac.items()
-    }
+    return {name: torch.einsum("ncd,nc...->nd...", sqrt_h, j) for name, j in jac.items()}
 
 
 def dense_ggn_block(sqrt: Tensor) -> Tensor:

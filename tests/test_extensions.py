@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from backpack import backpack, extend
-from backpack.extensions import KFAC, KFLR
+from backpack.extensions import KFLR
 from ground_truth import (
     dense_ggn_block,
     dense_ggn_sqrt,
@@ -21,9 +21,7 @@ from kfoc_backpack.solver import OuterTerms, SampleTerms
 
 
 def mlp(out=3):
-    return nn.Sequential(
-        nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, out)
-    )
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, out))
 
 
 def cnn(out=3):
@@ -47,7 +45,9 @@ def conv1d_net(out=3):
 
 def conv3d_net(out=3):
     return nn.Sequential(
-        nn.Conv3d(1, 2, 2, padding=1), nn.Tanh(), nn.Flatten(),
+        nn.Conv3d(1, 2, 2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
         nn.Linear(2 * 4 * 4 * 4, out),
     )
 
@@ -178,7 +178,9 @@ def test_identical_seeds_identical_factors():
 
 @pytest.mark.parametrize("net", [mlp, cnn])
 def test_float32(net):
-    model, lossfunc, inputs, targets = problem(net, nn.CrossEntropyLoss, "mean", dtype=torch.float32)
+    model, lossfunc, inputs, targets = problem(
+        net, nn.CrossEntropyLoss, "mean", dtype=torch.float32
+    )
     sqrt = dense_ggn_sqrt(model.double(), lossfunc, inputs.double(), targets)
     factors = run(model.float(), lossfunc, inputs, targets, KFOCExact())
     for name, value in factors.items():
@@ -267,8 +269,7 @@ def test_fail_mode_warning_skips_unsupported_layer():
     model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
     inputs, targets = torch.randn(4, 2).double(), torch.randint(0, 2, (4,))
     with pytest.warns(UserWarning, match="BatchNorm1d"):
-        factors = run(model, nn.CrossEntropyLoss(), inputs, targets,
-                      KFOCExact(fail_mode="WARNING"))
+        factors = run(model, nn.CrossEntropyLoss(), inputs, targets, KFOCExact(fail_mode="WARNING"))
     assert not hasattr(model[1].weight, "kfoc_exact")
     assert len(factors["0.weight"]) == 2 and len(factors["2.weight"]) == 2
 
@@ -345,3 +346,21 @@ def test_linear_never_allocates_per_sample_gradients():
     with LargestTensor():
         torch.einsum("no,ni->noi", torch.randn(num, dim_out), inputs)
     assert LargestTensor.largest == num * dim_in * dim_out
+
+
+@pytest.mark.parametrize("net", [mlp, cnn])
+def test_device_agrees_with_cpu(net, device):
+    """Factors computed on ``device`` (CUDA when present) equal the CPU ones."""
+    model, lossfunc, inputs, targets = problem(net, nn.CrossEntropyLoss, "mean")
+    cpu = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCExact())
+    on_device = run(
+        copy.deepcopy(model).to(device),
+        lossfunc,
+        inputs.to(device),
+        targets.to(device),
+        KFOCExact(),
+    )
+    for name, value in on_device.items():
+        for got, want in zip(value, cpu[name], strict=True):
+            assert got.device.type == device.type
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-7, atol=1e-10)

@@ -61,8 +61,9 @@ def test_samples_random(shape, dtype, device):
     result = nearest_kronecker_samples(samples, options=OPTIONS[dtype])
     dense = sum_of_outer(samples.double()).cpu()
     assert result.left.device == samples.device
-    assert_optimal(dense, result._replace(left=result.left.cpu(), right=result.right.cpu()),
-                   m, n, dtype)
+    assert_optimal(
+        dense, result._replace(left=result.left.cpu(), right=result.right.cpu()), m, n, dtype
+    )
     assert_psd(result.left.cpu(), dtype)
     assert_psd(result.right.cpu(), dtype)
     assert_balanced(result)
@@ -251,7 +252,9 @@ def test_nan_input_raises():
     with pytest.raises(FloatingPointError, match="NaN"):
         nearest_kronecker_samples(samples, options=SolverOptions(max_iter=3))
     with pytest.raises(FloatingPointError, match="NaN"):
-        nearest_kronecker_outer(samples[:, :1, :], torch.randn(3, 2), options=SolverOptions(max_iter=3))
+        nearest_kronecker_outer(
+            samples[:, :1, :], torch.randn(3, 2), options=SolverOptions(max_iter=3)
+        )
 
 
 def test_bad_arguments():
@@ -283,16 +286,19 @@ def test_warm_start_and_generator_reproducible():
     )
     assert warm.iterations < cold.iterations
     torch.testing.assert_close(warm.left, cold.left)
-    opts = [SolverOptions(random_init=True, generator=torch.Generator().manual_seed(3))
-            for _ in range(2)]
+    opts = [
+        SolverOptions(random_init=True, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     first = nearest_kronecker_samples(samples, options=opts[0])
     second = nearest_kronecker_samples(samples, options=opts[1])
     torch.testing.assert_close(first.left, second.left, rtol=0, atol=0)
     torch.testing.assert_close(first.left, cold.left, rtol=1e-4, atol=1e-6)
     s, a = torch.randn(20, 2, 4, generator=gen).double(), torch.randn(20, 5, generator=gen).double()
     cold = nearest_kronecker_outer(s, a, options=SolverOptions(tol=1e-12, max_iter=1000))
-    warm = nearest_kronecker_outer(s, a, options=SolverOptions(tol=1e-12, max_iter=1000),
-                                   init=cold.left)
+    warm = nearest_kronecker_outer(
+        s, a, options=SolverOptions(tol=1e-12, max_iter=1000), init=cold.left
+    )
     assert warm.iterations <= cold.iterations
     torch.testing.assert_close(warm.left, cold.left)
 
@@ -343,8 +349,9 @@ def test_multi_block_optimum_and_aggregation():
     gen = torch.Generator().manual_seed(15)
     sizes = (5, 5, 2)  # uneven last batch
     blocks = [
-        OuterTerms(torch.randn(n, 1, 3, generator=gen).double(),
-                   torch.randn(n, 4, generator=gen).double())
+        OuterTerms(
+            torch.randn(n, 1, 3, generator=gen).double(), torch.randn(n, 4, generator=gen).double()
+        )
         for n in sizes
     ]
     weights = [n / sum(sizes) for n in sizes]
@@ -362,7 +369,9 @@ def test_multi_block_optimum_and_aggregation():
         errors[agg] = relative_error(dense, left, right)
         assert errors[agg] >= best - 1e-10
     # one block covering everything: all aggregations give the optimum
-    single = OuterTerms(torch.cat([b.sqrt_out for b in blocks]), torch.cat([b.inputs for b in blocks]))
+    single = OuterTerms(
+        torch.cat([b.sqrt_out for b in blocks]), torch.cat([b.inputs for b in blocks])
+    )
     res = single.solve()
     for agg in ("approx", "running"):
         acc = KroneckerAccumulator(agg)
@@ -377,7 +386,10 @@ def test_running_keeps_kfac_scale_split():
     acc = KroneckerAccumulator("running")
     traces = []
     for n in (3, 4):
-        s, a = torch.randn(n, 1, 3, generator=gen).double(), torch.randn(n, 4, generator=gen).double()
+        s, a = (
+            torch.randn(n, 1, 3, generator=gen).double(),
+            torch.randn(n, 4, generator=gen).double(),
+        )
         res = nearest_kronecker_outer(s, a)
         acc.update(res.left, res.right, n)
         traces.append(torch.trace(res.right) * n)

@@ -1,0 +1,251 @@
+"""Time and memory of K-FOC against BackPACK's K-FAC/KFLR, per batch (issue: performance).
+
+For LeNet-5 (MNIST shape) and an MLP 784-1000-1000-10 at batch sizes 32, 128, 512:
+forward + backward with nothing, with BackPACK's ``KFAC`` and ``KFLR``, and with
+``KFOC`` and ``KFOCExact``. Timings are medians of ``--repeats`` runs after warm-up,
+round-robin over the methods in one process (so drift hits all alike), synchronised on
+CUDA. Peak memory is the peak of the bytes held by tensors created during the step
+(parameters, inputs and the model's state before the step excluded): CUDA's
+``max_memory_allocated`` on a GPU, and on the CPU the same quantity tracked exactly by
+a dispatch mode that sees every tensor the step allocates and frees (the process's
+resident set is useless here: the allocator reuses pages freed before the step).
+Solver iterations per layer (mean over runs) are reported for the K-FOC methods.
+
+Usage::
+
+    python integration/benchmark.py --device cpu --out results/benchmark
+    python integration/benchmark.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import weakref
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from backpack import backpack, extend
+from backpack.extensions import KFAC, KFLR
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from integration.models import lenet5  # noqa: E402
+from kfoc_backpack import KFOC, KFOCExact  # noqa: E402
+
+METHODS = {"none": None, "KFAC": KFAC, "KFLR": KFLR, "KFOC": KFOC, "KFOCExact": KFOCExact}
+BASELINE = {"KFOC": "KFAC", "KFOCExact": "KFLR"}
+BATCH_SIZES = (32, 128, 512)
+
+
+def mlp_1000() -> nn.Sequential:
+    """MLP 784-1000-1000-10 for flattened MNIST."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 1000),
+        nn.ReLU(),
+        nn.Linear(1000, 1000),
+        nn.ReLU(),
+        nn.Linear(1000, 10),
+    )
+
+
+MODELS = {"lenet5": lenet5, "mlp784-1000-1000-10": mlp_1000}
+
+
+def setup(model_name: str, batch: int, device: str, seed: int = 0):
+    """Build the extended model, the loss and one MNIST-shaped random batch."""
+    torch.manual_seed(seed)
+    model = extend(MODELS[model_name]().to(device))
+    lossfunc = extend(nn.CrossEntropyLoss())
+    inputs = torch.randn(batch, 1, 28, 28, device=device)
+    targets = torch.randint(0, 10, (batch,), device=device)
+    return model, lossfunc, inputs, targets
+
+
+def step(model, lossfunc, inputs, targets, method: str):
+    """One forward + backward with the method's extension; returns the extension."""
+    model.zero_grad(set_to_none=True)
+    factory = METHODS[method]
+    if factory is None:
+        lossfunc(model(inputs), targets).backward()
+        return None
+    ext = factory()
+    with backpack(ext):
+        lossfunc(model(inputs), targets).backward()
+    for p in model.parameters():  # free the factors like a user moving on would
+        if hasattr(p, ext.savefield):
+            delattr(p, ext.savefield)
+    return ext
+
+
+def sync(device: str) -> None:
+    """Wait for queued CUDA work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(model_name: str, batch: int, device: str, repeats: int, warmup: int):
+    """Median time (ms) and mean iterations per layer, methods interleaved."""
+    model, lossfunc, inputs, targets = setup(model_name, batch, device)
+    times, iters = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    for r in range(warmup + repeats):
+        for method in METHODS:
+            sync(device)
+            start = time.perf_counter()
+            ext = step(model, lossfunc, inputs, targets, method)
+            sync(device)
+            if r >= warmup:
+                times[method].append(1e3 * (time.perf_counter() - start))
+                for i, rec in enumerate(getattr(ext, "solve_log", [])):
+                    iters[method][f"{i}:{rec.module}{list(rec.weight_shape)}"].append(
+                        rec.iterations
+                    )
+    medians = {m: statistics.median(t) for m, t in times.items()}
+    mean_iters = {
+        m: {layer: statistics.mean(v) for layer, v in per.items()} for m, per in iters.items()
+    }
+    return medians, mean_iters
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Track the peak bytes of live tensor storages created inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # data_ptr -> [nbytes, live tensor count]
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0:
+                continue
+            if ptr in self.live:
+                self.live[ptr][1] += 1
+            else:
+                self.live[ptr] = [storage.nbytes(), 1]
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+            weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def peak_memory_mb(model_name: str, batch: int, device: str, method: str) -> float:
+    """Peak memory of the method's step, in MiB (see module docstring)."""
+    model, lossfunc, inputs, targets = setup(model_name, batch, device)
+    step(model, lossfunc, inputs, targets, method)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(model, lossfunc, inputs, targets, method)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    tracker = PeakTensorMemory()
+    with tracker:
+        step(model, lossfunc, inputs, targets, method)
+    return tracker.peak / 2**20
+
+
+def run(device: str, batch_sizes, repeats: int, warmup: int, models) -> list[dict]:
+    """All records of the benchmark."""
+    records = []
+    jobs = [(m, b) for m in models for b in batch_sizes]
+    for model_name, batch in tqdm(jobs, desc="benchmark", unit="config"):
+        medians, iters = time_methods(model_name, batch, device, repeats, warmup)
+        for method, median in medians.items():
+            records.append(
+                {
+                    "model": model_name,
+                    "batch_size": batch,
+                    "device": device,
+                    "method": method,
+                    "median_ms": round(median, 3),
+                    "peak_mem_mb": round(peak_memory_mb(model_name, batch, device, method), 2),
+                    "iterations_per_layer": iters.get(method, {}),
+                }
+            )
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table with ratios against KFAC (and KFOCExact against KFLR)."""
+    by_key = {(r["model"], r["batch_size"], r["method"]): r for r in records}
+    lines = [
+        "| model | batch | method | median ms | × KFAC | peak MiB | × KFAC mem | mean iters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        kfac = by_key[(r["model"], r["batch_size"], "KFAC")]
+        ratio = r["median_ms"] / kfac["median_ms"]
+        mem = r["peak_mem_mb"] / kfac["peak_mem_mb"] if kfac["peak_mem_mb"] > 0 else float("nan")
+        base = BASELINE.get(r["method"])
+        if base == "KFLR":
+            kflr = by_key[(r["model"], r["batch_size"], "KFLR")]
+            ratio_text = f"{ratio:.2f} ({r['median_ms'] / kflr['median_ms']:.2f}× KFLR)"
+        else:
+            ratio_text = f"{ratio:.2f}"
+        its = r["iterations_per_layer"]
+        iters = ", ".join(f"{v:.1f}" for v in its.values()) if its else ""
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['median_ms']:.1f} | "
+            f"{ratio_text} | {r['peak_mem_mb']:.1f} | {mem:.2f} | {iters} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help="batch 32 only, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per method (≥5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
+    parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    batch_sizes = [32] if args.quick else args.batch_sizes
+    repeats = 3 if args.quick else args.repeats
+    records = run(args.device, batch_sizes, repeats, args.warmup, args.models)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
+    (args.out / "benchmark.json").write_text(json.dumps(records, indent=1))
+    (args.out / "benchmark_meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"\n{meta}\n")
+    print(table(records))
+    return records
+
+
+if __name__ == "__main__":
+    main()
