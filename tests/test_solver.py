@@ -395,3 +395,29 @@ def test_running_keeps_kfac_scale_split():
         traces.append(torch.trace(res.right) * n)
     left, right = acc.factors()
     torch.testing.assert_close(torch.trace(right), sum(traces) / 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_squaring_route_matches_stepwise(dtype):
+    """The accelerator route (repeated squaring) reaches the same optimum."""
+    from kfoc_backpack.solver.gram import (
+        coefficient_power_iteration,
+        coefficient_squaring_iteration,
+    )
+    from kfoc_backpack.solver.kronecker import outer_gram_left
+
+    gen = torch.Generator().manual_seed(17)
+    sqrt_out = torch.randn(30, 2, 4, generator=gen, dtype=dtype)
+    inputs = torch.randn(30, 5, generator=gen, dtype=dtype) * 1e3  # large scales
+    gram_left = outer_gram_left(sqrt_out)
+    gram_right = (inputs @ inputs.T).square()
+    ones = torch.ones(30, dtype=dtype)
+    step = coefficient_power_iteration(gram_left, gram_right, ones, 1e-7, 5000)
+    square = coefficient_squaring_iteration(gram_left, gram_right, ones, 1e-7, 5000)
+    assert square[3] and step[3]
+    assert (square[0] >= 0).all()
+    flat = sqrt_out.flatten(end_dim=1)
+    for alpha in (step[0], square[0]):
+        assert torch.isfinite(alpha).all()
+    lefts = [(flat * a.repeat_interleave(2)[:, None]).T @ flat for a in (step[0], square[0])]
+    torch.testing.assert_close(lefts[0], lefts[1], rtol=1e-4, atol=1e-5)

@@ -30,7 +30,11 @@ from kfoc_backpack.solver._common import (
     scale_split,
     working_dtype,
 )
-from kfoc_backpack.solver.gram import coefficient_power_iteration, top_eigvec_2x2
+from kfoc_backpack.solver.gram import (
+    coefficient_power_iteration,
+    coefficient_squaring_iteration,
+    top_eigvec_2x2,
+)
 from kfoc_backpack.solver.power import (
     factor_power_iteration,
     samples_to_left,
@@ -53,6 +57,15 @@ def _options(options: SolverOptions | None) -> SolverOptions:
 def _check_every(device: torch.device) -> int:
     """Evaluate stopping criteria less often on accelerators to avoid syncs."""
     return 1 if device.type == "cpu" else 4
+
+
+def _coefficient_solve(
+    gram_left: Tensor, gram_right: Tensor, start: Tensor, opts: SolverOptions
+) -> tuple[Tensor, Tensor, int, bool]:
+    """Coefficient-space power method: step by step on the CPU, by squaring elsewhere."""
+    if gram_left.device.type == "cpu":
+        return coefficient_power_iteration(gram_left, gram_right, start, opts.tol, opts.max_iter)
+    return coefficient_squaring_iteration(gram_left, gram_right, start, opts.tol, opts.max_iter)
 
 
 def _check_finite(result: KroneckerFactors, what: str) -> KroneckerFactors:
@@ -169,14 +182,7 @@ def nearest_kronecker_sum(
             if method == "closed_form":
                 alpha = _closed_form_coefficients(gram_left, gram_right, num)
                 return alpha, gram_left @ alpha, 0, True
-            return coefficient_power_iteration(
-                gram_left,
-                gram_right,
-                start,
-                opts.tol,
-                opts.max_iter,
-                _check_every(left_terms.device),
-            )
+            return _coefficient_solve(gram_left, gram_right, start, opts)
 
         if opts.random_init:
             start = _random_coefficients(num, left_terms, opts)
@@ -435,9 +441,7 @@ def nearest_kronecker_outer(
         start = gram_right @ halfstep
     else:
         start = torch.ones(num, dtype=dtype, device=inputs.device)
-    alpha, beta, iters, converged = coefficient_power_iteration(
-        gram_left, gram_right, start, opts.tol, opts.max_iter, _check_every(inputs.device)
-    )
+    alpha, beta, iters, converged = _coefficient_solve(gram_left, gram_right, start, opts)
     sq_out = flat_out.square().sum(1).reshape(num, cols).sum(1)  # ‖S_k‖²_F = tr(S_kᵀS_k)
     c_left, c_right = scale_split(
         (alpha @ (gram_left @ alpha)).clamp_min(0).sqrt(),
