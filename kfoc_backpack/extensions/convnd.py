@@ -67,7 +67,9 @@ class KFOCConvNd(KFOCBaseModule):
         """Per-sample quantities; ``backproped`` is ``[M, N, C_out, *spatial_out]``."""
         unfolded = unfold_input(module, module.input0)  # [N, C_in·Πkernel, T]
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
-        samples = einsum("mnot,nit->mnoi", sqrt, unfolded).flatten(end_dim=1)
+        # built output-major ([C_out, M·N, ·]) so the solver needs no copy of it
+        out_major = einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
+        samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
         input_trace = unfolded.square().sum() / unfolded.shape[0]
         kfac = None if ext.solves else kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))
         return LayerTerms(SampleTerms(samples), input_trace, kfac)

@@ -37,8 +37,7 @@ from kfoc_backpack.solver.gram import (
 )
 from kfoc_backpack.solver.power import (
     factor_power_iteration,
-    samples_to_left,
-    samples_to_right,
+    samples_half_steps,
     terms_to_left,
     terms_to_right,
 )
@@ -331,9 +330,10 @@ def nearest_kronecker_samples(
         start = init.to(samples.dtype)
     else:
         start = torch.eye(m, dtype=samples.dtype, device=samples.device)
+    to_right, to_left = samples_half_steps(samples)
     left, right, iters, converged = factor_power_iteration(
-        samples_to_right(samples),
-        samples_to_left(samples),
+        to_right,
+        to_left,
         start,
         opts.tol,
         opts.max_iter,

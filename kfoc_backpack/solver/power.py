@@ -55,26 +55,37 @@ def factor_power_iteration(
     return left, to_right(left), iterations, converged
 
 
-def samples_to_right(samples: Tensor) -> Callable[[Tensor], Tensor]:
-    """``L ↦ Σ_k X_kᵀ L X_k`` for per-sample matrices ``X`` of shape ``[K, M, N]``."""
+def _output_major(samples: Tensor) -> Tensor:
+    """``[K, M, N]`` samples as a contiguous ``[M, K·N]`` matrix (one copy at most).
+
+    In this layout both half-steps are two plain matrix products with no copies: a
+    caller that builds ``X`` as a transposed view of an ``[M, K, N]`` tensor (as the
+    convolution extension does) pays no copy at all.
+    """
     num, m, n = samples.shape
-    flat = samples.reshape(num * m, n)
-
-    def apply(left: Tensor) -> Tensor:
-        return flat.T @ torch.matmul(left, samples).reshape(num * m, n)
-
-    return apply
+    return samples.transpose(0, 1).contiguous().reshape(m, num * n)
 
 
-def samples_to_left(samples: Tensor) -> Callable[[Tensor], Tensor]:
-    """``R ↦ Σ_k X_k R X_kᵀ`` for per-sample matrices ``X`` of shape ``[K, M, N]``."""
+def samples_half_steps(samples: Tensor) -> tuple[Callable, Callable]:
+    """Half-steps ``L ↦ Σ_k X_kᵀ L X_k`` and ``R ↦ Σ_k X_k R X_kᵀ`` for ``X`` ``[K, M, N]``.
+
+    Both share one output-major copy of the samples (see :func:`_output_major`) and
+    cost two matrix products each, ``O(K M N (M + N))``.
+
+    Returns:
+        ``(to_right, to_left)``.
+    """
     num, m, n = samples.shape
-    flat = samples.transpose(0, 1).reshape(m, num * n)
+    wide = _output_major(samples)
+    tall = wide.reshape(m * num, n)
 
-    def apply(right: Tensor) -> Tensor:
-        return torch.matmul(samples, right).transpose(0, 1).reshape(m, num * n) @ flat.T
+    def to_right(left: Tensor) -> Tensor:
+        return tall.T @ (left @ wide).reshape(m * num, n)
 
-    return apply
+    def to_left(right: Tensor) -> Tensor:
+        return (tall @ right).reshape(m, num * n) @ wide.T
+
+    return to_right, to_left
 
 
 def terms_to_right(left_terms: Tensor, right_terms: Tensor) -> Callable[[Tensor], Tensor]:

@@ -27,7 +27,7 @@ from kfoc_backpack.solver.kronecker import (
     nearest_kronecker_samples,
     outer_gram_left,
 )
-from kfoc_backpack.solver.power import factor_power_iteration, samples_to_left, samples_to_right
+from kfoc_backpack.solver.power import factor_power_iteration, samples_half_steps
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,11 @@ class SampleTerms:
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k X_kᵀ L X_k`` (``[N, N]``)."""
-        return samples_to_right(self.samples)(left)
+        return samples_half_steps(self.samples)[0](left)
 
     def to_left(self, right: Tensor) -> Tensor:
         """``Σ_k X_k R X_kᵀ`` (``[M, M]``)."""
-        return samples_to_left(self.samples)(right)
+        return samples_half_steps(self.samples)[1](right)
 
     def solve(
         self,
