@@ -7,9 +7,21 @@ Layers (dependencies point down the list only):
 3. :mod:`kfoc_backpack.laplace` — laplace-torch backend and Laplace classes.
 """
 
-from kfoc_backpack.extensions import KFOC, KFOCExact
+from kfoc_backpack.extensions import KFOC, KFOCAccumulator, KFOCExact, optimal_factors
+from kfoc_backpack.laplace import KFOCBackend, KFOCLaplace, KFOCLLLaplace
 from kfoc_backpack.solver import KroneckerFactors, SolverOptions
 
 __version__ = "0.1.0"
 
-__all__ = ["KFOC", "KFOCExact", "KroneckerFactors", "SolverOptions", "__version__"]
+__all__ = [
+    "KFOC",
+    "KFOCAccumulator",
+    "KFOCBackend",
+    "KFOCExact",
+    "KFOCLLLaplace",
+    "KFOCLaplace",
+    "KroneckerFactors",
+    "SolverOptions",
+    "__version__",
+    "optimal_factors",
+]

@@ -58,19 +58,28 @@ class KroneckerAccumulator:
         self._right: Tensor | None = None
         self._right_trace: Tensor | None = None
 
-    def update(self, left: Tensor, right: Tensor, weight: float = 1.0) -> None:
-        """Add the batch product ``weight · left ⊗ right``.
+    def update(
+        self, left: Tensor, right: Tensor, weight: float = 1.0, scale: float | None = None
+    ) -> None:
+        """Add the batch product ``scale · left ⊗ right``.
 
         Args:
             left: ``[M, M]`` left factor of the batch.
             right: ``[N, N]`` right factor of the batch.
-            weight: The batch's weight ``w_p ≥ 0`` (e.g. its number of samples).
+            weight: The batch's weight ``w_p ≥ 0`` in the averages of the right factor
+                (its number of samples, so a short batch is not over-weighted).
+            scale: Multiplier of the batch's product in the target (default
+                ``weight``; pass ``1`` to sum blocks of a loss with ``sum`` reduction
+                while still averaging the right factor by sample count).
 
         Raises:
-            ValueError: For a negative weight or factors of changing shape.
+            ValueError: For a negative weight or scale, or factors of changing shape.
         """
-        if weight < 0:
-            raise ValueError(f"weight must be non-negative, got {weight}.")
+        scale = weight if scale is None else scale
+        if weight < 0 or scale < 0:
+            raise ValueError(f"weight and scale must be non-negative, got {weight}, {scale}.")
+        # accumulate (scale/weight)·left with weight: Σ scale·L ⊗ (Σ weight·R / Σ weight)
+        left = left * (scale / weight) if weight > 0 else left * 0
         trace = torch.diagonal(right).sum() * weight
         if self._left is None:
             first_right = right * weight if self.aggregation == "approx" else right

@@ -1,0 +1,19 @@
+"""laplace-torch integration: ``KFOCBackend``, ``KFOCLaplace`` and ``KFOCLLLaplace``.
+
+Importing this package (``import kfoc_backpack`` does) registers
+``hessian_structure="kfoc"`` with laplace-torch's ``Laplace`` for
+``subset_of_weights="all"`` and ``"last_layer"``.
+"""
+
+from kfoc_backpack.laplace.aggregate import AGGREGATIONS, fit_factors
+from kfoc_backpack.laplace.backend import KFOCBackend, check_supported_layers
+from kfoc_backpack.laplace.laplace import KFOCLaplace, KFOCLLLaplace
+
+__all__ = [
+    "AGGREGATIONS",
+    "KFOCBackend",
+    "KFOCLLLaplace",
+    "KFOCLaplace",
+    "check_supported_layers",
+    "fit_factors",
+]
