@@ -349,9 +349,14 @@ def test_linear_never_allocates_per_sample_gradients():
 
 
 @pytest.mark.parametrize("net", [mlp, cnn])
-def test_device_agrees_with_cpu(net, device):
-    """Factors computed on ``device`` (CUDA when present) equal the CPU ones."""
+def test_device_is_optimal_and_agrees_with_cpu(net, device):
+    """Factors computed on ``device`` (CUDA when present) are optimal, like the CPU ones.
+
+    Accelerators run the coefficient solve by repeated squaring, so the iterate where
+    the solver stops differs from the CPU's within the tolerance: compare errors.
+    """
     model, lossfunc, inputs, targets = problem(net, nn.CrossEntropyLoss, "mean")
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
     cpu = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCExact())
     on_device = run(
         copy.deepcopy(model).to(device),
@@ -361,6 +366,12 @@ def test_device_agrees_with_cpu(net, device):
         KFOCExact(),
     )
     for name, value in on_device.items():
-        for got, want in zip(value, cpu[name], strict=True):
-            assert got.device.type == device.type
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-7, atol=1e-10)
+        assert all(v.device.type == device.type for v in value)
+        value = [v.cpu() for v in value]
+        dense = dense_ggn_block(sqrt[name])
+        if name.endswith("bias"):
+            torch.testing.assert_close(value[0], cpu[name][0])
+            continue
+        got, want = relative_error(dense, *value), relative_error(dense, *cpu[name])
+        assert abs(got - want) < 1e-6, (name, got, want)
+        torch.testing.assert_close(torch.trace(value[1]), torch.trace(cpu[name][1]))

@@ -6,14 +6,13 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from backpack.core.derivatives.basederivatives import BaseDerivatives
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
 from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms, SolverOptions
-from kfoc_backpack.solver._common import scale_split
+from kfoc_backpack.solver._common import finalize
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -65,14 +64,10 @@ def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Ten
     Returns:
         ``[left, right]`` in K-FAC's split (see :meth:`LayerTerms.solve`).
     """
-    c_left, c_right = scale_split(
-        torch.linalg.matrix_norm(factors.left),
-        torch.linalg.matrix_norm(factors.right),
-        torch.diagonal(factors.left).sum(),
-        torch.diagonal(factors.right).sum(),
-        input_trace,
+    left, right = finalize(
+        factors.left, factors.right, factors.left.dtype, right_trace=input_trace
     )
-    return [factors.left * c_left, factors.right * c_right]
+    return [left, right]
 
 
 def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -91,12 +92,13 @@ def symmetrize(mat: Tensor) -> Tensor:
 
 
 def scale_split(
-    norm_left: Tensor,
-    norm_right: Tensor,
-    trace_left: Tensor,
-    trace_right: Tensor,
-    right_trace: Tensor | float | None = None,
-) -> tuple[Tensor, Tensor]:
+    norm_left: float,
+    norm_right: float,
+    trace_left: float,
+    trace_right: float,
+    right_trace: float | None = None,
+    what: str = "solver",
+) -> tuple[float, float]:
     """Scalars ``(c_L, c_R)`` that fix sign and scale split of an optimal pair.
 
     ``(c_L · left) ⊗ (c_R · right) = left ⊗ right`` up to the sign, which is chosen so
@@ -107,8 +109,8 @@ def scale_split(
       so the factors are drop-in for K-FAC's), falling back to the even split when
       ``tr(right)`` is not positive.
 
-    A zero factor gives ``c_L = c_R = 0`` (all-zero output, never NaN). Everything is
-    0-dim tensor arithmetic: no host-device synchronisation.
+    A zero factor gives ``c_L = c_R = 0`` (all-zero output, never NaN). The inputs are
+    host scalars: callers fetch them in one device-to-host transfer.
 
     Args:
         norm_left: ``‖left‖_F``.
@@ -116,28 +118,27 @@ def scale_split(
         trace_left: ``tr(left)``.
         trace_right: ``tr(right)``.
         right_trace: Optional target trace of the right factor.
+        what: Name of the calling solver, for the error message.
 
     Returns:
         ``(c_L, c_R)``.
+
+    Raises:
+        FloatingPointError: If a norm or trace is NaN or infinite (non-finite input).
     """
-    flip = (trace_left < 0) | ((trace_left == 0) & (trace_right < 0))
-    sign = torch.where(flip, -1.0, 1.0).to(norm_left.dtype)
-    nonzero = (norm_left != 0) & (norm_right != 0)  # NaN stays NaN and is caught later
-    one = torch.ones_like(norm_left)
-    even = torch.where(nonzero, norm_right / torch.where(nonzero, norm_left, one), one).sqrt()
-    c_left, c_right = even, 1 / even
-    if right_trace is not None:
-        target = torch.as_tensor(right_trace, dtype=norm_left.dtype, device=norm_left.device)
-        current = sign * trace_right
-        valid = nonzero & (current > 0) & (target > 0)
-        ratio = torch.where(valid, target / torch.where(valid, current, one), one)
-        c_left = torch.where(valid, 1 / ratio, c_left)
-        c_right = torch.where(valid, ratio, c_right)
-    zero = torch.zeros_like(one)
-    return (
-        torch.where(nonzero, sign * c_left, zero),
-        torch.where(nonzero, sign * c_right, zero),
-    )
+    values = (norm_left, norm_right, trace_left, trace_right)
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError(
+            f"{what}: the input contains NaN or infinite values; no factors returned."
+        )
+    if norm_left == 0 or norm_right == 0:
+        return 0.0, 0.0
+    sign = -1.0 if trace_left < 0 or (trace_left == 0 and trace_right < 0) else 1.0
+    if right_trace is not None and right_trace > 0 and sign * trace_right > 0:
+        ratio = right_trace / (sign * trace_right)
+        return sign / ratio, sign * ratio
+    even = math.sqrt(norm_right / norm_left)
+    return sign * even, sign / even
 
 
 def finalize(
@@ -146,12 +147,14 @@ def finalize(
     out_dtype: torch.dtype,
     symmetric: bool = True,
     right_trace: Tensor | float | None = None,
+    what: str = "solver",
 ) -> tuple[Tensor, Tensor]:
     """Apply the conventions shared by all solvers to an optimal pair.
 
     The input pair may have any split of the scale between the factors. The result
     is symmetrised (unless ``symmetric=False``, for non-symmetric problems), has sign
-    and scale split fixed by :func:`scale_split` and is cast to ``out_dtype``.
+    and scale split fixed by :func:`scale_split` and is cast to ``out_dtype``. One
+    device-to-host transfer of four scalars; NaN or infinite input raises.
 
     Args:
         left: ``[M, M]`` left factor.
@@ -161,17 +164,22 @@ def finalize(
             be removed.
         right_trace: Optional target trace of the right factor (see
             :func:`scale_split`).
+        what: Name of the calling solver, for error messages.
 
     Returns:
         The normalised pair ``(left, right)``.
     """
     if symmetric:
         left, right = symmetrize(left), symmetrize(right)
-    c_left, c_right = scale_split(
+    scalars = [
         torch.linalg.matrix_norm(left),
         torch.linalg.matrix_norm(right),
         torch.diagonal(left).sum(),
         torch.diagonal(right).sum(),
-        right_trace,
-    )
+    ]
+    if isinstance(right_trace, Tensor):
+        scalars.append(right_trace.to(left.dtype).to(left.device))
+    values = torch.stack(scalars).tolist()
+    target = values[4] if isinstance(right_trace, Tensor) else right_trace
+    c_left, c_right = scale_split(*values[:4], target, what)
     return (left * c_left).to(out_dtype), (right * c_right).to(out_dtype)

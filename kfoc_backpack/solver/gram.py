@@ -129,11 +129,12 @@ def coefficient_squaring_iteration(
         :func:`coefficient_power_iteration`.
     """
     squarings = max(int(max_iter).bit_length() - 1, 0)
-    left = gram_left / _nonzero(torch.linalg.matrix_norm(gram_left))
-    right = gram_right / _nonzero(torch.linalg.matrix_norm(gram_right))
-    power = right @ left
-    for _ in range(squarings):
-        power = power / _nonzero(torch.linalg.matrix_norm(power))
+    tiny = torch.finfo(gram_left.dtype).tiny
+    power = (gram_right / torch.linalg.matrix_norm(gram_right).clamp_min(tiny)) @ (
+        gram_left / torch.linalg.matrix_norm(gram_left).clamp_min(tiny)
+    )
+    for _ in range(squarings):  # no host sync: zero stays zero, scale stays bounded
+        power = power / torch.linalg.matrix_norm(power).clamp_min(tiny)
         power = power @ power
     alpha = power @ init
     steps = 2**squarings

@@ -20,6 +20,8 @@ Three structures of ``F`` are supported:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -65,18 +67,6 @@ def _coefficient_solve(
     if gram_left.device.type == "cpu":
         return coefficient_power_iteration(gram_left, gram_right, start, opts.tol, opts.max_iter)
     return coefficient_squaring_iteration(gram_left, gram_right, start, opts.tol, opts.max_iter)
-
-
-def _check_finite(result: KroneckerFactors, what: str) -> KroneckerFactors:
-    # a Frobenius norm is finite iff every entry is: two scalars instead of two sweeps
-    norms = torch.stack(
-        [torch.linalg.matrix_norm(result.left), torch.linalg.matrix_norm(result.right)]
-    )
-    if not bool(torch.isfinite(norms).all()):
-        raise FloatingPointError(
-            f"{what}: the input contains NaN or infinite values; no factors returned."
-        )
-    return result
 
 
 def _random_coefficients(num: int, like: Tensor, options: SolverOptions) -> Tensor:
@@ -221,8 +211,10 @@ def nearest_kronecker_sum(
         (left_terms == left_terms.transpose(-1, -2)).all()
         & (right_terms == right_terms.transpose(-1, -2)).all()
     )
-    left, right = finalize(left, right, out_dtype, symmetric, right_trace)
-    return _check_finite(KroneckerFactors(left, right, iters, converged), "nearest_kronecker_sum")
+    left, right = finalize(
+        left, right, out_dtype, symmetric, right_trace, "nearest_kronecker_sum"
+    )
+    return KroneckerFactors(left, right, iters, converged)
 
 
 def _closed_form_coefficients(gram_left: Tensor, gram_right: Tensor, num: int) -> Tensor:
@@ -339,10 +331,10 @@ def nearest_kronecker_samples(
         opts.max_iter,
         _check_every(samples.device),
     )
-    left, right = finalize(left, right, out_dtype, right_trace=right_trace)
-    return _check_finite(
-        KroneckerFactors(left, right, iters, converged), "nearest_kronecker_samples"
+    left, right = finalize(
+        left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_samples"
     )
+    return KroneckerFactors(left, right, iters, converged)
 
 
 # --------------------------------------------------------------------------------------
@@ -360,12 +352,17 @@ def outer_gram_left(sqrt_out: Tensor) -> Tensor:
         ``[K, K]`` Gram matrix, computed through whichever of two routes is cheaper:
         materialising ``B_k = S_kᵀS_k`` (``O(K J M² + K² M²)``, used when ``M`` is
         small) or the pairwise products ``(s_{k,i} · s_{l,j})²`` (``O(K² J² M / 2)``,
-        never allocating anything of size ``K · M²``).
+        never allocating anything of size ``K · M²``; on accelerators as one product
+        of all pairs when ``(K J)²`` fits the memory cap, to save kernel launches).
     """
     num, cols, dim = sqrt_out.shape
     if cols == 1:
         flat = sqrt_out[:, 0]
         return (flat @ flat.T).square()
+    if sqrt_out.device.type != "cpu" and (num * cols) ** 2 <= _EXPLICIT_GRAM_MAX_ELEMENTS:
+        # accelerators: one product of all pairs, few kernel launches (memory (K·J)²)
+        flat = sqrt_out.reshape(num * cols, dim)
+        return (flat @ flat.T).square().reshape(num, cols, num, cols).sum((1, 3))
     explicit_cost = num * cols * dim * dim + num * num * dim * dim
     pairs_cost = num * num * cols * cols * dim // 2
     if explicit_cost < pairs_cost and num * dim * dim <= _EXPLICIT_GRAM_MAX_ELEMENTS:
@@ -443,19 +440,25 @@ def nearest_kronecker_outer(
         start = torch.ones(num, dtype=dtype, device=inputs.device)
     alpha, beta, iters, converged = _coefficient_solve(gram_left, gram_right, start, opts)
     sq_out = flat_out.square().sum(1).reshape(num, cols).sum(1)  # ‖S_k‖²_F = tr(S_kᵀS_k)
+    scalars = [
+        alpha @ (gram_left @ alpha),  # ‖L‖²
+        beta @ (gram_right @ beta),  # ‖R‖²
+        alpha @ sq_out,  # tr(L)
+        beta @ inputs.square().sum(1),  # tr(R)
+    ]
+    if isinstance(right_trace, Tensor):
+        scalars.append(right_trace.to(dtype).to(inputs.device))
+    values = torch.stack(scalars).tolist()  # the one device-to-host transfer
+    target = values[4] if isinstance(right_trace, Tensor) else right_trace
     c_left, c_right = scale_split(
-        (alpha @ (gram_left @ alpha)).clamp_min(0).sqrt(),
-        (beta @ (gram_right @ beta)).clamp_min(0).sqrt(),
-        alpha @ sq_out,
-        beta @ inputs.square().sum(1),
-        right_trace,
+        math.sqrt(max(values[0], 0.0)) if math.isfinite(values[0]) else values[0],
+        math.sqrt(max(values[1], 0.0)) if math.isfinite(values[1]) else values[1],
+        values[2],
+        values[3],
+        target,
+        "nearest_kronecker_outer",
     )
     alpha, beta = alpha * c_left, beta * c_right
-    if not bool(torch.isfinite(torch.cat([alpha, beta])).all()):
-        raise FloatingPointError(
-            "nearest_kronecker_outer: the input contains NaN or infinite values; "
-            "no factors returned."
-        )
     # L = Σ_k α_k S_kᵀS_k and R = Σ_k β_k a_k a_kᵀ, formed once (symmetric, PSD: α, β ≥ 0)
     left = (flat_out * alpha.repeat_interleave(cols).unsqueeze(1)).T @ flat_out
     right = (inputs * beta.unsqueeze(1)).T @ inputs

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One prepared GPU run (device machine): the device-parametrised tests on CUDA and the
+# benchmark with --device cuda. Pure-Python wheels the image lacks travel in .whl/
+# (see README, "GPU check"). Outputs go to $OUT (or ./results/gpu).
+set -uo pipefail
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, backpack, laplace; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+timeout 150 python3 -m pytest tests -q -k "cuda" -p no:cacheprovider 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+timeout 200 python3 integration/benchmark.py --device cuda --repeats 5 --out "$OUT" 2>&1 | grep -v Warning | tail -n 40 | tee "$OUT/benchmark.txt"
