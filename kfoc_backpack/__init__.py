@@ -7,9 +7,18 @@ Layers (dependencies point down the list only):
 3. :mod:`kfoc_backpack.laplace` — laplace-torch backend and Laplace classes.
 """
 
-from kfoc_backpack.extensions import KFOC, KFOCAccumulator, KFOCExact, optimal_factors
-from kfoc_backpack.laplace import KFOCBackend, KFOCLaplace, KFOCLLLaplace
-from kfoc_backpack.solver import KroneckerFactors, SolverOptions
+from kfoc_backpack._compat import check_versions
+
+check_versions()  # before BackPACK / laplace-torch are imported
+
+from kfoc_backpack.extensions import (  # noqa: E402
+    KFOC,
+    KFOCAccumulator,
+    KFOCExact,
+    optimal_factors,
+)
+from kfoc_backpack.laplace import KFOCBackend, KFOCLaplace, KFOCLLLaplace  # noqa: E402
+from kfoc_backpack.solver import KroneckerFactors, SolverOptions  # noqa: E402
 
 __version__ = "0.1.0"
 

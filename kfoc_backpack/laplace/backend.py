@@ -28,10 +28,10 @@ from laplace.utils import Kron
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module, Parameter
 
+from kfoc_backpack._compat import supported_kwargs
 from kfoc_backpack.extensions import KFOC, KFOCExact
 from kfoc_backpack.extensions.accumulate import extended, preserved_grads
 from kfoc_backpack.extensions.unsupported import SUPPORTED_LAYERS
-from kfoc_backpack.laplace._compat import supported_kwargs
 from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
 
 SUPPORTED_LAYER_TYPES = (Linear, Conv1d, Conv2d, Conv3d)

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
+from kfoc_backpack._compat import supported_kwargs
 from kfoc_backpack.extensions.accumulate import DEFAULT_MAX_MEMORY
-from kfoc_backpack.laplace._compat import supported_kwargs
 from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
 from kfoc_backpack.laplace.backend import (
     KFOCBackend,
