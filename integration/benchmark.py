@@ -217,6 +217,27 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(records: list[dict]) -> str:
+    """Compact markdown table: K-FOC against K-FAC and KFOCExact against KFLR."""
+    by_key = {(r["model"], r["batch_size"], r["method"]): r for r in records}
+    lines = [
+        "| model | batch | KFAC ms | KFOC ms | KFOC/KFAC | KFOC mem/KFAC "
+        "| KFLR ms | KFOCExact ms | KFOCExact/KFLR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, batch in dict.fromkeys((r["model"], r["batch_size"]) for r in records):
+        kfac, kfoc = by_key[(model, batch, "KFAC")], by_key[(model, batch, "KFOC")]
+        kflr, exact = by_key[(model, batch, "KFLR")], by_key[(model, batch, "KFOCExact")]
+        mem = kfoc["peak_mem_mb"] / kfac["peak_mem_mb"] if kfac["peak_mem_mb"] else float("nan")
+        lines.append(
+            f"| {model} | {batch} | {kfac['median_ms']:.1f} | {kfoc['median_ms']:.1f} | "
+            f"{kfoc['median_ms'] / kfac['median_ms']:.2f} | {mem:.2f} | "
+            f"{kflr['median_ms']:.1f} | {exact['median_ms']:.1f} | "
+            f"{exact['median_ms'] / kflr['median_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (args.out / "benchmark_meta.json").write_text(json.dumps(meta, indent=1))
     print(f"\n{meta}\n")
     print(table(records))
+    print()
+    print(summary(records))
     return records
 
 
