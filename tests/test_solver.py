@@ -70,14 +70,15 @@ def test_samples_random(shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["gram", "power", "auto"])
 @pytest.mark.parametrize("cols", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_outer_random(shape, cols, dtype, device):
+def test_outer_random(shape, cols, method, dtype, device):
     k, m, n = shape
     gen = torch.Generator().manual_seed(7 * sum(shape) + cols)
     sqrt_out = torch.randn(k, cols, m, generator=gen, dtype=dtype).to(device)
     inputs = torch.randn(k, n, generator=gen, dtype=dtype).to(device)
-    result = nearest_kronecker_outer(sqrt_out, inputs, options=OPTIONS[dtype])
+    result = nearest_kronecker_outer(sqrt_out, inputs, options=OPTIONS[dtype], method=method)
     samples = torch.einsum("kjp,kq->kjpq", sqrt_out, inputs).reshape(-1, m, n)
     dense = sum_of_outer(samples.double()).cpu()
     result = result._replace(left=result.left.cpu(), right=result.right.cpu())

@@ -30,6 +30,11 @@ class LayerTerms:
             for convolutions the KFC approximation (paper eq. 9),
             ``Σ_{k,t} ds_{k,t} ds_{k,t}ᵀ ⊗ (1/(N·T)) Σ_{n,t} â_{n,t} â_{n,t}ᵀ``.
             Only computed by ``KFOCTerms`` (``None`` inside the solving extensions).
+            Its *split* is the paper's: for convolutions its right factor is ``T``
+            times smaller (and its left ``T`` times larger) than the split of
+            :meth:`solve` and of BackPACK's ``KFAC``, whose right factor is
+            ``(1/N) Σ_n â_nᵀ â_n`` summed over the ``T`` positions; the products
+            are on the same (the dense block's) scale.
     """
 
     terms: OuterTerms | SampleTerms

@@ -39,6 +39,7 @@ from kfoc_backpack.solver.gram import (
 )
 from kfoc_backpack.solver.power import (
     factor_power_iteration,
+    outer_half_steps,
     samples_half_steps,
     terms_to_left,
     terms_to_right,
@@ -211,9 +212,7 @@ def nearest_kronecker_sum(
         (left_terms == left_terms.transpose(-1, -2)).all()
         & (right_terms == right_terms.transpose(-1, -2)).all()
     )
-    left, right = finalize(
-        left, right, out_dtype, symmetric, right_trace, "nearest_kronecker_sum"
-    )
+    left, right = finalize(left, right, out_dtype, symmetric, right_trace, "nearest_kronecker_sum")
     return KroneckerFactors(left, right, iters, converged)
 
 
@@ -377,6 +376,17 @@ def outer_gram_left(sqrt_out: Tensor) -> Tensor:
     return gram
 
 
+def _outer_power_is_cheaper(num: int, cols: int, m: int, n: int, steps: int = 10) -> bool:
+    """Flop estimate: factor-space power method against the coefficient-space route.
+
+    The Gram route costs ``K²(J² M + N)`` once plus ``O(K²)`` per step; the factor
+    route ``O(K (J M² + N²))`` per step (``steps`` assumed), both then form the factors.
+    """
+    gram = num * num * (cols * cols * m + n) + steps * 4 * num * num
+    power = steps * 2 * num * (cols * m * m + n * n)
+    return power < gram
+
+
 def nearest_kronecker_outer(
     sqrt_out: Tensor,
     inputs: Tensor,
@@ -384,6 +394,7 @@ def nearest_kronecker_outer(
     options: SolverOptions | None = None,
     init: Tensor | None = None,
     right_trace: Tensor | float | None = None,
+    method: str = "auto",
 ) -> KroneckerFactors:
     """Optimal ``L ⊗ R`` for ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)`` in coefficient space.
 
@@ -405,6 +416,9 @@ def nearest_kronecker_outer(
         right_trace: Split the scale so that ``tr(right)`` equals this (default:
             even split). Sign and split are applied to the coefficients, so each
             factor is formed exactly once.
+        method: ``"gram"`` (coefficient space, above), ``"power"`` (factor space,
+            ``O(K (J M² + N²))`` per step: cheaper for small layers seen through many
+            terms) or ``"auto"``, which picks the cheaper by a flop estimate.
 
     Returns:
         The optimal factors (conventions in the module docstring).
@@ -429,6 +443,21 @@ def nearest_kronecker_outer(
     if num == 0:
         zeros = flat_out.new_zeros(m, m).to(out_dtype), inputs.new_zeros(n, n).to(out_dtype)
         return KroneckerFactors(*zeros, 0, True)
+    if method not in ("auto", "gram", "power"):
+        raise ValueError(f"Unknown method {method!r}; use 'auto', 'gram' or 'power'.")
+    if method == "auto":
+        method = "power" if _outer_power_is_cheaper(num, cols, m, n) else "gram"
+    if method == "power":
+        to_right, to_left = outer_half_steps(sqrt_out, inputs)
+        start = flat_out.T @ flat_out if init is None else init.to(dtype)  # K-FAC's L
+        if opts.random_init:
+            start = _random_matrix(m, inputs, opts)
+            start = start @ start.T  # PSD
+        left, right, iters, converged = factor_power_iteration(
+            to_right, to_left, start, opts.tol, opts.max_iter, _check_every(inputs.device)
+        )
+        left, right = finalize(left, right, out_dtype, True, right_trace, "nearest_kronecker_outer")
+        return KroneckerFactors(left, right, iters, converged)
     gram_left = outer_gram_left(sqrt_out)
     gram_right = (inputs @ inputs.T).square()
     if opts.random_init:

@@ -104,3 +104,30 @@ def terms_to_right(left_terms: Tensor, right_terms: Tensor) -> Callable[[Tensor]
 def terms_to_left(left_terms: Tensor, right_terms: Tensor) -> Callable[[Tensor], Tensor]:
     """``R ↦ Σ_k ⟨R_k, R⟩ L_k`` for ``[K, M, M]`` and ``[K, N, N]`` terms."""
     return terms_to_right(right_terms, left_terms)
+
+
+def outer_half_steps(sqrt_out: Tensor, inputs: Tensor) -> tuple[Callable, Callable]:
+    """Half-steps for ``F = Σ_k (S_kᵀS_k) ⊗ (a_k a_kᵀ)`` without forming ``S_kᵀS_k``.
+
+    ``L ↦ Σ_k ⟨S_kᵀS_k, L⟩ a_k a_kᵀ`` and ``R ↦ Σ_k (a_kᵀ R a_k) S_kᵀS_k``, each
+    ``O(K (J M² + N²))``.
+
+    Args:
+        sqrt_out: ``[K, J, M]`` output-side vectors.
+        inputs: ``[K, N]`` input-side vectors.
+
+    Returns:
+        ``(to_right, to_left)``.
+    """
+    num, cols, m = sqrt_out.shape
+    flat = sqrt_out.reshape(num * cols, m)
+
+    def to_right(left: Tensor) -> Tensor:
+        weights = ((flat @ left) * flat).sum(1).reshape(num, cols).sum(1)
+        return (inputs * weights.unsqueeze(1)).T @ inputs
+
+    def to_left(right: Tensor) -> Tensor:
+        weights = ((inputs @ right) * inputs).sum(1)
+        return (flat * weights.repeat_interleave(cols).unsqueeze(1)).T @ flat
+
+    return to_right, to_left

@@ -27,7 +27,11 @@ from kfoc_backpack.solver.kronecker import (
     nearest_kronecker_samples,
     outer_gram_left,
 )
-from kfoc_backpack.solver.power import factor_power_iteration, samples_half_steps
+from kfoc_backpack.solver.power import (
+    factor_power_iteration,
+    outer_half_steps,
+    samples_half_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -49,15 +53,11 @@ class OuterTerms:
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k ⟨S_kᵀS_k, L⟩ a_k a_kᵀ`` (``[N, N]``) for an ``[M, M]`` ``L``."""
-        weights = torch.einsum("kjp,pq,kjq->k", self.sqrt_out, left, self.sqrt_out)
-        return (self.inputs * weights.unsqueeze(1)).T @ self.inputs
+        return outer_half_steps(self.sqrt_out, self.inputs)[0](left)
 
     def to_left(self, right: Tensor) -> Tensor:
         """``Σ_k (a_kᵀ R a_k) S_kᵀS_k`` (``[M, M]``) for an ``[N, N]`` ``R``."""
-        weights = ((self.inputs @ right) * self.inputs).sum(1)
-        flat = self.sqrt_out.flatten(end_dim=1)
-        cols = self.sqrt_out.shape[1]
-        return (flat * weights.repeat_interleave(cols).unsqueeze(1)).T @ flat
+        return outer_half_steps(self.sqrt_out, self.inputs)[1](right)
 
     def solve(
         self,
