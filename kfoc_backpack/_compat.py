@@ -29,6 +29,8 @@ Known differences between the supported releases (details in
 * In all three laplace-torch releases ``KronLLLaplace(damping=True)`` ends up
   undamped and ``KronDecomposed``'s ``*``/``+`` drop ``damping``; the K-FOC Laplace
   classes keep it.
+* laplace-torch 0.2.2.x's ``LLLaplace.fit`` accepts ``progress_bar`` but does not pass
+  it on; ``KFOCLLLaplace.fit`` carries it.
 * ``Laplace()`` raises ``KeyError`` (0.2.x) or ``ValueError`` (0.3) for an unknown
   Hessian structure; 0.2.2.2's last-layer ``FeatureExtractor`` registers ``last_layer``
   twice in the state dict.

@@ -243,7 +243,7 @@ class KFOCLaplace(KronLaplace):
             self.aggregation,
             prior=prior,
             check_batch=self._check_batch,
-            progress_bar=progress_bar,
+            progress_bar=progress_bar or getattr(self, "_progress_bar", False),
             tol=self.tol,
             max_passes=self.max_passes,
             store_terms=self.store_terms,
@@ -370,6 +370,20 @@ class KFOCLLLaplace(KronLLLaplace, KFOCLaplace):
         self.damping = damping
         self._set_kfoc_options(*options)
         self._check_supported()
+
+    def fit(
+        self, train_loader: DataLoader, override: bool = True, progress_bar: bool = False
+    ) -> None:
+        """Fit as ``KronLLLaplace.fit`` does, keeping ``progress_bar``.
+
+        laplace-torch 0.2.2.x's ``LLLaplace.fit`` drops ``progress_bar`` on its way to
+        the parametric fit (see ``kfoc_backpack._compat``); it is carried here.
+        """
+        self._progress_bar = progress_bar
+        try:
+            super().fit(train_loader, override=override, progress_bar=progress_bar)
+        finally:
+            self._progress_bar = False
 
     def _check_supported(self) -> None:
         """Check the last layer once it is known (the backbone is not differentiated)."""
