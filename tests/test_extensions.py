@@ -375,3 +375,36 @@ def test_device_is_optimal_and_agrees_with_cpu(net, device):
         got, want = relative_error(dense, *value), relative_error(dense, *cpu[name])
         assert abs(got - want) < 1e-6, (name, got, want)
         torch.testing.assert_close(torch.trace(value[1]), torch.trace(cpu[name][1]))
+
+
+def test_dropout_padding_avgpool_around_layers():
+    """BackPACK's dropout (eval mode), zero padding and average pooling in the graph.
+
+    float32: BackPACK's average-pooling derivatives fail in float64 (they build a float32
+    convolution internally), so the factors are checked against a float64 reference.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.ZeroPad2d(1),
+        nn.Conv2d(1, 2, 3),
+        nn.AvgPool2d(2),
+        nn.ELU(),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(2 * 3 * 3, 4),
+        nn.LeakyReLU(),
+        nn.Linear(4, 3),
+    )
+    model.eval()
+    inputs, targets = torch.randn(5, 1, 6, 6), torch.randint(0, 3, (5,))
+    lossfunc = nn.CrossEntropyLoss()
+    sqrt = dense_ggn_sqrt(copy.deepcopy(model).double(), lossfunc, inputs.double(), targets)
+    factors = run(model, lossfunc, inputs, targets, KFOCExact())
+    assert set(factors) == {"1.weight", "1.bias", "6.weight", "6.bias", "8.weight", "8.bias"}
+    for name, value in factors.items():
+        dense = dense_ggn_block(sqrt[name])
+        if name.endswith("bias"):
+            torch.testing.assert_close(value[0].double(), dense, rtol=1e-4, atol=1e-6)
+        else:
+            best = optimal_relative_error(dense, value[0].shape[0], value[1].shape[0])
+            assert relative_error(dense, *value) <= best + 1e-4
