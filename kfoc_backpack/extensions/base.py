@@ -69,9 +69,7 @@ def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Ten
     Returns:
         ``[left, right]`` in K-FAC's split (see :meth:`LayerTerms.solve`).
     """
-    left, right = finalize(
-        factors.left, factors.right, factors.left.dtype, right_trace=input_trace
-    )
+    left, right = finalize(factors.left, factors.right, factors.left.dtype, right_trace=input_trace)
     return [left, right]
 
 
