@@ -16,10 +16,13 @@ from torch import Tensor, nn
 
 from integration.data import Dataset
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
-def mlp(in_features: int, hidden: int = 50) -> nn.Sequential:
-    """One-hidden-layer MLP ``in → hidden → 1`` with ReLU."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+def mlp(in_features: int, hidden: int = 50, activation: str = "relu") -> nn.Sequential:
+    """One-hidden-layer MLP ``in → hidden → 1`` (ReLU unless ``activation`` says else)."""
+    act = ACTIVATIONS[activation]()
+    return nn.Sequential(nn.Linear(in_features, hidden), act, nn.Linear(hidden, 1))
 
 
 def lenet5(num_classes: int = 10) -> nn.Sequential:
@@ -44,11 +47,15 @@ MLP_LAYERS = {"layer1": 0, "layer2": 2}
 LENET_LAYERS = {"conv1": 0, "conv2": 3}
 
 
-def make_model(data: Dataset) -> tuple[nn.Sequential, dict[str, int]]:
-    """Return the paper's model for a data set and the indices of its analysed layers."""
+def make_model(data: Dataset, activation: str = "relu") -> tuple[nn.Sequential, dict[str, int]]:
+    """Return the paper's model for a data set and the indices of its analysed layers.
+
+    ``activation`` (``relu``, ``tanh``, ``sigmoid``) applies to the MLPs only: the paper
+    does not state it, and the diagnostic ``--activation`` measures its effect.
+    """
     if data.task == "classification":
         return lenet5(), dict(LENET_LAYERS)
-    return mlp(data.inputs.shape[1]), dict(MLP_LAYERS)
+    return mlp(data.inputs.shape[1], activation=activation), dict(MLP_LAYERS)
 
 
 def make_loss(data: Dataset, reduction: str = "mean") -> nn.Module:

@@ -137,6 +137,7 @@ class RunConfig:
             (exact GGN; diagnostic, MLPs only).
         with_bias: Analyse ``[W, b]`` of ``Linear`` layers as one block (the paper's
             ``Ŵ``; diagnostic, MLPs only).
+        activation: Hidden activation of the MLPs (default ReLU; diagnostic).
     """
 
     datasets: list[str]
@@ -154,6 +155,7 @@ class RunConfig:
     quick: bool = False
     fisher: str = "mc"
     with_bias: bool = False
+    activation: str = "relu"
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -191,6 +193,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         quick=quick,
         fisher=args.fisher,
         with_bias=args.with_bias,
+        activation=args.activation,
     )
 
 
@@ -591,7 +594,7 @@ def run_dataset(name: str, config: RunConfig, meta: dict) -> tuple[list[dict], l
     batches_per_seed = sum(math.ceil(len(data) / s) for s in sizes)
     for seed in range(config.seeds):
         torch.manual_seed(seed)
-        model, layers = make_model(data)
+        model, layers = make_model(data, config.activation)
         model = model.to(config.device)
         start = time.perf_counter()
         loss = train(model, data, config.train[data.task], seed, config.device)
@@ -819,6 +822,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="analyse [W, b] of the MLP layers as one block, like the paper's Ŵ "
         "(diagnostic, MLP data sets only)",
+    )
+    parser.add_argument(
+        "--activation",
+        choices=("relu", "tanh", "sigmoid"),
+        default="relu",
+        help="hidden activation of the MLPs (the paper does not state it; diagnostic)",
     )
     parser.add_argument(
         "--threads",
