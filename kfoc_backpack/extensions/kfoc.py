@@ -70,7 +70,11 @@ class KFOCBase(SqrtGGN):
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
         solves: bool = True,
+        mc_samples: int = 1,
     ):
+        if int(mc_samples) != mc_samples or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        self._mc_samples = int(mc_samples)
         if fail_mode not in (FAIL_ERROR, FAIL_WARN, FAIL_SILENT):
             raise ValueError(
                 f"fail_mode must be one of {FAIL_ERROR!r}, {FAIL_WARN!r}, "
@@ -96,6 +100,10 @@ class KFOCBase(SqrtGGN):
             self, savefield=savefield, module_exts=module_exts, fail_mode=fail_mode
         )
         self.solve_log: deque[SolveRecord] = deque(maxlen=4096)
+
+    def get_num_mc_samples(self) -> int:
+        """Return the number of Monte-Carlo samples per input."""
+        return self._mc_samples
 
     def __call__(self, module: Module, g_inp, g_out) -> None:
         """Run the module extension; reject unknown layers that have parameters."""
@@ -146,14 +154,9 @@ class KFOC(KFOCBase):
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
     ):
-        if int(mc_samples) != mc_samples or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        self._mc_samples = int(mc_samples)
-        super().__init__(LossHessianStrategy.SAMPLING, "kfoc", tol, max_iter, fail_mode)
-
-    def get_num_mc_samples(self) -> int:
-        """Return the number of Monte-Carlo samples per input."""
-        return self._mc_samples
+        super().__init__(
+            LossHessianStrategy.SAMPLING, "kfoc", tol, max_iter, fail_mode, mc_samples=mc_samples
+        )
 
 
 class KFOCExact(KFOCBase):
@@ -197,12 +200,7 @@ class KFOCTerms(KFOCBase):
     """
 
     def __init__(self, exact: bool = False, mc_samples: int = 1, fail_mode: str = FAIL_ERROR):
-        if int(mc_samples) != mc_samples or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        self._mc_samples = int(mc_samples)
         strategy = LossHessianStrategy.EXACT if exact else LossHessianStrategy.SAMPLING
-        super().__init__(strategy, "kfoc_terms", fail_mode=fail_mode, solves=False)
-
-    def get_num_mc_samples(self) -> int:
-        """Return the number of Monte-Carlo samples per input."""
-        return self._mc_samples
+        super().__init__(
+            strategy, "kfoc_terms", fail_mode=fail_mode, solves=False, mc_samples=mc_samples
+        )

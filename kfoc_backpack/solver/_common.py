@@ -171,15 +171,41 @@ def finalize(
     """
     if symmetric:
         left, right = symmetrize(left), symmetrize(right)
-    scalars = [
+    c_left, c_right = scale_split_on_host(
         torch.linalg.matrix_norm(left),
         torch.linalg.matrix_norm(right),
         torch.diagonal(left).sum(),
         torch.diagonal(right).sum(),
-    ]
+        right_trace,
+        what,
+    )
+    return (left * c_left).to(out_dtype), (right * c_right).to(out_dtype)
+
+
+def scale_split_on_host(
+    norm_left: Tensor,
+    norm_right: Tensor,
+    trace_left: Tensor,
+    trace_right: Tensor,
+    right_trace: Tensor | float | None = None,
+    what: str = "solver",
+) -> tuple[float, float]:
+    """:func:`scale_split` of 0-dim device tensors, fetched in one device-to-host transfer.
+
+    Args:
+        norm_left: ``‖left‖_F``.
+        norm_right: ``‖right‖_F``.
+        trace_left: ``tr(left)``.
+        trace_right: ``tr(right)``.
+        right_trace: Optional target trace of the right factor (tensor or float).
+        what: Name of the calling solver, for the error message.
+
+    Returns:
+        ``(c_L, c_R)``.
+    """
+    scalars = [norm_left, norm_right, trace_left, trace_right]
     if isinstance(right_trace, Tensor):
-        scalars.append(right_trace.to(left.dtype).to(left.device))
+        scalars.append(right_trace.to(norm_left.dtype).to(norm_left.device))
     values = torch.stack(scalars).tolist()
     target = values[4] if isinstance(right_trace, Tensor) else right_trace
-    c_left, c_right = scale_split(*values[:4], target, what)
-    return (left * c_left).to(out_dtype), (right * c_right).to(out_dtype)
+    return scale_split(*values[:4], target, what)

@@ -20,8 +20,6 @@ Three structures of ``F`` are supported:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     finalize,
-    scale_split,
+    scale_split_on_host,
     working_dtype,
 )
 from kfoc_backpack.solver.gram import (
@@ -459,10 +457,13 @@ def nearest_kronecker_outer(
         method = "power" if _outer_power_is_cheaper(num, cols, m, n) else "gram"
     if method == "power":
         to_right, to_left = outer_half_steps(sqrt_out, inputs)
-        start = flat_out.T @ flat_out if init is None else init.to(dtype)  # K-FAC's L
         if opts.random_init:
             start = _random_matrix(m, inputs, opts)
             start = start @ start.T  # PSD
+        elif init is not None:
+            start = init.to(dtype)
+        else:
+            start = flat_out.T @ flat_out  # K-FAC's left factor
         left, right, iters, converged = factor_power_iteration(
             to_right, to_left, start, opts.tol, opts.max_iter, _check_every(inputs.device)
         )
@@ -479,22 +480,12 @@ def nearest_kronecker_outer(
         start = torch.ones(num, dtype=dtype, device=inputs.device)
     alpha, beta, iters, converged = _coefficient_solve(gram_left, gram_right, start, opts)
     sq_out = flat_out.square().sum(1).reshape(num, cols).sum(1)  # ‖S_k‖²_F = tr(S_kᵀS_k)
-    scalars = [
-        alpha @ (gram_left @ alpha),  # ‖L‖²
-        beta @ (gram_right @ beta),  # ‖R‖²
+    c_left, c_right = scale_split_on_host(
+        (alpha @ (gram_left @ alpha)).clamp_min(0).sqrt(),  # ‖L‖ (NaN stays NaN)
+        (beta @ (gram_right @ beta)).clamp_min(0).sqrt(),  # ‖R‖
         alpha @ sq_out,  # tr(L)
         beta @ inputs.square().sum(1),  # tr(R)
-    ]
-    if isinstance(right_trace, Tensor):
-        scalars.append(right_trace.to(dtype).to(inputs.device))
-    values = torch.stack(scalars).tolist()  # the one device-to-host transfer
-    target = values[4] if isinstance(right_trace, Tensor) else right_trace
-    c_left, c_right = scale_split(
-        math.sqrt(max(values[0], 0.0)) if math.isfinite(values[0]) else values[0],
-        math.sqrt(max(values[1], 0.0)) if math.isfinite(values[1]) else values[1],
-        values[2],
-        values[3],
-        target,
+        right_trace,
         "nearest_kronecker_outer",
     )
     alpha, beta = alpha * c_left, beta * c_right
