@@ -103,7 +103,7 @@ def test_outer_gram_routes_agree():
 @pytest.mark.parametrize("method", ["gram", "power"])
 @pytest.mark.parametrize("kind", ["psd", "symmetric", "general"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sum_random(shape, kind, method, dtype):
+def test_sum_random(shape, kind, method, dtype, routes):
     k, m, n = shape
     gen = torch.Generator().manual_seed(11 * sum(shape) + len(kind))
     left = torch.randn(k, m, m, generator=gen, dtype=dtype)
@@ -120,7 +120,7 @@ def test_sum_random(shape, kind, method, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sum_weighted_and_closed_form(dtype):
+def test_sum_weighted_and_closed_form(dtype, routes):
     gen = torch.Generator().manual_seed(0)
     for k in (1, 2):
         left = torch.randn(k, 3, 3, generator=gen, dtype=dtype)
@@ -149,7 +149,7 @@ def test_merge_is_exact_two_term_optimum():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_all_zero_input_gives_zero_factors(dtype):
+def test_all_zero_input_gives_zero_factors(dtype, routes):
     zeros = torch.zeros(4, 3, 5, dtype=dtype)
     for result in (
         nearest_kronecker_samples(zeros),
@@ -163,7 +163,7 @@ def test_all_zero_input_gives_zero_factors(dtype):
         assert result.converged
 
 
-def test_zero_terms_among_nonzero_and_empty():
+def test_zero_terms_among_nonzero_and_empty(routes):
     gen = torch.Generator().manual_seed(5)
     samples = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64)
     samples[::2] = 0
@@ -173,7 +173,7 @@ def test_zero_terms_among_nonzero_and_empty():
     assert empty.left.shape == (3, 3) and not empty.left.any()
 
 
-def test_rank_deficient_terms():
+def test_rank_deficient_terms(routes):
     gen = torch.Generator().manual_seed(6)
     u = torch.randn(8, 4, 1, generator=gen, dtype=torch.float64)
     v = torch.randn(8, 1, 5, generator=gen, dtype=torch.float64)
@@ -186,7 +186,7 @@ def test_rank_deficient_terms():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tied_singular_values_give_optimal_psd_product(dtype):
+def test_tied_singular_values_give_optimal_psd_product(dtype, routes):
     """σ₁ = σ₂: any product from the tied pair is optimal; ours must be, and PSD."""
     eye = torch.eye(3, dtype=dtype)
     samples = torch.stack([torch.outer(eye[0], eye[0]), torch.outer(eye[1], eye[1])])
@@ -206,7 +206,7 @@ def test_tied_singular_values_give_optimal_psd_product(dtype):
         assert_psd(result.right, dtype)
 
 
-def test_ties_in_sum_of_kron():
+def test_ties_in_sum_of_kron(routes):
     eye = torch.eye(3, dtype=torch.float64)
     diag = torch.stack([torch.diag(eye[i]) for i in range(3)])
     for k in (2, 3):
@@ -215,7 +215,7 @@ def test_ties_in_sum_of_kron():
         assert_psd(result.left, torch.float64)
 
 
-def test_k_equals_one_is_exact():
+def test_k_equals_one_is_exact(routes):
     gen = torch.Generator().manual_seed(8)
     sample = torch.randn(1, 3, 4, generator=gen, dtype=torch.float64)
     result = nearest_kronecker_samples(sample)  # vec(X)vec(X)ᵀ is Kronecker iff rank X = 1
@@ -229,7 +229,7 @@ def test_k_equals_one_is_exact():
     assert relative_error(dense, result.left, result.right) < 1e-12
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(routes):
     gen = torch.Generator().manual_seed(9)
     base = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64)
     samples = base.transpose(1, 2)[:, ::2, :]  # [5, 3, 4], not contiguous
@@ -247,7 +247,7 @@ def test_non_contiguous_inputs():
     assert_optimal(sum_of_kron(left, right), result, 3, 2, torch.float64)
 
 
-def test_nan_input_raises():
+def test_nan_input_raises(routes):
     samples = torch.randn(3, 2, 2)
     samples[1, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
@@ -278,7 +278,7 @@ def test_bad_arguments():
 # ------------------------------------------------------------------ options and warm starts
 
 
-def test_warm_start_and_generator_reproducible():
+def test_warm_start_and_generator_reproducible(routes):
     gen = torch.Generator().manual_seed(10)
     samples = torch.randn(20, 4, 5, generator=gen, dtype=torch.float64)
     cold = nearest_kronecker_samples(samples, options=SolverOptions(tol=1e-10, max_iter=500))
@@ -304,7 +304,7 @@ def test_warm_start_and_generator_reproducible():
     torch.testing.assert_close(warm.left, cold.left)
 
 
-def test_max_iter_reported_as_not_converged():
+def test_max_iter_reported_as_not_converged(routes):
     gen = torch.Generator().manual_seed(12)
     samples = torch.randn(30, 5, 5, generator=gen, dtype=torch.float64)
     result = nearest_kronecker_samples(samples, options=SolverOptions(tol=1e-14, max_iter=2))
@@ -346,7 +346,7 @@ def test_terms_objects_consistent():
     torch.testing.assert_close(outer.error(left, right), samples.error(left, right))
 
 
-def test_multi_block_optimum_and_aggregation():
+def test_multi_block_optimum_and_aggregation(routes):
     gen = torch.Generator().manual_seed(15)
     sizes = (5, 5, 2)  # uneven last batch
     blocks = [
@@ -382,7 +382,7 @@ def test_multi_block_optimum_and_aggregation():
         assert relative_error(dense1, left, right) <= optimal_relative_error(dense1, 3, 4) + 1e-8
 
 
-def test_running_keeps_kfac_scale_split():
+def test_running_keeps_kfac_scale_split(routes):
     gen = torch.Generator().manual_seed(16)
     acc = KroneckerAccumulator("running")
     traces = []
@@ -422,3 +422,65 @@ def test_squaring_route_matches_stepwise(dtype):
         assert torch.isfinite(alpha).all()
     lefts = [(flat * a.repeat_interleave(2)[:, None]).T @ flat for a in (step[0], square[0])]
     torch.testing.assert_close(lefts[0], lefts[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 33, 34, 64, 65, 66, 100])
+def test_squaring_respects_max_iter_and_retries(max_iter):
+    """A slow problem: the squaring route tests after 2ˢ+1 steps, squares again while the
+    step count fits ``max_iter``, finishes with ordinary steps, and never overshoots."""
+    from kfoc_backpack.solver.gram import (
+        coefficient_power_iteration,
+        coefficient_squaring_iteration,
+    )
+
+    # M = G_R G_L = diag(1, 0.97, 0.5): ratio 0.97, about 500 steps to 1e-7
+    gram_left = torch.diag(torch.tensor([1.0, 0.97, 0.5], dtype=torch.float64))
+    gram_right = torch.eye(3, dtype=torch.float64)
+    init = torch.ones(3, dtype=torch.float64)
+    alpha, beta, iters, converged, values = coefficient_squaring_iteration(
+        gram_left, gram_right, init, 1e-7, max_iter, scalars=lambda a, b: [a @ b]
+    )
+    assert iters == max_iter and not converged
+    step = coefficient_power_iteration(gram_left, gram_right, init, 1e-7, iters)
+    torch.testing.assert_close(alpha, step[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(values[0], 1.0)  # ‖L‖² of the returned pair
+
+
+def test_squaring_retry_converges_like_stepping():
+    from kfoc_backpack.solver.gram import (
+        coefficient_power_iteration,
+        coefficient_squaring_iteration,
+    )
+
+    gram_left = torch.diag(torch.tensor([1.0, 0.9, 0.5], dtype=torch.float64))
+    gram_right = torch.eye(3, dtype=torch.float64)
+    init = torch.ones(3, dtype=torch.float64)
+    square = coefficient_squaring_iteration(gram_left, gram_right, init, 1e-9, 1000)
+    step = coefficient_power_iteration(gram_left, gram_right, init, 1e-12, 1000)
+    # ratio 0.9: ~200 steps to 1e-9; tests after 33, 65, 129 and 257 steps
+    assert square[3] and square[2] == 2**8 + 1
+    torch.testing.assert_close(square[0], step[0], rtol=0, atol=1e-8)
+
+
+def test_outer_solve_fetches_from_the_device_once(routes):
+    """The Gram route of ``Linear`` layers reads the device once per stopping test (the
+    test and the scale split share the transfer); the first test usually suffices."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountTransfers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.stack):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(5)
+    sqrt_out = torch.randn(64, 1, 10, generator=gen)
+    inputs = torch.randn(64, 20, generator=gen) + 1.0
+    with CountTransfers() as counter:
+        result = nearest_kronecker_outer(sqrt_out, inputs, method="gram")
+    assert result.converged and result.iterations == 33
+    assert counter.count == 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.core.derivatives.conv3d import Conv3DDerivatives
 from backpack.utils.conv import unfold_input
-from torch import Tensor, einsum
+from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d
 
 from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms, kfc_factors
@@ -67,8 +68,13 @@ class KFOCConvNd(KFOCBaseModule):
         """Per-sample quantities; ``backproped`` is ``[M, N, C_out, *spatial_out]``."""
         unfolded = unfold_input(module, module.input0)  # [N, C_in·Πkernel, T]
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
-        # built output-major ([C_out, M·N, ·]) so the solver needs no copy of it
-        out_major = einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
+        # X_{m,n} = Ds_{m,n} â_nᵀ, one batched product over the inputs, then stored
+        # output-major ([C_out, M·N, ·]) so the solver needs no copy of it
+        if sqrt.shape[0] == 1:
+            prods = torch.bmm(sqrt[0], unfolded.mT).unsqueeze(0)  # [1, N, C_out, ·]
+        else:
+            prods = torch.matmul(sqrt, unfolded.mT.unsqueeze(0))  # [M, N, C_out, ·]
+        out_major = prods.permute(2, 0, 1, 3).contiguous()
         samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
         input_trace = unfolded.square().sum() / unfolded.shape[0]
         kfac = None if ext.solves else kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))

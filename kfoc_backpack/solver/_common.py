@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -67,6 +69,44 @@ class KroneckerFactors(NamedTuple):
     converged: bool
 
 
+_LAUNCH_BOUND_OVERRIDE: bool | None = None
+
+
+def launch_bound(device: torch.device) -> bool:
+    """Whether the solvers should take the routes made for accelerators on ``device``.
+
+    On an accelerator every operation costs a kernel launch (microseconds, whatever
+    its size) and every host read a synchronisation, so the solvers there prefer a
+    few large operations and one host transfer per solve; on the CPU they prefer the
+    fewest flops. :func:`accelerator_routes` overrides the choice, so that the
+    accelerator routes are tested and their operation count measured on the CPU.
+
+    Args:
+        device: Device of the solver's tensors.
+
+    Returns:
+        ``True`` for non-CPU devices, unless overridden.
+    """
+    if _LAUNCH_BOUND_OVERRIDE is not None:
+        return _LAUNCH_BOUND_OVERRIDE
+    return device.type != "cpu"
+
+
+@contextmanager
+def accelerator_routes(enabled: bool = True) -> Iterator[None]:
+    """Within this context, take (``True``) or avoid (``False``) the accelerator routes.
+
+    For tests and benchmarks only: results agree with the default routes to the
+    solver tolerance.
+    """
+    global _LAUNCH_BOUND_OVERRIDE
+    previous, _LAUNCH_BOUND_OVERRIDE = _LAUNCH_BOUND_OVERRIDE, enabled
+    try:
+        yield
+    finally:
+        _LAUNCH_BOUND_OVERRIDE = previous
+
+
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """Return the dtype the solvers compute in: half precisions are promoted.
 
@@ -84,11 +124,6 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return dtype
-
-
-def symmetrize(mat: Tensor) -> Tensor:
-    """Return ``(mat + matᵀ) / 2``."""
-    return 0.5 * (mat + mat.transpose(-1, -2))
 
 
 def scale_split(
@@ -169,17 +204,19 @@ def finalize(
     Returns:
         The normalised pair ``(left, right)``.
     """
-    if symmetric:
-        left, right = symmetrize(left), symmetrize(right)
+    half = 1.0
+    if symmetric:  # twice the symmetric parts; the 1/2 is folded into the scale below
+        left, right, half = left + left.mT, right + right.mT, 0.5
     c_left, c_right = scale_split_on_host(
         torch.linalg.matrix_norm(left),
         torch.linalg.matrix_norm(right),
-        torch.diagonal(left).sum(),
-        torch.diagonal(right).sum(),
+        torch.trace(left),
+        torch.trace(right),
         right_trace,
         what,
+        half,
     )
-    return (left * c_left).to(out_dtype), (right * c_right).to(out_dtype)
+    return (left * (c_left * half)).to(out_dtype), (right * (c_right * half)).to(out_dtype)
 
 
 def scale_split_on_host(
@@ -189,6 +226,7 @@ def scale_split_on_host(
     trace_right: Tensor,
     right_trace: Tensor | float | None = None,
     what: str = "solver",
+    factor: float = 1.0,
 ) -> tuple[float, float]:
     """:func:`scale_split` of 0-dim device tensors, fetched in one device-to-host transfer.
 
@@ -199,13 +237,15 @@ def scale_split_on_host(
         trace_right: ``tr(right)``.
         right_trace: Optional target trace of the right factor (tensor or float).
         what: Name of the calling solver, for the error message.
+        factor: The pair the norms and traces were taken of is ``factor`` times the
+            pair to split (applied on the host).
 
     Returns:
         ``(c_L, c_R)``.
     """
     scalars = [norm_left, norm_right, trace_left, trace_right]
     if isinstance(right_trace, Tensor):
-        scalars.append(right_trace.to(norm_left.dtype).to(norm_left.device))
+        scalars.append(right_trace.to(norm_left).reshape(()))
     values = torch.stack(scalars).tolist()
     target = values[4] if isinstance(right_trace, Tensor) else right_trace
-    return scale_split(*values[:4], target, what)
+    return scale_split(*(v * factor for v in values[:4]), target, what)

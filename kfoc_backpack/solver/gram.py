@@ -18,6 +18,9 @@ positive semi-definite, also when the top singular value is tied.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -100,48 +103,143 @@ def top_eigvec_2x2(mat: Tensor) -> Tensor:
     return torch.where(v.norm() > 0, v, torch.ones_like(v))
 
 
+FIRST_SQUARINGS = 5
+"""Squarings before the first stopping test: ``2⁵ = 32`` power steps.
+
+Power steps from K-FAC's start reach the paper's tolerance in 3–20 steps on the
+layers of ``integration/benchmark.py``; each further test costs a host transfer, each
+squaring one matrix product, so the first test comes after 32 steps."""
+
+RENORMALISE_EVERY = 3
+"""Squarings between two trace normalisations of the power.
+
+After a normalisation the eigenvalues ``μ`` sum to one and the top one is at least
+``1/K``; three squarings scale it by at least ``K⁻⁸`` (``> 10⁻²⁸`` in float32 for every
+``K`` the Gram route takes), far from under- and overflow."""
+
+ScalarsFn = Callable[[Tensor, Tensor], list[Tensor]]
+
+
 def coefficient_squaring_iteration(
     gram_left: Tensor,
     gram_right: Tensor,
-    init: Tensor,
+    init: Tensor | None,
     tol: float,
     max_iter: int,
-) -> tuple[Tensor, Tensor, int, bool]:
+    scalars: ScalarsFn | None = None,
+) -> tuple[Tensor, Tensor, int, bool, list[float]]:
     """Run the power method of :func:`coefficient_power_iteration` by repeated squaring.
 
-    For accelerators, where ``O(K²)`` matrix-vector steps are bound by kernel-launch
-    latency and every stopping test synchronises with the host: ``M = G_R G_L`` is
-    squared ``s = ⌊log₂ max_iter⌋`` times (normalised each time, no host sync), which
-    applies ``2ˢ`` power steps in ``s`` matrix products of ``O(K³)`` flops. One
-    ordinary step then measures the change of the normalised left factor; only if it
-    is not below ``tol`` does the ordinary iteration continue, for the remaining
-    ``max_iter − 2ˢ`` steps. Non-negative Grams keep the coefficients non-negative.
+    Made for launch-bound devices (accelerators, and the CPU for small ``K``), where a
+    ``K × K`` product costs about what an ``O(K²)`` step costs and every stopping test
+    synchronises with the host. ``M = G_R G_L`` (a product of two positive
+    semi-definite matrices: real, non-negative eigenvalues, diagonalisable) is squared
+    :data:`FIRST_SQUARINGS` times and normalised by its trace (an upper bound of the
+    top eigenvalue, and ``K`` times a lower bound) at the start and every
+    :data:`RENORMALISE_EVERY` squarings. The product ``G_R G_L`` is formed unscaled:
+    it overflows only where ``‖F‖²_F`` itself does, and then the solve raises like
+    for non-finite input. One ordinary step
+    from ``M^(2ˢ) init`` then gives the change of the normalised left factor. Until it
+    is below ``tol``, ``M^(2ˢ)`` is squared once more per test while the step count
+    stays within ``max_iter``; the remaining steps are ordinary ones. Non-negative
+    Grams keep the coefficients non-negative.
+
+    Each test is one device-to-host transfer, which also carries ``scalars(alpha,
+    beta)``: callers fetch what they need of the result (norms, traces) with it.
 
     Args:
         gram_left: ``[K, K]`` Gram matrix of the left terms.
         gram_right: ``[K, K]`` Gram matrix of the right terms.
-        init: ``[K]`` start coefficients of the left factor.
+        init: ``[K]`` start coefficients of the left factor; ``None`` for all ones
+            (K-FAC's factors when the terms are the per-sample ones).
         tol: Stopping precision, as for :func:`coefficient_power_iteration`.
         max_iter: Maximal number of power steps (counting each squaring's steps).
+        scalars: Optional ``(alpha, beta) ↦ [0-dim tensors]`` fetched with the test.
 
     Returns:
-        ``(alpha, beta, iterations, converged)`` as for
-        :func:`coefficient_power_iteration`.
+        ``(alpha, beta, iterations, converged, values)``: the first four as for
+        :func:`coefficient_power_iteration`, ``values`` the host values of
+        ``scalars(alpha, beta)`` for the returned pair (empty without ``scalars``).
     """
-    squarings = max(int(max_iter).bit_length() - 1, 0)
-    tiny = torch.finfo(gram_left.dtype).tiny
-    power = (gram_right / torch.linalg.matrix_norm(gram_right).clamp_min(tiny)) @ (
-        gram_left / torch.linalg.matrix_norm(gram_left).clamp_min(tiny)
-    )
-    for _ in range(squarings):  # no host sync: zero stays zero, scale stays bounded
-        power = power / torch.linalg.matrix_norm(power).clamp_min(tiny)
+    if max_iter < 2:
+        if init is None:
+            init = torch.ones_like(gram_left[0])
+        alpha, beta, iters, converged = coefficient_power_iteration(
+            gram_left, gram_right, init, tol, max_iter
+        )
+        return alpha, beta, iters, converged, fetch_scalars(None, alpha, beta, scalars)[1]
+    power = _trace_normalised(gram_right @ gram_left)
+    squarings = min(FIRST_SQUARINGS, (max_iter - 1).bit_length() - 1)
+    for i in range(squarings):  # no host sync: zero stays zero, scale stays bounded
         power = power @ power
-    alpha = power @ init
-    steps = 2**squarings
+        if i % RENORMALISE_EVERY == RENORMALISE_EVERY - 1:
+            power = _trace_normalised(power)
+    steps = 2**squarings + 1
+    tol_sq = tol * tol
+    while True:
+        start = power.sum(1) if init is None else power @ init
+        alpha, beta, delta_sq = _checked_step(gram_left, gram_right, start)
+        delta_sq_value, values = fetch_scalars(delta_sq, alpha, beta, scalars)
+        if delta_sq_value < tol_sq or not math.isfinite(delta_sq_value):
+            return alpha, beta, steps, delta_sq_value < tol_sq, values
+        if 2 * steps - 1 > max_iter:
+            break
+        power = _trace_normalised(power @ power)
+        steps = 2 * steps - 1
+    if steps >= max_iter:
+        return alpha, beta, steps, False, values
     alpha, beta, more, converged = coefficient_power_iteration(
-        gram_left, gram_right, alpha, tol, max(max_iter - steps, 1), check_every=1
+        gram_left, gram_right, alpha, tol, max_iter - steps
     )
-    return alpha, beta, steps + more, converged
+    return alpha, beta, steps + more, converged, fetch_scalars(None, alpha, beta, scalars)[1]
+
+
+def _trace_normalised(mat: Tensor) -> Tensor:
+    """``mat / tr(mat)`` for a matrix with non-negative eigenvalues (zero stays zero)."""
+    return mat / torch.trace(mat).clamp_min(torch.finfo(mat.dtype).tiny)
+
+
+def _rsqrt(value: Tensor) -> Tensor:
+    """``1/√value``, finite at zero (a zero vector scaled by it stays zero)."""
+    return value.clamp_min(torch.finfo(value.dtype).tiny).rsqrt()
+
+
+def _checked_step(
+    gram_left: Tensor, gram_right: Tensor, start: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One power step from ``start`` and the squared change of the normalised left factor.
+
+    With ``b = G_L a`` the left factor's norm is ``√(a·b)`` and ``‖Σ_k d_k L_k‖² =
+    d·G_L d``, so four matrix-vector products and a few element-wise operations give
+    the step and its change; no host sync.
+
+    Returns:
+        ``(alpha, beta, delta_sq)``: ``alpha`` the normalised new left coefficients,
+        ``beta = G_L alpha`` and ``delta_sq = ‖L_new − L_start‖²_F`` (normalised).
+    """
+    b_start = gram_left @ start
+    r_start = _rsqrt(start @ b_start)
+    a_new = gram_right @ b_start
+    b_new = gram_left @ a_new
+    r_new = _rsqrt(a_new @ b_new)
+    alpha, beta = a_new * r_new, b_new * r_new
+    delta_sq = (alpha - start * r_start) @ (beta - b_start * r_start)
+    return alpha, beta, delta_sq
+
+
+def fetch_scalars(
+    delta_sq: Tensor | None, alpha: Tensor, beta: Tensor, scalars: ScalarsFn | None
+) -> tuple[float, list[float]]:
+    """Fetch ``delta_sq`` and ``scalars(alpha, beta)`` in one device-to-host transfer."""
+    parts = [] if delta_sq is None else [delta_sq]
+    if scalars is not None:
+        parts += scalars(alpha, beta)
+    if not parts:
+        return math.nan, []
+    values = torch.stack(parts).tolist()
+    if delta_sq is None:
+        return math.nan, values
+    return values[0], values[1:]
 
 
 def _nonzero(norm: Tensor) -> Tensor:

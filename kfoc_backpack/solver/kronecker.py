@@ -20,6 +20,8 @@ Three structures of ``F`` are supported:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,12 +29,15 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     finalize,
-    scale_split_on_host,
+    launch_bound,
+    scale_split,
     working_dtype,
 )
 from kfoc_backpack.solver.gram import (
+    ScalarsFn,
     coefficient_power_iteration,
     coefficient_squaring_iteration,
+    fetch_scalars,
     top_eigvec_2x2,
 )
 from kfoc_backpack.solver.power import (
@@ -59,23 +64,38 @@ def _options(options: SolverOptions | None) -> SolverOptions:
 
 def _check_every(device: torch.device) -> int:
     """Evaluate stopping criteria less often on accelerators to avoid syncs."""
-    return 1 if device.type == "cpu" else 4
+    return 4 if launch_bound(device) else 1
 
 
 def _coefficient_solve(
-    gram_left: Tensor, gram_right: Tensor, start: Tensor, opts: SolverOptions
-) -> tuple[Tensor, Tensor, int, bool]:
+    gram_left: Tensor,
+    gram_right: Tensor,
+    start: Tensor | None,
+    opts: SolverOptions,
+    scalars: ScalarsFn | None = None,
+) -> tuple[Tensor, Tensor, int, bool, list[float]]:
     """Coefficient-space power method, by repeated squaring where that is cheaper.
 
-    Squaring costs ``⌊log₂ max_iter⌋`` products of ``O(K³)`` flops and a handful of
-    operations; stepping costs ``O(K²)`` flops but ~15 operations per step. On
-    accelerators (launch-bound) and for small ``K`` on the CPU (dispatch-bound)
-    squaring wins; for large ``K`` on the CPU, stepping does.
+    Squaring costs a few ``O(K³)`` products and one host transfer per stopping test;
+    stepping costs ``O(K²)`` flops but a handful of operations and a host transfer per
+    step. On launch-bound devices (accelerators) and for small ``K`` on the CPU
+    (dispatch-bound) squaring wins; for large ``K`` on the CPU, stepping does.
+
+    Returns:
+        ``(alpha, beta, iterations, converged, values)``, ``values`` the host values
+        of ``scalars(alpha, beta)`` (see :func:`coefficient_squaring_iteration`).
     """
     num = gram_left.shape[0]
-    if gram_left.device.type == "cpu" and num > SQUARING_MAX_TERMS_CPU:
-        return coefficient_power_iteration(gram_left, gram_right, start, opts.tol, opts.max_iter)
-    return coefficient_squaring_iteration(gram_left, gram_right, start, opts.tol, opts.max_iter)
+    if not launch_bound(gram_left.device) and num > SQUARING_MAX_TERMS_CPU:
+        if start is None:
+            start = torch.ones_like(gram_left[0])
+        alpha, beta, iters, converged = coefficient_power_iteration(
+            gram_left, gram_right, start, opts.tol, opts.max_iter
+        )
+        return alpha, beta, iters, converged, fetch_scalars(None, alpha, beta, scalars)[1]
+    return coefficient_squaring_iteration(
+        gram_left, gram_right, start, opts.tol, opts.max_iter, scalars
+    )
 
 
 def _random_coefficients(num: int, like: Tensor, options: SolverOptions) -> Tensor:
@@ -180,7 +200,7 @@ def nearest_kronecker_sum(
             if method == "closed_form":
                 alpha = _closed_form_coefficients(gram_left, gram_right, num)
                 return alpha, gram_left @ alpha, 0, True
-            return _coefficient_solve(gram_left, gram_right, start, opts)
+            return _coefficient_solve(gram_left, gram_right, start, opts)[:4]
 
         if opts.random_init:
             start = _random_coefficients(num, left_terms, opts)
@@ -356,32 +376,48 @@ def outer_gram_left(sqrt_out: Tensor) -> Tensor:
         sqrt_out: ``[K, J, M]`` stack of the ``J`` output-side vectors per term.
 
     Returns:
-        ``[K, K]`` Gram matrix, computed through whichever of two routes is cheaper:
-        materialising ``B_k = S_kᵀS_k`` (``O(K J M² + K² M²)``, used when ``M`` is
-        small) or the pairwise products ``(s_{k,i} · s_{l,j})²`` (``O(K² J² M / 2)``,
-        never allocating anything of size ``K · M²``; on accelerators as one product
-        of all pairs when ``(K J)²`` fits the memory cap, to save kernel launches).
+        ``[K, K]`` Gram matrix (see :func:`_outer_grams` for the routes).
+    """
+    return _outer_grams(sqrt_out)[0]
+
+
+def _outer_grams(sqrt_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Left Gram matrix and the traces ``tr(S_kᵀS_k) = ‖S_k‖²_F`` of the left terms.
+
+    Of two routes the cheaper is taken: materialising ``B_k = S_kᵀS_k``
+    (``O(K J M² + K² M²)``, used when ``M`` is small) or the pairwise products
+    ``(s_{k,i} · s_{l,j})²`` (``O(K² J² M / 2)``, never allocating anything of size
+    ``K · M²``; with ``J = 1``, and on launch-bound devices when ``(K J)²`` fits the
+    memory cap, as one product of all pairs, whose diagonal gives the traces).
+
+    Args:
+        sqrt_out: ``[K, J, M]`` stack of the ``J`` output-side vectors per term.
+
+    Returns:
+        ``([K, K] Gram matrix, [K] traces)``.
     """
     num, cols, dim = sqrt_out.shape
-    if cols == 1:
-        flat = sqrt_out[:, 0]
-        return (flat @ flat.T).square()
-    if sqrt_out.device.type != "cpu" and (num * cols) ** 2 <= _EXPLICIT_GRAM_MAX_ELEMENTS:
-        # accelerators: one product of all pairs, few kernel launches (memory (K·J)²)
+    all_pairs = launch_bound(sqrt_out.device) and (num * cols) ** 2 <= _EXPLICIT_GRAM_MAX_ELEMENTS
+    if cols == 1 or all_pairs:
         flat = sqrt_out.reshape(num * cols, dim)
-        return (flat @ flat.T).square().reshape(num, cols, num, cols).sum((1, 3))
+        inner = flat @ flat.T
+        if cols == 1:
+            return inner.square(), inner.diagonal()
+        traces = inner.diagonal().reshape(num, cols).sum(1)
+        return inner.square().reshape(num, cols, num, cols).sum((1, 3)), traces
+    traces = sqrt_out.square().sum((1, 2))
     explicit_cost = num * cols * dim * dim + num * num * dim * dim
     pairs_cost = num * num * cols * cols * dim // 2
     if explicit_cost < pairs_cost and num * dim * dim <= _EXPLICIT_GRAM_MAX_ELEMENTS:
         blocks = torch.einsum("kjp,kjq->kpq", sqrt_out, sqrt_out).reshape(num, -1)
-        return blocks @ blocks.T
+        return blocks @ blocks.T, traces
     gram = sqrt_out.new_zeros(num, num)
     for i in range(cols):
         rest = sqrt_out[:, i:].transpose(0, 1).reshape(-1, dim)
         prods = (sqrt_out[:, i] @ rest.T).square().reshape(num, cols - i, num)
         off = prods[:, 1:].sum(1)
         gram += prods[:, 0] + off + off.T
-    return gram
+    return gram, traces
 
 
 def _outer_power_is_cheaper(num: int, cols: int, m: int, n: int, steps: int = 10) -> bool:
@@ -469,27 +505,45 @@ def nearest_kronecker_outer(
         )
         left, right = finalize(left, right, out_dtype, True, right_trace, "nearest_kronecker_outer")
         return KroneckerFactors(left, right, iters, converged)
-    gram_left = outer_gram_left(sqrt_out)
-    gram_right = (inputs @ inputs.T).square()
+    gram_left, trace_out = _outer_grams(sqrt_out)
+    inner_in = inputs @ inputs.T
+    gram_right, trace_in = inner_in.square(), inner_in.diagonal()
     if opts.random_init:
         start = _random_coefficients(num, inputs, opts).abs()
     elif init is not None:
         halfstep = ((flat_out @ init.to(dtype)) * flat_out).sum(1).reshape(num, cols).sum(1)
         start = gram_right @ halfstep
     else:
-        start = torch.ones(num, dtype=dtype, device=inputs.device)
-    alpha, beta, iters, converged = _coefficient_solve(gram_left, gram_right, start, opts)
-    sq_out = flat_out.square().sum(1).reshape(num, cols).sum(1)  # ‖S_k‖²_F = tr(S_kᵀS_k)
-    c_left, c_right = scale_split_on_host(
-        (alpha @ (gram_left @ alpha)).clamp_min(0).sqrt(),  # ‖L‖ (NaN stays NaN)
-        (beta @ (gram_right @ beta)).clamp_min(0).sqrt(),  # ‖R‖
-        alpha @ sq_out,  # tr(L)
-        beta @ inputs.square().sum(1),  # tr(R)
-        right_trace,
+        start = None  # all ones: K-FAC's factors
+    target = right_trace.to(inputs).reshape(()) if isinstance(right_trace, Tensor) else None
+
+    def scalars(alpha: Tensor, beta: Tensor) -> list[Tensor]:
+        # ‖L‖², ‖R‖², tr L, tr R of L = Σ α_k S_kᵀS_k, R = Σ β_k a_k a_kᵀ (β = G_L α)
+        found = [alpha @ beta, beta @ (gram_right @ beta), alpha @ trace_out, beta @ trace_in]
+        return found if target is None else [*found, target]
+
+    alpha, beta, iters, converged, values = _coefficient_solve(
+        gram_left, gram_right, start, opts, scalars
+    )
+    c_left, c_right = scale_split(
+        _sqrt(values[0]),
+        _sqrt(values[1]),
+        values[2],
+        values[3],
+        values[4] if target is not None else right_trace,
         "nearest_kronecker_outer",
     )
-    alpha, beta = alpha * c_left, beta * c_right
     # L = Σ_k α_k S_kᵀS_k and R = Σ_k β_k a_k a_kᵀ, formed once (symmetric, PSD: α, β ≥ 0)
-    left = (flat_out * alpha.repeat_interleave(cols).unsqueeze(1)).T @ flat_out
-    right = (inputs * beta.unsqueeze(1)).T @ inputs
+    alpha, beta = alpha * c_left, beta * c_right
+    if cols > 1:
+        alpha = alpha.repeat_interleave(cols)
+    left = (flat_out.T * alpha) @ flat_out
+    right = (inputs.T * beta) @ inputs
     return KroneckerFactors(left.to(out_dtype), right.to(out_dtype), iters, converged)
+
+
+def _sqrt(value: float) -> float:
+    """``√value`` for ``value > 0``, ``0`` for ``value ≤ 0``; NaN stays NaN."""
+    if value > 0:
+        return math.sqrt(value)
+    return value if math.isnan(value) else 0.0
