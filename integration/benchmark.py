@@ -11,6 +11,13 @@ a dispatch mode that sees every tensor the step allocates and frees (the process
 resident set is useless here: the allocator reuses pages freed before the step).
 Solver iterations per layer (mean over runs) are reported for the K-FOC methods.
 
+Operation counts: ``ops`` is the number of ATen operations one step dispatches (a
+deterministic count, whatever the machine's load). On a GPU, where a small step is
+bound by the host's launching of kernels rather than by the kernels, the time ratio
+follows the ratio of these counts; ``ops_accelerator_routes`` counts them with the
+solver on the routes it takes on accelerators (``accelerator_routes``), so the CPU
+shows what a GPU step will launch.
+
 Usage::
 
     python integration/benchmark.py --device cpu --out results/benchmark
@@ -40,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.models import lenet5  # noqa: E402
 from kfoc_backpack import KFOC, KFOCExact  # noqa: E402
+from kfoc_backpack.solver._common import accelerator_routes  # noqa: E402
 
 METHODS = {"none": None, "KFAC": KFAC, "KFLR": KFLR, "KFOC": KFOC, "KFOCExact": KFOCExact}
 BASELINE = {"KFOC": "KFAC", "KFOCExact": "KFLR"}
@@ -170,6 +178,28 @@ def peak_memory_mb(model_name: str, batch: int, device: str, method: str) -> flo
     return tracker.peak / 2**20
 
 
+class CountOps(TorchDispatchMode):
+    """Count the ATen operations dispatched inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_count(model_name: str, batch: int, device: str, method: str, accelerator: bool) -> int:
+    """ATen operations of one step (after a warm-up step), optionally on accelerator routes."""
+    model, lossfunc, inputs, targets = setup(model_name, batch, device)
+    with accelerator_routes(accelerator or device.startswith("cuda")):
+        step(model, lossfunc, inputs, targets, method)
+        with CountOps() as counter:
+            step(model, lossfunc, inputs, targets, method)
+    return counter.count
+
+
 def run(device: str, batch_sizes, repeats: int, warmup: int, models) -> list[dict]:
     """All records of the benchmark."""
     records = []
@@ -186,6 +216,8 @@ def run(device: str, batch_sizes, repeats: int, warmup: int, models) -> list[dic
                     "median_ms": round(median, 3),
                     "peak_mem_mb": round(peak_memory_mb(model_name, batch, device, method), 2),
                     "iterations_per_layer": iters.get(method, {}),
+                    "ops": op_count(model_name, batch, device, method, False),
+                    "ops_accelerator_routes": op_count(model_name, batch, device, method, True),
                 }
             )
     return records
@@ -195,8 +227,9 @@ def table(records: list[dict]) -> str:
     """Markdown table with ratios against KFAC (and KFOCExact against KFLR)."""
     by_key = {(r["model"], r["batch_size"], r["method"]): r for r in records}
     lines = [
-        "| model | batch | method | median ms | × KFAC | peak MiB | × KFAC mem | mean iters |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | method | median ms | × KFAC | peak MiB | × KFAC mem | ops (acc.) "
+        "| mean iters |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         kfac = by_key[(r["model"], r["batch_size"], "KFAC")]
@@ -212,7 +245,8 @@ def table(records: list[dict]) -> str:
         iters = ", ".join(f"{v:.1f}" for v in its.values()) if its else ""
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['median_ms']:.1f} | "
-            f"{ratio_text} | {r['peak_mem_mb']:.1f} | {mem:.2f} | {iters} |"
+            f"{ratio_text} | {r['peak_mem_mb']:.1f} | {mem:.2f} | "
+            f"{r['ops']} ({r['ops_accelerator_routes']}) | {iters} |"
         )
     return "\n".join(lines)
 
@@ -222,8 +256,9 @@ def summary(records: list[dict]) -> str:
     by_key = {(r["model"], r["batch_size"], r["method"]): r for r in records}
     lines = [
         "| model | batch | KFAC ms | KFOC ms | KFOC/KFAC | KFOC mem/KFAC "
-        "| KFLR ms | KFOCExact ms | KFOCExact/KFLR |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KFLR ms | KFOCExact ms | KFOCExact/KFLR | ops KFOC/KFAC (acc.) "
+        "| ops KFOCExact/KFLR (acc.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, batch in dict.fromkeys((r["model"], r["batch_size"]) for r in records):
         kfac, kfoc = by_key[(model, batch, "KFAC")], by_key[(model, batch, "KFOC")]
@@ -233,9 +268,16 @@ def summary(records: list[dict]) -> str:
             f"| {model} | {batch} | {kfac['median_ms']:.1f} | {kfoc['median_ms']:.1f} | "
             f"{kfoc['median_ms'] / kfac['median_ms']:.2f} | {mem:.2f} | "
             f"{kflr['median_ms']:.1f} | {exact['median_ms']:.1f} | "
-            f"{exact['median_ms'] / kflr['median_ms']:.2f} |"
+            f"{exact['median_ms'] / kflr['median_ms']:.2f} | "
+            f"{_ops_ratio(kfoc, kfac)} | {_ops_ratio(exact, kflr)} |"
         )
     return "\n".join(lines)
+
+
+def _ops_ratio(record: dict, base: dict) -> str:
+    own = record["ops"] / base["ops"]
+    acc = record["ops_accelerator_routes"] / base["ops_accelerator_routes"]
+    return f"{own:.2f} ({acc:.2f})"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -15,5 +15,6 @@ def test_benchmark_quick_writes_records(tmp_path):
     for r in records:
         assert set(r) >= {"model", "batch_size", "device", "method", "median_ms", "peak_mem_mb"}
         assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0
+        assert r["ops"] > 0 and r["ops_accelerator_routes"] > 0
         if r["method"].startswith("KFOC"):
             assert len(r["iterations_per_layer"]) == 5  # 2 conv + 3 linear layers

@@ -87,16 +87,23 @@ def test_outer_random(shape, cols, method, dtype, device):
     assert_psd(result.right, dtype)
 
 
-def test_outer_gram_routes_agree():
-    """The explicit (small M) and pairwise Gram routes compute the same Gram."""
-    from kfoc_backpack.solver.kronecker import outer_gram_left
+@pytest.mark.parametrize("cap", [1 << 24, 50])
+def test_outer_gram_routes_agree(routes, cap, monkeypatch):
+    """Every Gram route (explicit blocks, pairs, all pairs at once or in row blocks)
+    gives the Gram matrix and the traces of the dense terms ``S_kᵀS_k``."""
+    from kfoc_backpack.solver import kronecker
 
+    monkeypatch.setattr(kronecker, "_EXPLICIT_GRAM_MAX_ELEMENTS", cap)
     gen = torch.Generator().manual_seed(3)
     small = torch.randn(6, 10, 2, generator=gen, dtype=torch.float64)  # explicit route
-    large = torch.randn(6, 2, 30, generator=gen, dtype=torch.float64)  # pairwise route
-    for sqrt_out in (small, large):
-        blocks = torch.einsum("kjp,kjq->kpq", sqrt_out, sqrt_out).flatten(1)
-        torch.testing.assert_close(outer_gram_left(sqrt_out), blocks @ blocks.T)
+    large = torch.randn(7, 2, 30, generator=gen, dtype=torch.float64)  # pairwise route
+    single = torch.randn(5, 1, 4, generator=gen, dtype=torch.float64)  # one column
+    for sqrt_out in (small, large, single):
+        blocks = torch.einsum("kjp,kjq->kpq", sqrt_out, sqrt_out)
+        gram, traces = kronecker._outer_grams(sqrt_out)
+        torch.testing.assert_close(gram, blocks.flatten(1) @ blocks.flatten(1).T)
+        torch.testing.assert_close(traces, blocks.diagonal(dim1=1, dim2=2).sum(1))
+        torch.testing.assert_close(kronecker.outer_gram_left(sqrt_out), gram)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -70,11 +70,11 @@ class KFOCConvNd(KFOCBaseModule):
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
         # X_{m,n} = Ds_{m,n} â_nᵀ, one batched product over the inputs, then stored
         # output-major ([C_out, M·N, ·]) so the solver needs no copy of it
-        if sqrt.shape[0] == 1:
+        if sqrt.shape[0] == 1:  # Monte-Carlo with one sample: few operations
             prods = torch.bmm(sqrt[0], unfolded.mT).unsqueeze(0)  # [1, N, C_out, ·]
-        else:
-            prods = torch.matmul(sqrt, unfolded.mT.unsqueeze(0))  # [M, N, C_out, ·]
-        out_major = prods.permute(2, 0, 1, 3).contiguous()
+            out_major = prods.permute(2, 0, 1, 3).contiguous()
+        else:  # einsum contracts batched over N with M·C_out rows, no copy of the input
+            out_major = torch.einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
         samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
         input_trace = unfolded.square().sum() / unfolded.shape[0]
         kfac = None if ext.solves else kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))

@@ -387,8 +387,9 @@ def _outer_grams(sqrt_out: Tensor) -> tuple[Tensor, Tensor]:
     Of two routes the cheaper is taken: materialising ``B_k = S_kᵀS_k``
     (``O(K J M² + K² M²)``, used when ``M`` is small) or the pairwise products
     ``(s_{k,i} · s_{l,j})²`` (``O(K² J² M / 2)``, never allocating anything of size
-    ``K · M²``; with ``J = 1``, and on launch-bound devices when ``(K J)²`` fits the
-    memory cap, as one product of all pairs, whose diagonal gives the traces).
+    ``K · M²``; with ``J = 1`` as one product of all pairs, whose diagonal gives the
+    traces, and so on launch-bound devices too, in row blocks of at most
+    :data:`_EXPLICIT_GRAM_MAX_ELEMENTS` elements).
 
     Args:
         sqrt_out: ``[K, J, M]`` stack of the ``J`` output-side vectors per term.
@@ -397,14 +398,26 @@ def _outer_grams(sqrt_out: Tensor) -> tuple[Tensor, Tensor]:
         ``([K, K] Gram matrix, [K] traces)``.
     """
     num, cols, dim = sqrt_out.shape
-    all_pairs = launch_bound(sqrt_out.device) and (num * cols) ** 2 <= _EXPLICIT_GRAM_MAX_ELEMENTS
-    if cols == 1 or all_pairs:
-        flat = sqrt_out.reshape(num * cols, dim)
+    flat = sqrt_out.reshape(num * cols, dim)
+    if cols == 1:
         inner = flat @ flat.T
-        if cols == 1:
-            return inner.square(), inner.diagonal()
-        traces = inner.diagonal().reshape(num, cols).sum(1)
-        return inner.square().reshape(num, cols, num, cols).sum((1, 3)), traces
+        return inner.square(), inner.diagonal()
+    if launch_bound(sqrt_out.device):
+        # all pairs at once, in as few row blocks as the memory cap allows
+        if (num * cols) ** 2 <= _EXPLICIT_GRAM_MAX_ELEMENTS:
+            inner = flat @ flat.T
+            traces = inner.diagonal().reshape(num, cols).sum(1)
+            return inner.square().reshape(num, cols, num, cols).sum((1, 3)), traces
+        block = max(_EXPLICIT_GRAM_MAX_ELEMENTS // (num * cols * cols), 1)  # terms per block
+        flat_t = flat.T
+        rows = [
+            (flat[i * cols : (i + block) * cols] @ flat_t)
+            .square()
+            .reshape(-1, cols, num, cols)
+            .sum((1, 3))
+            for i in range(0, num, block)
+        ]
+        return torch.cat(rows), sqrt_out.square().sum((1, 2))
     traces = sqrt_out.square().sum((1, 2))
     explicit_cost = num * cols * dim * dim + num * num * dim * dim
     pairs_cost = num * num * cols * cols * dim // 2
@@ -420,14 +433,26 @@ def _outer_grams(sqrt_out: Tensor) -> tuple[Tensor, Tensor]:
     return gram, traces
 
 
-def _outer_power_is_cheaper(num: int, cols: int, m: int, n: int, steps: int = 10) -> bool:
+LAUNCH_BOUND_GRAM_FLOPS = 10**10
+"""On launch-bound devices the Gram route is taken up to this flop count (about a
+millisecond of a current GPU), whatever the factor route would cost: it launches a few
+dozen kernels in all, the factor route about fifteen per step."""
+
+
+def _outer_power_is_cheaper(
+    num: int, cols: int, m: int, n: int, launch_bound: bool = False, steps: int = 10
+) -> bool:
     """Flop estimate: factor-space power method against the coefficient-space route.
 
     The Gram route costs ``K²(J² M + N)`` once plus ``O(K²)`` per step; the factor
     route ``O(K (J M² + N²))`` per step (``steps`` assumed), both then form the factors.
+    On launch-bound devices the Gram route is kept up to
+    :data:`LAUNCH_BOUND_GRAM_FLOPS`.
     """
     gram = num * num * (cols * cols * m + n) + steps * 4 * num * num
     power = steps * 2 * num * (cols * m * m + n * n)
+    if launch_bound and 2 * gram <= LAUNCH_BOUND_GRAM_FLOPS:
+        return False
     return power < gram
 
 
@@ -490,7 +515,8 @@ def nearest_kronecker_outer(
     if method not in ("auto", "gram", "power"):
         raise ValueError(f"Unknown method {method!r}; use 'auto', 'gram' or 'power'.")
     if method == "auto":
-        method = "power" if _outer_power_is_cheaper(num, cols, m, n) else "gram"
+        cheaper = _outer_power_is_cheaper(num, cols, m, n, launch_bound(inputs.device))
+        method = "power" if cheaper else "gram"
     if method == "power":
         to_right, to_left = outer_half_steps(sqrt_out, inputs)
         if opts.random_init:

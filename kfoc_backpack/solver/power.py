@@ -128,13 +128,18 @@ def outer_half_steps(sqrt_out: Tensor, inputs: Tensor) -> tuple[Callable, Callab
     """
     num, cols, m = sqrt_out.shape
     flat = sqrt_out.reshape(num * cols, m)
+    flat_t, inputs_t = flat.T, inputs.T  # views, made once
 
     def to_right(left: Tensor) -> Tensor:
-        weights = ((flat @ left) * flat).sum(1).reshape(num, cols).sum(1)
-        return (inputs * weights.unsqueeze(1)).T @ inputs
+        weights = ((flat @ left) * flat).sum(1)
+        if cols > 1:
+            weights = weights.reshape(num, cols).sum(1)
+        return (inputs_t * weights) @ inputs
 
     def to_left(right: Tensor) -> Tensor:
         weights = ((inputs @ right) * inputs).sum(1)
-        return (flat * weights.repeat_interleave(cols).unsqueeze(1)).T @ flat
+        if cols > 1:  # the same weight for the J columns of each term
+            return (flat_t.reshape(m, num, cols) * weights.unsqueeze(1)).reshape(m, -1) @ flat
+        return (flat_t * weights) @ flat
 
     return to_right, to_left
