@@ -70,6 +70,31 @@ def test_samples_random(shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_samples_operator_route_is_optimal(shape, dtype, monkeypatch):
+    """The accelerator route of Algorithm 2 (squaring the M²×M² matrix of the left map)
+    is taken for these shapes and reaches the dense optimum, with the same split."""
+    from kfoc_backpack.solver import kronecker
+    from kfoc_backpack.solver._common import accelerator_routes
+
+    calls = []
+    original = kronecker._samples_operator_solve
+    monkeypatch.setattr(
+        kronecker, "_samples_operator_solve", lambda *a: calls.append(1) or original(*a)
+    )
+    k, m, n = shape
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    samples = torch.randn(k, m, n, generator=gen, dtype=dtype)
+    with accelerator_routes(True):
+        result = nearest_kronecker_samples(samples, options=OPTIONS[dtype], right_trace=2.0)
+    assert calls, "operator route not taken"
+    assert_optimal(sum_of_outer(samples.double()), result, m, n, dtype)
+    assert_psd(result.left, dtype)
+    assert_psd(result.right, dtype)
+    torch.testing.assert_close(torch.trace(result.right).double(), torch.tensor(2.0).double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("method", ["gram", "power", "auto"])
 @pytest.mark.parametrize("cols", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -292,7 +317,10 @@ def test_warm_start_and_generator_reproducible(routes):
     warm = nearest_kronecker_samples(
         samples, options=SolverOptions(tol=1e-10, max_iter=500), init=cold.left
     )
-    assert warm.iterations < cold.iterations
+    if routes == "accelerator-routes":  # squaring: the first test comes after 33 steps
+        assert warm.iterations <= cold.iterations
+    else:
+        assert warm.iterations < cold.iterations
     torch.testing.assert_close(warm.left, cold.left)
     opts = [
         SolverOptions(random_init=True, generator=torch.Generator().manual_seed(3))
@@ -491,3 +519,23 @@ def test_outer_solve_fetches_from_the_device_once(routes):
         result = nearest_kronecker_outer(sqrt_out, inputs, method="gram")
     assert result.converged and result.iterations == 33
     assert counter.count == 1
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 40, 500])
+def test_squaring_with_identity_metric_finds_top_eigenvector(max_iter):
+    """``gram_left=None``: the power method for the top eigenvector of a PSD matrix."""
+    from kfoc_backpack.solver.gram import coefficient_squaring_iteration
+
+    gen = torch.Generator().manual_seed(21)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    evals = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    mat = basis @ torch.diag(evals) @ basis.T
+    alpha, beta, iters, converged, values = coefficient_squaring_iteration(
+        None, mat, None, 1e-10, max_iter, scalars=lambda a, b: [a @ (mat @ a)]
+    )
+    assert iters <= max_iter and torch.equal(alpha, beta)
+    torch.testing.assert_close(alpha.norm(), torch.tensor(1.0, dtype=torch.float64))
+    if max_iter >= 100:  # ratio 2/3: ~60 steps to 1e-10, Rayleigh quotient = top eigenvalue
+        assert converged
+        torch.testing.assert_close(values[0], 3.0)
+        torch.testing.assert_close(alpha.abs(), basis[:, 0].abs())

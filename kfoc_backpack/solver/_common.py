@@ -204,48 +204,49 @@ def finalize(
     Returns:
         The normalised pair ``(left, right)``.
     """
+    left, right, half, scalars = pair_scalars(left, right, symmetric, right_trace)
+    values = torch.stack(scalars).tolist()
+    return apply_scale_split(left, right, half, values, right_trace, out_dtype, what)
+
+
+def pair_scalars(
+    left: Tensor,
+    right: Tensor,
+    symmetric: bool = True,
+    right_trace: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor, float, list[Tensor]]:
+    """Prepare, on the device, what the scale split of :func:`finalize` needs.
+
+    Returns:
+        ``(left, right, half, scalars)``: the pair, symmetrised as ``X + Xᵀ`` (twice the
+        symmetric part, ``half = 0.5``) when ``symmetric``; and the 0-dim tensors
+        ``[‖left‖_F, ‖right‖_F, tr left, tr right]`` of that pair, plus ``right_trace``
+        when it is a tensor, for one device-to-host transfer.
+    """
     half = 1.0
-    if symmetric:  # twice the symmetric parts; the 1/2 is folded into the scale below
+    if symmetric:  # twice the symmetric parts; the 1/2 is folded into the scale
         left, right, half = left + left.mT, right + right.mT, 0.5
-    c_left, c_right = scale_split_on_host(
+    scalars = [
         torch.linalg.matrix_norm(left),
         torch.linalg.matrix_norm(right),
         torch.trace(left),
         torch.trace(right),
-        right_trace,
-        what,
-        half,
-    )
-    return (left * (c_left * half)).to(out_dtype), (right * (c_right * half)).to(out_dtype)
-
-
-def scale_split_on_host(
-    norm_left: Tensor,
-    norm_right: Tensor,
-    trace_left: Tensor,
-    trace_right: Tensor,
-    right_trace: Tensor | float | None = None,
-    what: str = "solver",
-    factor: float = 1.0,
-) -> tuple[float, float]:
-    """:func:`scale_split` of 0-dim device tensors, fetched in one device-to-host transfer.
-
-    Args:
-        norm_left: ``‖left‖_F``.
-        norm_right: ``‖right‖_F``.
-        trace_left: ``tr(left)``.
-        trace_right: ``tr(right)``.
-        right_trace: Optional target trace of the right factor (tensor or float).
-        what: Name of the calling solver, for the error message.
-        factor: The pair the norms and traces were taken of is ``factor`` times the
-            pair to split (applied on the host).
-
-    Returns:
-        ``(c_L, c_R)``.
-    """
-    scalars = [norm_left, norm_right, trace_left, trace_right]
+    ]
     if isinstance(right_trace, Tensor):
-        scalars.append(right_trace.to(norm_left).reshape(()))
-    values = torch.stack(scalars).tolist()
+        scalars.append(right_trace.to(scalars[0]).reshape(()))
+    return left, right, half, scalars
+
+
+def apply_scale_split(
+    left: Tensor,
+    right: Tensor,
+    half: float,
+    values: list[float],
+    right_trace: Tensor | float | None,
+    out_dtype: torch.dtype,
+    what: str = "solver",
+) -> tuple[Tensor, Tensor]:
+    """Split the scale on the host, from the fetched :func:`pair_scalars`."""
     target = values[4] if isinstance(right_trace, Tensor) else right_trace
-    return scale_split(*(v * factor for v in values[:4]), target, what)
+    c_left, c_right = scale_split(*(v * half for v in values[:4]), target, what)
+    return (left * (c_left * half)).to(out_dtype), (right * (c_right * half)).to(out_dtype)

@@ -122,7 +122,7 @@ ScalarsFn = Callable[[Tensor, Tensor], list[Tensor]]
 
 
 def coefficient_squaring_iteration(
-    gram_left: Tensor,
+    gram_left: Tensor | None,
     gram_right: Tensor,
     init: Tensor | None,
     tol: float,
@@ -151,7 +151,9 @@ def coefficient_squaring_iteration(
     beta)``: callers fetch what they need of the result (norms, traces) with it.
 
     Args:
-        gram_left: ``[K, K]`` Gram matrix of the left terms.
+        gram_left: ``[K, K]`` Gram matrix of the left terms; ``None`` for the identity
+            (then ``gram_right`` is any symmetric positive semi-definite matrix and the
+            method is the power method for its top eigenvector).
         gram_right: ``[K, K]`` Gram matrix of the right terms.
         init: ``[K]`` start coefficients of the left factor; ``None`` for all ones
             (K-FAC's factors when the terms are the per-sample ones).
@@ -165,13 +167,15 @@ def coefficient_squaring_iteration(
         ``scalars(alpha, beta)`` for the returned pair (empty without ``scalars``).
     """
     if max_iter < 2:
+        if gram_left is None:
+            gram_left = torch.eye(len(gram_right), dtype=gram_right.dtype, device=gram_right.device)
         if init is None:
-            init = torch.ones_like(gram_left[0])
+            init = torch.ones_like(gram_right[0])
         alpha, beta, iters, converged = coefficient_power_iteration(
             gram_left, gram_right, init, tol, max_iter
         )
         return alpha, beta, iters, converged, fetch_scalars(None, alpha, beta, scalars)[1]
-    power = _trace_normalised(gram_right @ gram_left)
+    power = _trace_normalised(gram_right if gram_left is None else gram_right @ gram_left)
     powers = [power]  # directions of M^(2^i), for the last stretch below
     squarings = min(FIRST_SQUARINGS, (max_iter - 1).bit_length() - 1)
     for i in range(squarings):  # no host sync: zero stays zero, scale stays bounded
@@ -219,7 +223,7 @@ def _rsqrt(value: Tensor) -> Tensor:
 
 
 def _checked_step(
-    gram_left: Tensor, gram_right: Tensor, start: Tensor
+    gram_left: Tensor | None, gram_right: Tensor, start: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One power step from ``start`` and the squared change of the normalised left factor.
 
@@ -231,14 +235,17 @@ def _checked_step(
         ``(alpha, beta, delta_sq)``: ``alpha`` the normalised new left coefficients,
         ``beta = G_L alpha`` and ``delta_sq = ‖L_new − L_start‖²_F`` (normalised).
     """
-    b_start = gram_left @ start
+    b_start = start if gram_left is None else gram_left @ start
     r_start = _rsqrt(start @ b_start)
     a_new = gram_right @ b_start
-    b_new = gram_left @ a_new
+    b_new = a_new if gram_left is None else gram_left @ a_new
     r_new = _rsqrt(a_new @ b_new)
-    alpha, beta = a_new * r_new, b_new * r_new
-    delta_sq = (alpha - start * r_start) @ (beta - b_start * r_start)
-    return alpha, beta, delta_sq
+    alpha = a_new * r_new
+    diff = alpha - start * r_start
+    if gram_left is None:  # Euclidean metric: beta = alpha
+        return alpha, alpha, diff @ diff
+    beta = b_new * r_new
+    return alpha, beta, diff @ (beta - b_start * r_start)
 
 
 def fetch_scalars(

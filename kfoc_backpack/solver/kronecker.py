@@ -28,8 +28,10 @@ from torch import Tensor
 from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
+    apply_scale_split,
     finalize,
     launch_bound,
+    pair_scalars,
     scale_split,
     working_dtype,
 )
@@ -43,6 +45,7 @@ from kfoc_backpack.solver.gram import (
 from kfoc_backpack.solver.power import (
     factor_power_iteration,
     outer_half_steps,
+    output_major,
     samples_half_steps,
     terms_to_left,
     terms_to_right,
@@ -349,7 +352,10 @@ def nearest_kronecker_samples(
         start = init.to(samples.dtype)
     else:
         start = torch.eye(m, dtype=samples.dtype, device=samples.device)
-    to_right, to_left = samples_half_steps(samples)
+    wide = output_major(samples)
+    to_right, to_left = samples_half_steps(samples, wide)
+    if _samples_operator_fits(num, m, n, samples.device):
+        return _samples_operator_solve(wide, num, to_right, start, opts, right_trace, out_dtype)
     left, right, iters, converged = factor_power_iteration(
         to_right,
         to_left,
@@ -360,6 +366,74 @@ def nearest_kronecker_samples(
     )
     left, right = finalize(
         left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_samples"
+    )
+    return KroneckerFactors(left, right, iters, converged)
+
+
+def _samples_operator_fits(num: int, m: int, n: int, device: torch.device) -> bool:
+    """Whether the operator route of :func:`_samples_operator_solve` is taken.
+
+    Only on launch-bound devices, where it replaces some ten operations per power step
+    by a fixed few dozen in all, and while its ``(K·M)²`` pair products fit the memory
+    cap and its flops stay below :data:`LAUNCH_BOUND_GRAM_FLOPS`.
+    """
+    if not launch_bound(device):
+        return False
+    pairs = (num * m) ** 2
+    flops = 2 * pairs * (n + m * m)
+    return pairs <= _EXPLICIT_GRAM_MAX_ELEMENTS and flops <= LAUNCH_BOUND_GRAM_FLOPS
+
+
+def _samples_operator_solve(
+    wide: Tensor,
+    num: int,
+    to_right,
+    start: Tensor,
+    opts: SolverOptions,
+    right_trace: Tensor | float | None,
+    out_dtype: torch.dtype,
+) -> KroneckerFactors:
+    """Algorithm 2 through the ``M² × M²`` matrix of the left power map, by squaring.
+
+    The map ``L ↦ Σ_{a,b} P_ab L P_abᵀ`` with ``P_ab = X_a X_bᵀ`` (one half-step to the
+    right and one back) has the symmetric positive semi-definite matrix
+    ``T = Σ_{a,b} P_ab ⊗ P_ab``, formed from the ``(K·M)²`` products of all pairs of
+    rows. Its top eigenvector is ``vec(L)`` of the optimum; it is found by repeated
+    squaring (:func:`coefficient_squaring_iteration` with the identity metric), whose
+    one host transfer per stopping test also carries the scale split.
+
+    Args:
+        wide: ``[M, K·N]`` output-major samples (see ``samples_half_steps``).
+        num: Number of samples ``K``.
+        to_right: The half-step ``L ↦ Σ_k X_kᵀ L X_k``.
+        start: ``[M, M]`` start of the left factor.
+        opts: Solver options.
+        right_trace: Target trace of the right factor, or ``None``.
+        out_dtype: Dtype of the result.
+
+    Returns:
+        The optimal factors (conventions in the module docstring).
+    """
+    m = wide.shape[0]
+    tall = wide.reshape(m * num, -1)  # rows (i, k): row i of X_k
+    pairs = (tall @ tall.T).view(m, num, m, num)  # [i, a, j, b] = (X_a X_bᵀ)[i, j]
+    by_entry = pairs.permute(0, 2, 1, 3).reshape(m * m, num * num)  # [(i, j), (a, b)]
+    # T[(i, k), (j, l)] = Σ_ab P_ab[i, j] P_ab[k, l]
+    operator = (by_entry @ by_entry.T).view(m, m, m, m).transpose(1, 2).reshape(m * m, m * m)
+    kept: list[tuple[Tensor, Tensor, float]] = []
+
+    def scalars(alpha: Tensor, beta: Tensor) -> list[Tensor]:
+        left = alpha.view(m, m)
+        left, right, half, found = pair_scalars(left, to_right(left), True, right_trace)
+        kept[:] = [(left, right, half)]
+        return found
+
+    _, _, iters, converged, values = coefficient_squaring_iteration(
+        None, operator, start.reshape(-1), opts.tol, opts.max_iter, scalars
+    )
+    left, right, half = kept[0]
+    left, right = apply_scale_split(
+        left, right, half, values, right_trace, out_dtype, "nearest_kronecker_samples"
     )
     return KroneckerFactors(left, right, iters, converged)
 

@@ -61,7 +61,7 @@ def factor_power_iteration(
     return left, to_right(left), iterations, converged
 
 
-def _output_major(samples: Tensor) -> Tensor:
+def output_major(samples: Tensor) -> Tensor:
     """``[K, M, N]`` samples as a contiguous ``[M, K·N]`` matrix (one copy at most).
 
     In this layout both half-steps are two plain matrix products with no copies: a
@@ -72,17 +72,19 @@ def _output_major(samples: Tensor) -> Tensor:
     return samples.transpose(0, 1).contiguous().reshape(m, num * n)
 
 
-def samples_half_steps(samples: Tensor) -> tuple[Callable, Callable]:
+def samples_half_steps(samples: Tensor, wide: Tensor | None = None) -> tuple[Callable, Callable]:
     """Half-steps ``L ↦ Σ_k X_kᵀ L X_k`` and ``R ↦ Σ_k X_k R X_kᵀ`` for ``X`` ``[K, M, N]``.
 
-    Both share one output-major copy of the samples (see :func:`_output_major`) and
-    cost two matrix products each, ``O(K M N (M + N))``.
+    Both share one output-major copy of the samples (see :func:`output_major`; pass
+    it as ``wide`` where it is already made) and cost two matrix products each,
+    ``O(K M N (M + N))``.
 
     Returns:
         ``(to_right, to_left)``.
     """
     num, m, n = samples.shape
-    wide = _output_major(samples)
+    if wide is None:
+        wide = output_major(samples)
     tall = wide.reshape(m * num, n)
     tall_t, wide_t = tall.T, wide.T  # views, made once
 
