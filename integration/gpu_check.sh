@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run (device machine): the device-parametrised tests on CUDA and the
 # benchmark with --device cuda. Pure-Python wheels the image lacks travel in .whl/
-# (see README, "GPU check"). Outputs go to $OUT (or ./results/gpu).
+# (git-excluded; fetch them with the `pip download` line in README, "Performance", and
+# pass carry: [".whl"] to the device tool). Outputs go to $OUT (or ./results/gpu).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
