@@ -139,13 +139,14 @@ def coefficient_squaring_iteration(
     top eigenvalue, and ``K`` times a lower bound) at the start and every
     :data:`RENORMALISE_EVERY` squarings. The product ``G_R G_L`` is formed unscaled:
     it overflows only where ``‖F‖²_F`` itself does, and then the solve raises like
-    for non-finite input. One ordinary step
-    from ``M^(2ˢ) init`` then gives the change of the normalised left factor. Until it
-    is below ``tol``, ``M^(2ˢ)`` is squared once more per test while the step count
-    stays within ``max_iter``; the remaining steps up to ``max_iter`` are applied at
-    once, by the binary digits of their number, and tested once more. So a solve
-    transfers to the host once, and at most ``⌈log₂ max_iter⌉ − 4`` times. Non-negative
-    Grams keep the coefficients non-negative.
+    for non-finite input.
+
+    One ordinary step from ``M^(2ˢ) init`` then gives the change of the normalised left
+    factor. Until it is below ``tol``, ``M^(2ˢ)`` is squared once more per test while
+    the step count stays within ``max_iter``; the remaining steps up to ``max_iter`` are
+    applied at once, by the binary digits of their number, and tested once more. So a
+    solve usually transfers to the host once, and at most ``⌈log₂ max_iter⌉ − 4``
+    times. Non-negative Grams keep the coefficients non-negative.
 
     Each test is one device-to-host transfer, which also carries ``scalars(alpha,
     beta)``: callers fetch what they need of the result (norms, traces) with it.

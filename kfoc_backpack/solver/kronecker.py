@@ -21,6 +21,7 @@ Three structures of ``F`` are supported:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -387,7 +388,7 @@ def _samples_operator_fits(num: int, m: int, n: int, device: torch.device) -> bo
 def _samples_operator_solve(
     wide: Tensor,
     num: int,
-    to_right,
+    to_right: Callable[[Tensor], Tensor],
     start: Tensor,
     opts: SolverOptions,
     right_trace: Tensor | float | None,
