@@ -126,6 +126,24 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def unit(tensor: Tensor) -> Tensor:
+    """Return ``tensor / ‖tensor‖`` (Euclidean/Frobenius norm; zero stays zero)."""
+    return tensor / torch.linalg.vector_norm(tensor).clamp_min(torch.finfo(tensor.dtype).tiny)
+
+
+def target_scalars(right_trace: Tensor | float | None, like: Tensor) -> list[Tensor]:
+    """``[right_trace]`` as a 0-dim tensor like ``like``, to fetch with the split's scalars.
+
+    Empty unless ``right_trace`` is a tensor; :func:`target_value` reads it back.
+    """
+    return [right_trace.to(like).reshape(())] if isinstance(right_trace, Tensor) else []
+
+
+def target_value(values: list[float], right_trace: Tensor | float | None) -> float | None:
+    """Host value of the target trace: fetched after the four split scalars, or given."""
+    return values[4] if isinstance(right_trace, Tensor) else right_trace
+
+
 def scale_split(
     norm_left: float,
     norm_right: float,
@@ -232,9 +250,7 @@ def pair_scalars(
         torch.trace(left),
         torch.trace(right),
     ]
-    if isinstance(right_trace, Tensor):
-        scalars.append(right_trace.to(scalars[0]).reshape(()))
-    return left, right, half, scalars
+    return left, right, half, scalars + target_scalars(right_trace, scalars[0])
 
 
 def apply_scale_split(
@@ -247,6 +263,6 @@ def apply_scale_split(
     what: str = "solver",
 ) -> tuple[Tensor, Tensor]:
     """Split the scale on the host, from the fetched :func:`pair_scalars`."""
-    target = values[4] if isinstance(right_trace, Tensor) else right_trace
+    target = target_value(values, right_trace)
     c_left, c_right = scale_split(*(v * half for v in values[:4]), target, what)
     return (left * (c_left * half)).to(out_dtype), (right * (c_right * half)).to(out_dtype)

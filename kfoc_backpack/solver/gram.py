@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kfoc_backpack.solver._common import unit
+
 
 def _quad_norm(coef: Tensor, gram: Tensor) -> Tensor:
     """Return ``sqrt(max(coefᵀ gram coef, 0))``."""
@@ -38,7 +40,7 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 def coefficient_power_iteration(
     gram_left: Tensor,
     gram_right: Tensor,
-    init: Tensor,
+    init: Tensor | None,
     tol: float,
     max_iter: int,
     check_every: int = 1,
@@ -49,7 +51,8 @@ def coefficient_power_iteration(
         gram_left: ``[K, K]`` Gram matrix ``UᵀU`` of the left terms.
         gram_right: ``[K, K]`` Gram matrix ``VᵀV`` of the right terms.
         init: ``[K]`` start coefficients of the left factor (not necessarily
-            normalised); must not be orthogonal to the solution.
+            normalised); must not be orthogonal to the solution. ``None`` for all
+            ones (K-FAC's factors when the terms are the per-sample ones).
         tol: Stop once ``‖L⁽ⁿ⁾ − L⁽ⁿ⁻¹⁾‖_F < tol`` for the normalised left factor.
         max_iter: Maximal number of power steps.
         check_every: Evaluate the stopping criterion every this many steps (each
@@ -61,6 +64,8 @@ def coefficient_power_iteration(
         ``σ₁ = ‖R‖_F``, so that ``L ⊗ R`` is the optimal Kronecker product. All-zero
         Grams give all-zero coefficients.
     """
+    if init is None:
+        init = torch.ones_like(gram_left[0])
     alpha = _safe_div(init, _quad_norm(init, gram_left))
     converged = False
     iterations = 0
@@ -170,8 +175,6 @@ def coefficient_squaring_iteration(
     if max_iter < 2:
         if gram_left is None:
             gram_left = torch.eye(len(gram_right), dtype=gram_right.dtype, device=gram_right.device)
-        if init is None:
-            init = torch.ones_like(gram_right[0])
         alpha, beta, iters, converged = coefficient_power_iteration(
             gram_left, gram_right, init, tol, max_iter
         )
@@ -204,13 +207,8 @@ def coefficient_squaring_iteration(
         remaining = max_iter - steps - 1
         for bit, mat in enumerate(powers):
             if remaining >> bit & 1:
-                start = _unit(mat @ start)
+                start = unit(mat @ start)
         steps = max_iter
-
-
-def _unit(vec: Tensor) -> Tensor:
-    """``vec / ‖vec‖`` (zero stays zero)."""
-    return vec / torch.linalg.vector_norm(vec).clamp_min(torch.finfo(vec.dtype).tiny)
 
 
 def _trace_normalised(mat: Tensor) -> Tensor:

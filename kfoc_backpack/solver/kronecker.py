@@ -34,6 +34,8 @@ from kfoc_backpack.solver._common import (
     launch_bound,
     pair_scalars,
     scale_split,
+    target_scalars,
+    target_value,
     working_dtype,
 )
 from kfoc_backpack.solver.gram import (
@@ -91,8 +93,6 @@ def _coefficient_solve(
     """
     num = gram_left.shape[0]
     if not launch_bound(gram_left.device) and num > SQUARING_MAX_TERMS_CPU:
-        if start is None:
-            start = torch.ones_like(gram_left[0])
         alpha, beta, iters, converged = coefficient_power_iteration(
             gram_left, gram_right, start, opts.tol, opts.max_iter
         )
@@ -515,18 +515,18 @@ dozen kernels in all, the factor route about fifteen per step."""
 
 
 def _outer_power_is_cheaper(
-    num: int, cols: int, m: int, n: int, launch_bound: bool = False, steps: int = 10
+    num: int, cols: int, m: int, n: int, few_launches: bool = False, steps: int = 10
 ) -> bool:
     """Flop estimate: factor-space power method against the coefficient-space route.
 
     The Gram route costs ``K²(J² M + N)`` once plus ``O(K²)`` per step; the factor
     route ``O(K (J M² + N²))`` per step (``steps`` assumed), both then form the factors.
-    On launch-bound devices the Gram route is kept up to
+    With ``few_launches`` (launch-bound devices) the Gram route is kept up to
     :data:`LAUNCH_BOUND_GRAM_FLOPS`.
     """
     gram = num * num * (cols * cols * m + n) + steps * 4 * num * num
     power = steps * 2 * num * (cols * m * m + n * n)
-    if launch_bound and 2 * gram <= LAUNCH_BOUND_GRAM_FLOPS:
+    if few_launches and 2 * gram <= LAUNCH_BOUND_GRAM_FLOPS:
         return False
     return power < gram
 
@@ -616,12 +616,17 @@ def nearest_kronecker_outer(
         start = gram_right @ halfstep
     else:
         start = None  # all ones: K-FAC's factors
-    target = right_trace.to(inputs).reshape(()) if isinstance(right_trace, Tensor) else None
+    target = target_scalars(right_trace, inputs)
 
     def scalars(alpha: Tensor, beta: Tensor) -> list[Tensor]:
         # ‖L‖², ‖R‖², tr L, tr R of L = Σ α_k S_kᵀS_k, R = Σ β_k a_k a_kᵀ (β = G_L α)
-        found = [alpha @ beta, beta @ (gram_right @ beta), alpha @ trace_out, beta @ trace_in]
-        return found if target is None else [*found, target]
+        return [
+            alpha @ beta,
+            beta @ (gram_right @ beta),
+            alpha @ trace_out,
+            beta @ trace_in,
+            *target,
+        ]
 
     alpha, beta, iters, converged, values = _coefficient_solve(
         gram_left, gram_right, start, opts, scalars
@@ -631,7 +636,7 @@ def nearest_kronecker_outer(
         _sqrt(values[1]),
         values[2],
         values[3],
-        values[4] if target is not None else right_trace,
+        target_value(values, right_trace),
         "nearest_kronecker_outer",
     )
     # L = Σ_k α_k S_kᵀS_k and R = Σ_k β_k a_k a_kᵀ, formed once (symmetric, PSD: α, β ≥ 0)

@@ -11,10 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-
-def _unit(mat: Tensor) -> Tensor:
-    """Return ``mat / ‖mat‖_F`` (zero stays zero)."""
-    return mat / torch.linalg.matrix_norm(mat).clamp_min(torch.finfo(mat.dtype).tiny)
+from kfoc_backpack.solver._common import unit
 
 
 def factor_power_iteration(
@@ -45,11 +42,11 @@ def factor_power_iteration(
         ``(left, right, iterations, converged)`` with ``‖left‖_F = 1`` and
         ``right = mat(Aᵀ vec left)`` (so ``‖right‖_F = σ₁``).
     """
-    left = _unit(init_left)
+    left = unit(init_left)
     converged = False
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        new_left = _unit(to_left(to_right(left)))
+        new_left = unit(to_left(to_right(left)))
         if iterations % check_every == 0 or iterations == max_iter:
             delta = torch.linalg.matrix_norm(new_left - left)
             left = new_left
