@@ -313,7 +313,46 @@ def test_solve_log_records_iterations(routes):
 def test_non_convergence_warns(routes):
     model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
     with pytest.warns(RuntimeWarning, match="max_iter=1"):
-        run(model, lossfunc, inputs, targets, KFOCExact(tol=1e-15, max_iter=1))
+        run(model, lossfunc, inputs, targets, KFOCExact(tol=1e-15, max_iter=1, exact_max_terms=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unsettled_coefficient_problems_are_solved_exactly(dtype, routes):
+    """A power method stopped far from ``tol`` is finished by the exact small solve.
+
+    ``max_iter=1`` with ``tol=1e-15`` stops every power method early; the ``Linear``
+    layers (coefficient problems of ``K = 4`` terms, and convolutions on the
+    accelerator routes with ``C_out² ≤ 16``) must still be optimal for the dense GGN,
+    positive semi-definite and marked converged.
+    """
+    model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "sum", dtype=dtype)
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
+    ext = KFOCExact(tol=1e-15, max_iter=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        factors = run(model, lossfunc, inputs, targets, ext)
+    exact_layers = {"Linear"} | ({"Conv2d"} if routes == "accelerator-routes" else set())
+    solved = [r for r in ext.solve_log if r.module in exact_layers]
+    assert solved and all(r.converged and r.iterations == 1 for r in solved)
+    unconverged = [r for r in ext.solve_log if not r.converged]
+    assert len([w for w in caught if "max_iter=1" in str(w.message)]) == len(unconverged)
+    for name, (left, right) in ((n, v) for n, v in factors.items() if n.endswith("weight")):
+        layer = model[int(name.split(".")[0])]
+        if type(layer).__name__ not in exact_layers:
+            continue
+        dense = dense_ggn_block(sqrt[name])
+        best = optimal_relative_error(dense, left.shape[0], right.shape[0])
+        slack = 1e-8 if dtype == torch.float64 else 1e-4
+        assert relative_error(dense, left, right) <= best + slack
+        for factor in (left, right):
+            assert torch.linalg.eigvalsh(factor.double()).min() >= -1e-5 * factor.abs().max()
+
+
+def test_exact_max_terms_is_validated():
+    with pytest.raises(ValueError, match="exact_max_terms"):
+        KFOC(exact_max_terms=-1)
+    with pytest.raises(ValueError, match="exact_max_terms"):
+        KFOCExact(exact_max_terms=2.5)
 
 
 # --------------------------------------------------------------------------- memory

@@ -23,6 +23,7 @@ from kfoc_backpack.solver import (
     nearest_kronecker_sum,
     nearest_kronecker_terms,
 )
+from kfoc_backpack.solver._common import launch_bound
 
 # float64: within 1e-8 of the optimum's relative error; float32 within 1e-4.
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -342,7 +343,8 @@ def test_warm_start_and_generator_reproducible(routes):
 def test_max_iter_reported_as_not_converged(routes):
     gen = torch.Generator().manual_seed(12)
     samples = torch.randn(30, 5, 5, generator=gen, dtype=torch.float64)
-    result = nearest_kronecker_samples(samples, options=SolverOptions(tol=1e-14, max_iter=2))
+    plain = SolverOptions(tol=1e-14, max_iter=2, exact_max_terms=0)
+    result = nearest_kronecker_samples(samples, options=plain)
     assert result.iterations == 2 and not result.converged
 
 
@@ -539,3 +541,114 @@ def test_squaring_with_identity_metric_finds_top_eigenvector(max_iter):
         assert converged
         torch.testing.assert_close(values[0], 3.0)
         torch.testing.assert_close(alpha.abs(), basis[:, 0].abs())
+
+
+# ------------------------------------------------------------ exact coefficient solve
+
+
+def _terms(num, left_dim, right_dim, gen, dtype=torch.float64):
+    """Rows ``u_k``, ``v_k`` of ``A = Σ_k u_k v_kᵀ`` and the two Gram matrices."""
+    u = torch.randn(num, left_dim, generator=gen, dtype=dtype)
+    v = torch.randn(num, right_dim, generator=gen, dtype=dtype)
+    return u, v, u @ u.T, v @ v.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("num", [1, 5, 40])
+def test_exact_coefficients_give_the_dense_top_singular_pair(num, dtype):
+    """``L = Σ α_k u_k`` and ``R = Σ β_k v_k`` against the SVD of ``A = Σ_k u_k v_kᵀ``."""
+    from kfoc_backpack.solver.gram import exact_coefficients
+
+    gen = torch.Generator().manual_seed(num)
+    u, v, gram_u, gram_v = _terms(num, 7, 6, gen, dtype)
+    for init in (None, torch.rand(num, generator=gen, dtype=dtype)):
+        alpha, beta = exact_coefficients(gram_u, gram_v, init)
+        assert alpha.dtype == dtype and beta.dtype == dtype
+        left_svec, svals, right_svecT = torch.linalg.svd((u.T @ v).double())
+        left, right = (alpha @ u).double(), (beta @ v).double()
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(left.norm().item(), 1.0, rtol=tol, atol=0)
+        sign = torch.sign(left @ left_svec[:, 0])
+        torch.testing.assert_close(sign * left, left_svec[:, 0], rtol=0, atol=tol)
+        top_right = svals[0] * right_svecT[0]
+        torch.testing.assert_close(sign * right, top_right, rtol=0, atol=tol * svals[0])
+
+
+def test_exact_coefficients_identity_metric_is_top_eigenvector():
+    from kfoc_backpack.solver.gram import exact_coefficients
+
+    gen = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    mat = basis @ torch.diag(torch.tensor([3.0, 2.9, 1.0, 0.5, 0.0, 0.0]).double()) @ basis.T
+    alpha, beta = exact_coefficients(None, mat, None)
+    assert torch.equal(alpha, beta)
+    torch.testing.assert_close(alpha.abs(), basis[:, 0].abs(), rtol=0, atol=1e-12)
+
+
+def test_exact_coefficients_ties_orthogonal_start_zero_and_nan():
+    """Tied top: the power method's limit (non-negative); orthogonal start: the top."""
+    from kfoc_backpack.solver.gram import coefficient_power_iteration, exact_coefficients
+
+    eye = torch.eye(3, dtype=torch.float64)
+    for second in (1.0, 1.0 - 1e-9):  # exact tie and a tie below TIE_RTOL
+        gram_left = torch.diag(torch.tensor([1.0, second, 0.5], dtype=torch.float64))
+        alpha, beta = exact_coefficients(gram_left, eye, None)
+        # the first step G_L·1 projected onto the cluster, normalised in the G_L metric
+        expected = torch.tensor([1.0, second, 0.0], dtype=torch.float64) / (1 + second**3) ** 0.5
+        torch.testing.assert_close(alpha, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(beta, gram_left @ expected, rtol=0, atol=1e-12)
+        if second == 1.0:  # where stepping settles
+            limit = coefficient_power_iteration(gram_left, eye, None, 1e-14, 5000)[0]
+            torch.testing.assert_close(alpha, limit, rtol=0, atol=1e-12)
+    gram_left = torch.diag(torch.tensor([1.0, 0.9, 0.5], dtype=torch.float64))
+    alpha, _ = exact_coefficients(gram_left, eye, torch.tensor([0.0, 0.0, 1.0]).double())
+    torch.testing.assert_close(alpha.abs(), eye[0])  # stepping would stay at e₃
+    zeros = exact_coefficients(torch.zeros(3, 3), torch.zeros(3, 3), None)
+    assert all(torch.equal(z, torch.zeros(3)) for z in zeros)
+    assert exact_coefficients(torch.full((3, 3), float("nan")), eye, None) is None
+
+
+def _slow_outer_problem(num, dtype, gen):
+    """``Σ_k (s_k s_kᵀ) ⊗ (a_k a_kᵀ)`` whose top two singular values differ by 0.5 %."""
+    half = num // 2
+    weights = torch.cat([torch.ones(half), torch.full((num - half,), 0.995**0.5)])
+    basis = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(num - half).long()])
+    sqrt_out = torch.eye(4)[basis] * weights[:, None] / half**0.5
+    sqrt_out = sqrt_out + 1e-3 * torch.rand(num, 4, generator=gen)
+    inputs = torch.eye(5)[basis] + 1e-3 * torch.rand(num, 5, generator=gen)
+    return sqrt_out[:, None, :].to(dtype), inputs.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("num", [40, 200])  # squaring route on the CPU, stepping route
+def test_slow_outer_problem_is_finished_exactly(num, dtype, device):
+    """Default options: optimal and converged where 100 power steps are far from it.
+
+    The Gram route (``method="gram"``; ``"auto"`` takes the factor route for factors
+    this small, which has no exact finish).
+    """
+    gen = torch.Generator().manual_seed(num)
+    sqrt_out, inputs = _slow_outer_problem(num, dtype, gen)
+    sqrt_out, inputs = sqrt_out.to(device), inputs.to(device)
+    dense = sum_of_outer(
+        torch.einsum("kjp,kq->kjpq", sqrt_out.double(), inputs.double()).flatten(end_dim=1)
+    )
+
+    def solve(**options):
+        return nearest_kronecker_outer(
+            sqrt_out, inputs, options=SolverOptions(**options), method="gram"
+        )
+
+    plain = solve(exact_max_terms=0)
+    assert not plain.converged and plain.iterations == 100
+    result = solve()
+    stepping = num > 192 and not launch_bound(sqrt_out.device)
+    assert result.converged and result.iterations == (100 if stepping else 33)
+    assert result.left.device == sqrt_out.device
+    left, right = result.left.cpu(), result.right.cpu()
+    assert_optimal(dense.cpu(), result._replace(left=left, right=right), 4, 5, dtype)
+    assert_psd(left, dtype) and assert_psd(right, dtype)
+    best = optimal_relative_error(dense.cpu(), 4, 5)
+    plain_error = relative_error(dense.cpu(), plain.left.cpu(), plain.right.cpu())
+    assert plain_error > best + 2e-4  # the gap it closes
+    assert not solve(exact_max_terms=num - 1).converged

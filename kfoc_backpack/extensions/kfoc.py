@@ -22,7 +22,13 @@ from kfoc_backpack.extensions.unsupported import (
     UnsupportedParamsModule,
     handle_unsupported,
 )
-from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, KroneckerFactors, SolverOptions
+from kfoc_backpack.solver import (
+    DEFAULT_EXACT_MAX_TERMS,
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    KroneckerFactors,
+    SolverOptions,
+)
 
 
 class SolveRecord(NamedTuple):
@@ -55,6 +61,12 @@ class KFOCBase(SqrtGGN):
         savefield: Attribute the factors are stored under.
         tol: Solver stopping precision (paper default ``1e-5``).
         max_iter: Solver iteration cap (paper default ``100``).
+        exact_max_terms: Layers whose coefficient problem has at most this many
+            terms (``Linear`` on 2-d input: the batch size; convolutions on
+            accelerators: ``C_out²``; see :class:`~kfoc_backpack.solver.SolverOptions`)
+            and that the power method has not settled after 33 steps are solved
+            exactly by two small eigendecompositions; ``0`` keeps the paper's plain
+            power method.
         fail_mode: BackPACK's convention for a parameterised layer that K-FOC does
             not support (``BatchNorm``, ``Embedding``, transposed convolutions, or a
             layer BackPACK does not know): ``'ERROR'`` (default) raises naming the
@@ -71,6 +83,7 @@ class KFOCBase(SqrtGGN):
         fail_mode: str = FAIL_ERROR,
         solves: bool = True,
         mc_samples: int = 1,
+        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
     ):
         if int(mc_samples) != mc_samples or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
@@ -81,7 +94,9 @@ class KFOCBase(SqrtGGN):
                 f"{FAIL_SILENT!r}, got {fail_mode!r}."
             )
         self.loss_hessian_strategy = loss_hessian_strategy
-        self.solver_options = SolverOptions(tol=tol, max_iter=max_iter)
+        self.solver_options = SolverOptions(
+            tol=tol, max_iter=max_iter, exact_max_terms=exact_max_terms
+        )
         self.fail_mode = fail_mode
         self.solves = solves
         module_exts: dict[type[Module], ModuleExtension] = {
@@ -145,6 +160,8 @@ class KFOC(KFOCBase):
         max_iter: Solver iteration cap (paper default ``100``).
         fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` for parameterised layers
             K-FOC does not support (see :class:`KFOCBase`).
+        exact_max_terms: Largest coefficient problem finished exactly when the power
+            method is slow (see :class:`KFOCBase`); ``0`` for the plain power method.
     """
 
     def __init__(
@@ -153,9 +170,16 @@ class KFOC(KFOCBase):
         tol: float = DEFAULT_TOL,
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
+        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
     ):
         super().__init__(
-            LossHessianStrategy.SAMPLING, "kfoc", tol, max_iter, fail_mode, mc_samples=mc_samples
+            LossHessianStrategy.SAMPLING,
+            "kfoc",
+            tol,
+            max_iter,
+            fail_mode,
+            mc_samples=mc_samples,
+            exact_max_terms=exact_max_terms,
         )
 
 
@@ -172,6 +196,8 @@ class KFOCExact(KFOCBase):
         max_iter: Solver iteration cap (paper default ``100``).
         fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` for parameterised layers
             K-FOC does not support (see :class:`KFOCBase`).
+        exact_max_terms: Largest coefficient problem finished exactly when the power
+            method is slow (see :class:`KFOCBase`); ``0`` for the plain power method.
     """
 
     def __init__(
@@ -179,8 +205,16 @@ class KFOCExact(KFOCBase):
         tol: float = DEFAULT_TOL,
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
+        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
     ):
-        super().__init__(LossHessianStrategy.EXACT, "kfoc_exact", tol, max_iter, fail_mode)
+        super().__init__(
+            LossHessianStrategy.EXACT,
+            "kfoc_exact",
+            tol,
+            max_iter,
+            fail_mode,
+            exact_max_terms=exact_max_terms,
+        )
 
 
 class KFOCTerms(KFOCBase):

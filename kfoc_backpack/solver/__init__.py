@@ -5,6 +5,7 @@ laplace-torch.
 """
 
 from kfoc_backpack.solver._common import (
+    DEFAULT_EXACT_MAX_TERMS,
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     KroneckerFactors,
@@ -23,6 +24,7 @@ from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecke
 __all__ = [
     "AGGREGATIONS",
     "KroneckerAccumulator",
+    "DEFAULT_EXACT_MAX_TERMS",
     "DEFAULT_MAX_ITER",
     "DEFAULT_TOL",
     "KroneckerFactors",

@@ -17,6 +17,9 @@ DEFAULT_TOL = 1e-5
 DEFAULT_MAX_ITER = 100
 """Maximal number of power steps ``n_max`` of the paper."""
 
+DEFAULT_EXACT_MAX_TERMS = 512
+"""Largest coefficient problem that is finished by an exact eigendecomposition."""
+
 
 @dataclass(frozen=True)
 class SolverOptions:
@@ -35,18 +38,34 @@ class SolverOptions:
             semi-definite terms the deterministic start (the sum of the left terms,
             i.e. K-FAC's left factor) is never orthogonal to the solution and
             converges to the positive semi-definite optimum.
+        exact_max_terms: Coefficient problems with at most this many terms (the
+            Gram route of ``Linear`` layers and of ``nearest_kronecker_sum``: ``K``
+            terms; the operator route of convolutions on accelerators: ``C_out²``)
+            are finished exactly when the power method has not reached ``tol`` at
+            its first test (after 33 steps, or ``max_iter`` if fewer): the limit
+            the power method would converge to is computed from two symmetric
+            eigendecompositions of ``K × K`` matrices, in float64 on the host
+            (about 0.2 ms at ``K = 32``, 9 ms at ``K = 256`` and 45 ms at
+            ``K = 512`` on two CPU cores). Such solves count as converged and
+            report the power steps taken before. ``0`` keeps the plain power
+            method of the paper, whatever the number of steps it needs.
     """
 
     tol: float = DEFAULT_TOL
     max_iter: int = DEFAULT_MAX_ITER
     generator: torch.Generator | None = None
     random_init: bool = False
+    exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS
 
     def __post_init__(self) -> None:
         if not (self.tol > 0):
             raise ValueError(f"tol must be positive, got {self.tol!r}.")
         if int(self.max_iter) != self.max_iter or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}.")
+        if int(self.exact_max_terms) != self.exact_max_terms or self.exact_max_terms < 0:
+            raise ValueError(
+                f"exact_max_terms must be a non-negative integer, got {self.exact_max_terms!r}."
+            )
 
 
 class KroneckerFactors(NamedTuple):
@@ -58,9 +77,11 @@ class KroneckerFactors(NamedTuple):
     Attributes:
         left: ``[M, M]`` left (output-side) factor, symmetric.
         right: ``[N, N]`` right (input-side) factor, symmetric.
-        iterations: Number of power steps taken (``0`` for closed-form solves).
+        iterations: Number of power steps taken (``0`` for closed-form solves; for
+            solves finished by an eigendecomposition, the steps before it).
         converged: Whether the stopping criterion was met within ``max_iter`` steps
-            (closed-form solves and all-zero inputs count as converged).
+            (closed-form and eigendecomposition solves and all-zero inputs count as
+            converged).
     """
 
     left: Tensor

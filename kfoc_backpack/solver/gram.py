@@ -112,9 +112,14 @@ FIRST_SQUARINGS = 5
 """Squarings before the first stopping test: ``2⁵ = 32`` power steps.
 
 Power steps from K-FAC's start reach the paper's tolerance in 2–20 steps on most
-layers of ``integration/benchmark.py`` (the MLP's first layer at batch 32 takes about
-80); each test costs a host transfer and each squaring one matrix product, so the first
-test comes after 33 steps."""
+layers of ``integration/benchmark.py`` (the MLP's first layer needs about 75 at batch
+128 and 190 at batch 32, where the top two singular values differ by 3 %); each test
+costs a host transfer and each squaring one matrix product, so the first test comes
+after 33 steps. Problems unsettled there are finished by :func:`exact_coefficients`
+when small enough (``SolverOptions.exact_max_terms``)."""
+
+FIRST_TEST_STEPS = 2**FIRST_SQUARINGS + 1
+"""Power steps at the first stopping test of :func:`coefficient_squaring_iteration`."""
 
 RENORMALISE_EVERY = 3
 """Squarings between two trace normalisations of the power.
@@ -209,6 +214,74 @@ def coefficient_squaring_iteration(
             if remaining >> bit & 1:
                 start = unit(mat @ start)
         steps = max_iter
+
+
+TIE_RTOL = 1e-6
+"""Relative gap below which eigenvalues of :func:`exact_coefficients` count as tied.
+
+Within it the power method cannot separate the eigenvectors in any affordable number
+of steps (``(1 − 10⁻⁶)ⁿ ≈ 1``), and the Frobenius objective differs by at most this
+fraction of ``σ₁²`` across the cluster; float32 rounding of exactly tied problems
+stays well inside it."""
+
+
+def exact_coefficients(
+    gram_left: Tensor | None, gram_right: Tensor, init: Tensor | None
+) -> tuple[Tensor, Tensor] | None:
+    """Return the limit of the coefficient power method, by eigendecomposition.
+
+    The power method from ``init`` converges to the projection of its first step
+    onto the top eigenspace of ``G_R G_L``. With ``G_R = W Wᵀ`` (``W = V √D`` from the
+    eigendecomposition, rounding-negative eigenvalues clamped to zero) the steps
+    ``α⁽ⁿ⁾ = W C^(n−1) y`` run on the symmetric ``C = Wᵀ G_L W`` with
+    ``y = Wᵀ G_L init``, so the limit is ``α = W P y``, ``P`` the orthogonal projector
+    onto the eigenvectors of ``C`` whose eigenvalue is within :data:`TIE_RTOL` of the
+    top one. This is exact for a single top singular value and, for tied ones, the
+    same point of the top subspace that the power method approaches (non-negative
+    Grams and start still give non-negative coefficients: positive semi-definite
+    factors). A start orthogonal to the top subspace gives the top eigenvector
+    itself. Computed in float64 on the host: the matrices are ``K × K``, and a device
+    runs no kernels for it (``torch.linalg.eigh`` reads the lower triangles only).
+
+    Args:
+        gram_left: ``[K, K]`` Gram matrix of the left terms; ``None`` for the
+            identity (then ``gram_right`` is any symmetric positive semi-definite
+            matrix and the result its top eigenvector).
+        gram_right: ``[K, K]`` Gram matrix of the right terms.
+        init: ``[K]`` start coefficients; ``None`` for all ones.
+
+    Returns:
+        ``(alpha, beta)`` normalised as by :func:`coefficient_power_iteration`
+        (``αᵀ G_L α = 1``, ``β = G_L α``), on the device and in the dtype of
+        ``gram_right``; all zeros when the Grams are. ``None`` when a Gram matrix
+        is not finite (the caller's checks then raise).
+    """
+    grams = gram_right[None] if gram_left is None else torch.stack([gram_right, gram_left])
+    grams = grams.to(device="cpu", dtype=torch.float64)  # one transfer
+    if not bool(grams.isfinite().all()):
+        return None
+    g_right, g_left = grams[0], None if gram_left is None else grams[1]
+    if g_left is None:  # C = G_R itself
+        basis, op = None, g_right
+        first = g_right.sum(1) if init is None else g_right @ init.to(g_right)
+    else:
+        evals, evecs = torch.linalg.eigh(g_right)
+        basis = evecs * evals.clamp_min(0).sqrt()  # G_R = W Wᵀ
+        op = basis.T @ g_left @ basis
+        first = basis.T @ (g_left.sum(1) if init is None else g_left @ init.to(g_right))
+    evals, evecs = torch.linalg.eigh(op)
+    top = evals[-1].item()
+    if not top > 0:  # all-zero problem
+        zeros = gram_right.new_zeros(gram_right.shape[0])
+        return zeros, zeros
+    coef = evecs @ ((evals >= top * (1 - TIE_RTOL)) * (evecs.T @ first))
+    if not coef @ coef > 1e-16 * (first @ first):  # start orthogonal to the top subspace
+        coef = evecs[:, -1]
+    alpha = coef if basis is None else basis @ coef
+    beta = alpha if g_left is None else g_left @ alpha
+    pair = torch.stack([alpha, beta]) * (alpha @ beta).rsqrt()
+    alpha, beta = pair.to(device=gram_right.device, dtype=gram_right.dtype).unbind()
+    return alpha, beta
 
 
 def _trace_normalised(mat: Tensor) -> Tensor:

@@ -39,9 +39,11 @@ from kfoc_backpack.solver._common import (
     working_dtype,
 )
 from kfoc_backpack.solver.gram import (
+    FIRST_TEST_STEPS,
     ScalarsFn,
     coefficient_power_iteration,
     coefficient_squaring_iteration,
+    exact_coefficients,
     fetch_scalars,
     top_eigvec_2x2,
 )
@@ -74,7 +76,7 @@ def _check_every(device: torch.device) -> int:
 
 
 def _coefficient_solve(
-    gram_left: Tensor,
+    gram_left: Tensor | None,
     gram_right: Tensor,
     start: Tensor | None,
     opts: SolverOptions,
@@ -87,19 +89,48 @@ def _coefficient_solve(
     step. On launch-bound devices (accelerators) and for small ``K`` on the CPU
     (dispatch-bound) squaring wins; for large ``K`` on the CPU, stepping does.
 
+    Problems of at most ``opts.exact_max_terms`` terms that the first test (33 steps)
+    finds unconverged, or that stepping leaves unconverged at ``max_iter``, are
+    finished by :func:`exact_coefficients`: slowly converging problems (a top
+    singular value ratio near one) then cost two small eigendecompositions instead
+    of hundreds of steps, and still give the optimum.
+
+    Args:
+        gram_left: ``[K, K]`` left Gram, or ``None`` for the identity (squaring
+            only: the launch-bound operator route).
+        gram_right: ``[K, K]`` right Gram (or the operator).
+        start: ``[K]`` start coefficients, ``None`` for all ones.
+        opts: Solver options.
+        scalars: Optional ``(alpha, beta) ↦ [0-dim tensors]`` fetched with the result.
+
     Returns:
         ``(alpha, beta, iterations, converged, values)``, ``values`` the host values
         of ``scalars(alpha, beta)`` (see :func:`coefficient_squaring_iteration`).
     """
-    num = gram_left.shape[0]
-    if not launch_bound(gram_left.device) and num > SQUARING_MAX_TERMS_CPU:
+    num = gram_right.shape[0]
+    exact = num <= opts.exact_max_terms
+    stepping = (
+        gram_left is not None
+        and not launch_bound(gram_right.device)
+        and num > SQUARING_MAX_TERMS_CPU
+    )
+    values: list[float] | None = None
+    if stepping:
         alpha, beta, iters, converged = coefficient_power_iteration(
             gram_left, gram_right, start, opts.tol, opts.max_iter
         )
-        return alpha, beta, iters, converged, fetch_scalars(None, alpha, beta, scalars)[1]
-    return coefficient_squaring_iteration(
-        gram_left, gram_right, start, opts.tol, opts.max_iter, scalars
-    )
+    else:
+        budget = min(opts.max_iter, FIRST_TEST_STEPS) if exact else opts.max_iter
+        alpha, beta, iters, converged, values = coefficient_squaring_iteration(
+            gram_left, gram_right, start, opts.tol, budget, scalars
+        )
+    if not converged and exact:
+        solution = exact_coefficients(gram_left, gram_right, start)
+        if solution is not None:
+            (alpha, beta), converged, values = solution, True, None
+    if values is None:
+        values = fetch_scalars(None, alpha, beta, scalars)[1]
+    return alpha, beta, iters, converged, values
 
 
 def _random_coefficients(num: int, like: Tensor, options: SolverOptions) -> Tensor:
@@ -150,7 +181,8 @@ def nearest_kronecker_sum(
         init: Optional ``[M, M]`` warm start of the left factor (e.g. the previous
             solution). Default: ``Σ_k w_k L_k``.
         method: ``"auto"``, ``"closed_form"`` (only ``K ≤ 2``), ``"gram"``
-            (coefficient space, ``O(K²(M² + N²))`` set-up, ``O(K²)`` per step) or
+            (coefficient space, ``O(K²(M² + N²))`` set-up, ``O(K²)`` per step, finished
+            exactly when slow, see :class:`SolverOptions`) or
             ``"power"`` (factor space, ``O(K(M² + N²))`` per step). ``"auto"`` uses
             the closed form for ``K ≤ 2``, ``"gram"`` up to
             :data:`GRAM_MAX_TERMS` terms and ``"power"`` beyond.
@@ -429,8 +461,8 @@ def _samples_operator_solve(
         kept[:] = [(left, right, half)]
         return found
 
-    _, _, iters, converged, values = coefficient_squaring_iteration(
-        None, operator, start.reshape(-1), opts.tol, opts.max_iter, scalars
+    _, _, iters, converged, values = _coefficient_solve(
+        None, operator, start.reshape(-1), opts, scalars
     )
     left, right, half = kept[0]
     left, right = apply_scale_split(
@@ -549,7 +581,9 @@ def nearest_kronecker_outer(
     method runs on ``α, β ∈ ℝᴷ`` using the Gram matrices (DESIGN §1), cost
     ``O(K² (J² M + N))`` once plus ``O(K²)`` per step, and the factors are formed once
     at the end in ``O(K J M² + K N²)`` — the cost of K-FAC's own factors. Nothing of
-    size ``K · M · N`` is allocated. The start ``α = 1`` is K-FAC's left factor.
+    size ``K · M · N`` is allocated. The start ``α = 1`` is K-FAC's left factor. A
+    problem of at most ``options.exact_max_terms`` terms that the power method has not
+    settled after 33 steps is finished exactly (see :class:`SolverOptions`).
 
     Args:
         sqrt_out: ``[K, J, M]`` output-side vectors ``s_{kj}``.
