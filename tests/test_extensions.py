@@ -321,9 +321,9 @@ def test_unsettled_coefficient_problems_are_solved_exactly(dtype, routes):
     """A power method stopped far from ``tol`` is finished by the exact small solve.
 
     ``max_iter=1`` with ``tol=1e-15`` stops every power method early; the ``Linear``
-    layers (coefficient problems of ``K = 4`` terms, and convolutions on the
-    accelerator routes with ``C_out² ≤ 16``) must still be optimal for the dense GGN,
-    positive semi-definite and marked converged.
+    layer (a coefficient problem of ``K = 4`` terms) and, on the accelerator routes,
+    the convolutions (operator route, ``C_out² ≤ 16``) must still be optimal for the
+    dense GGN, positive semi-definite and marked converged.
     """
     model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "sum", dtype=dtype)
     sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)

@@ -261,14 +261,13 @@ def exact_coefficients(
     if not bool(grams.isfinite().all()):
         return None
     g_right, g_left = grams[0], None if gram_left is None else grams[1]
-    if g_left is None:  # C = G_R itself
-        basis, op = None, g_right
-        first = g_right.sum(1) if init is None else g_right @ init.to(g_right)
-    else:
+    metric = g_right if g_left is None else g_left
+    first = metric.sum(1) if init is None else metric @ init.to(metric)  # G_L init
+    basis, op = None, g_right  # identity metric: C = G_R itself
+    if g_left is not None:
         evals, evecs = torch.linalg.eigh(g_right)
         basis = evecs * evals.clamp_min(0).sqrt()  # G_R = W Wᵀ
-        op = basis.T @ g_left @ basis
-        first = basis.T @ (g_left.sum(1) if init is None else g_left @ init.to(g_right))
+        op, first = basis.T @ g_left @ basis, basis.T @ first
     evals, evecs = torch.linalg.eigh(op)
     top = evals[-1].item()
     if not top > 0:  # all-zero problem
