@@ -1,1 +1,1 @@
-"""Experiments, benchmarks and figures built on the public API (DESIGN §5)."""
+"""Experiments, benchmarks and figures built on the public API (README, "Layout")."""

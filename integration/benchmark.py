@@ -1,4 +1,4 @@
-"""Time and memory of K-FOC against BackPACK's K-FAC/KFLR, per batch (issue: performance).
+"""Time and memory of K-FOC against BackPACK's K-FAC/KFLR, per batch.
 
 For LeNet-5 (MNIST shape) and an MLP 784-1000-1000-10 at batch sizes 32, 128, 512:
 forward + backward with nothing, with BackPACK's ``KFAC`` and ``KFLR``, and with
@@ -21,7 +21,8 @@ shows what a GPU step will launch.
 Usage::
 
     python integration/benchmark.py --device cpu --out results/benchmark
-    python integration/benchmark.py --quick
+    python integration/benchmark.py --repeats 21 --warmup 3   # the README's CPU table
+    python integration/benchmark.py --quick                   # smoke run, batch 32, 3 repeats
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration import cli  # noqa: E402
 from integration.models import lenet5  # noqa: E402
 from kfoc_backpack import KFOC, KFOCExact  # noqa: E402
 from kfoc_backpack.solver._common import accelerator_routes  # noqa: E402
@@ -52,6 +54,10 @@ from kfoc_backpack.solver._common import accelerator_routes  # noqa: E402
 METHODS = {"none": None, "KFAC": KFAC, "KFLR": KFLR, "KFOC": KFOC, "KFOCExact": KFOCExact}
 BASELINE = {"KFOC": "KFAC", "KFOCExact": "KFLR"}
 BATCH_SIZES = (32, 128, 512)
+MIN_REPEATS = 5
+"""Fewest timed runs ``--repeats`` accepts (``--quick`` runs 3: a smoke run only)."""
+QUICK = {"batch_sizes": [32], "repeats": 3}
+"""What ``--quick`` runs (instead of ``--batch-sizes`` and ``--repeats``)."""
 
 
 def mlp_1000() -> nn.Sequential:
@@ -280,25 +286,100 @@ def _ops_ratio(record: dict, base: dict) -> str:
     return f"{own:.2f} ({acc:.2f})"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="batch 32 only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per method (≥5)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
-    parser.add_argument("--out", type=Path, default=Path("results/benchmark"))
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser (nothing runs; :func:`parse_args` adds the checks)."""
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__.split("\n")[0],
+        epilog="Usage examples:\n" + __doc__.split("Usage::\n\n")[1].rstrip(),
+        formatter_class=cli.HelpFormatter,
+    )
+    parser.add_argument(
+        "--device",
+        type=cli.device,
+        default="cpu",
+        metavar="DEVICE",
+        help="torch device: cpu, cuda or cuda:N, where available",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: batch size {QUICK['batch_sizes'][0]} only, {QUICK['repeats']} "
+        "repeats (timings not for reporting); not allowed with --repeats or --batch-sizes",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=cli.int_at_least(MIN_REPEATS),
+        default=7,
+        metavar="N",
+        help=f"timed runs per method and configuration, median reported (at least {MIN_REPEATS})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=cli.nonnegative_int,
+        default=2,
+        metavar="N",
+        help="untimed runs per method before the timed ones",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=list(MODELS),
+        metavar="MODEL",
+        help=f"models to time, from: {' '.join(MODELS)}",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=cli.positive_int,
+        default=list(BATCH_SIZES),
+        metavar="N",
+        help="batch sizes",
+    )
+    parser.add_argument(
+        "--out",
+        type=cli.directory,
+        default=Path("results/benchmark"),
+        metavar="DIR",
+        help="output directory of benchmark.json and benchmark_meta.json",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (exit status 2 and argparse's message if bad).
+
+    Besides each flag's type and choices: ``--quick`` not with an explicit ``--repeats``
+    or ``--batch-sizes`` (it sets both); no model or batch size twice. ``--quick``
+    replaces ``args.repeats`` and ``args.batch_sizes`` by :data:`QUICK`'s.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch.cuda.is_available() is False")
-    batch_sizes = [32] if args.quick else args.batch_sizes
-    repeats = 3 if args.quick else args.repeats
+    cli.reject_together(
+        parser,
+        argv,
+        "--quick",
+        ["--repeats", "--batch-sizes"],
+        reason=f"--quick runs batch size {QUICK['batch_sizes'][0]} with {QUICK['repeats']} "
+        "repeats; drop --quick to choose them",
+    )
+    cli.reject_duplicates(parser, "--models", args.models)
+    cli.reject_duplicates(parser, "--batch-sizes", args.batch_sizes)
+    if args.quick:
+        args.batch_sizes, args.repeats = list(QUICK["batch_sizes"]), QUICK["repeats"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Command-line entry point: run, write benchmark.json/benchmark_meta.json, print tables."""
+    cli.quiet_library_warnings()
+    args = parse_args(argv)
+    batch_sizes, repeats = args.batch_sizes, args.repeats
     records = run(args.device, batch_sizes, repeats, args.warmup, args.models)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "device": torch.cuda.get_device_name()
+        "device": torch.cuda.get_device_name(args.device)
         if args.device.startswith("cuda")
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

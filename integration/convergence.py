@@ -15,10 +15,14 @@ twice), beside seven float32 squarings.
 Usage::
 
     python integration/convergence.py
+
+The script has no options (its settings are those the notes quote); ``--help`` prints
+this description and any other argument is an error.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -30,6 +34,7 @@ from backpack import backpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration import cli  # noqa: E402
 from integration.benchmark import MODELS, setup  # noqa: E402
 from kfoc_backpack.extensions import KFOCTerms  # noqa: E402
 from kfoc_backpack.solver import DEFAULT_TOL, OuterTerms, SolverOptions  # noqa: E402
@@ -120,7 +125,19 @@ def timing_report(sizes=(32, 64, 128, 256, 512), repeats: int = 20) -> None:
         )
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser: no options besides ``--help`` (nothing runs)."""
+    return argparse.ArgumentParser(
+        prog="convergence.py",
+        description=__doc__.split("Usage::")[0].rstrip(),
+        formatter_class=cli.HelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print every report (the settings quoted in the notes and the README)."""
+    cli.quiet_library_warnings()
+    build_parser().parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for batch_size in (32, 128, 512):
         layer_report(batch_size)
@@ -128,3 +145,7 @@ if __name__ == "__main__":
         for batch_size in (32, 128, 512):
             warm_start_report(name, batch_size)
     timing_report()
+
+
+if __name__ == "__main__":
+    main()

@@ -372,6 +372,16 @@ def load_energy(data_dir: str | os.PathLike | None = None) -> Dataset:
 
 DATASETS = ("boston", "concrete", "energy", "mnist")
 
+NUM_SAMPLES = {"boston": 506, "concrete": 1030, "energy": 768, "mnist": 5000}
+"""Samples of each full data set (what :func:`load_dataset` returns without ``num``)."""
+
+INPUT_SHAPES = {"boston": (13,), "concrete": (8,), "energy": (8,), "mnist": (1, 28, 28)}
+"""Shape of one input of each data set (``Dataset.inputs.shape[1:]``)."""
+
+TASKS = {"boston": "regression", "concrete": "regression", "energy": "regression",
+         "mnist": "classification"}  # fmt: skip
+"""``Dataset.task`` of each data set."""
+
 
 def load_dataset(
     name: str, data_dir: str | os.PathLike | None = None, num: int | None = None

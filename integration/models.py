@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from integration.data import Dataset
+from integration.data import INPUT_SHAPES, TASKS, Dataset
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -53,9 +53,50 @@ def make_model(data: Dataset, activation: str = "relu") -> tuple[nn.Sequential, 
     ``activation`` (``relu``, ``tanh``, ``sigmoid``) applies to the MLPs only: the paper
     does not state it, and the diagnostic ``--activation`` measures its effect.
     """
-    if data.task == "classification":
+    return _paper_model(data.task, data.inputs.shape[1], activation)
+
+
+def _paper_model(
+    task: str, in_features: int, activation: str = "relu"
+) -> tuple[nn.Sequential, dict[str, int]]:
+    if task == "classification":
         return lenet5(), dict(LENET_LAYERS)
-    return mlp(data.inputs.shape[1], activation=activation), dict(MLP_LAYERS)
+    return mlp(in_features, activation=activation), dict(MLP_LAYERS)
+
+
+def describe_layer(module: nn.Module) -> str:
+    """Short description of a layer's weight: ``"Linear 13→50"``, ``"Conv2d 6→16, 5×5"``.
+
+    Other modules are described by their class name.
+    """
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.Conv2d):
+        kernel = "×".join(str(k) for k in module.kernel_size)
+        return f"Conv2d {module.in_channels}→{module.out_channels}, {kernel}"
+    return type(module).__name__
+
+
+def describe_layers(model: nn.Sequential, layers: dict[str, int]) -> dict[str, str]:
+    """:func:`describe_layer` of each analysed layer (``name → index`` in ``model``)."""
+    return {name: describe_layer(model[index]) for name, index in layers.items()}
+
+
+def paper_layers(dataset: str) -> dict[str, str]:
+    """Descriptions of the analysed layers of a data set's model, without loading it.
+
+    The shapes come from :data:`integration.data.INPUT_SHAPES` and
+    :data:`integration.data.TASKS` (e.g. Boston:
+    ``{"layer1": "Linear 13→50", "layer2": "Linear 50→1"}``).
+
+    The global random state is left as it was.
+
+    Raises:
+        KeyError: For a data set not in :data:`integration.data.INPUT_SHAPES`.
+    """
+    with torch.random.fork_rng(devices=[]):  # leave the global random state alone
+        model, layers = _paper_model(TASKS[dataset], INPUT_SHAPES[dataset][0])
+    return describe_layers(model, layers)
 
 
 def make_loss(data: Dataset, reduction: str = "mean") -> nn.Module:

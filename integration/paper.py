@@ -11,7 +11,7 @@ same per-sample quantities:
   sample-count weights it does not depend on the batch size;
 * ``kfoc_approx`` / ``kfoc_running`` — the batch-optimal K-FOC factors of every batch,
   aggregated by ``KroneckerAccumulator("approx" | "running")`` (K-FAC's scale split,
-  sample-count weights, DESIGN §2);
+  sample-count weights, docs/conventions.md §4);
 * ``kfoc_approx_paper`` — ``kfoc_approx`` with the paper's scale split (the per-batch
   input-side factor normalised to unit Frobenius norm, Algorithm 2's output), to
   measure how much of a difference to the paper is the split;
@@ -28,6 +28,7 @@ Usage::
     python integration/paper.py                  # full run (10 seeds)
     python integration/paper.py --quick          # minutes: 3 seeds, data subsets
     python integration/paper.py --datasets boston mnist --device cuda --out DIR
+    python integration/plots.py DIR/results.json # redraw the figures of a run
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -56,8 +56,15 @@ from backpack.utils.conv import unfold_input  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from integration import cli  # noqa: E402
 from integration.data import DATASETS, Dataset, load_dataset  # noqa: E402
-from integration.models import TrainConfig, make_loss, make_model, train  # noqa: E402
+from integration.models import (  # noqa: E402
+    TrainConfig,
+    describe_layers,
+    make_loss,
+    make_model,
+    train,
+)
 from kfoc_backpack import KFOC  # noqa: E402
 from kfoc_backpack.extensions import KFOCTerms, LayerTerms  # noqa: E402
 from kfoc_backpack.extensions.base import kfac_scale_split  # noqa: E402
@@ -71,8 +78,6 @@ from kfoc_backpack.solver import (  # noqa: E402
 )
 
 Terms = OuterTerms | SampleTerms
-
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 METHODS = ("diag", "kfac", "kfoc_approx", "kfoc_running", "kfoc_optimal")
 EXTRA_METHODS = ("kfoc_approx_paper",)
@@ -94,7 +99,7 @@ DENSE_MAX_SIDE = 4096
 """Largest ``M·N`` for which the ground truth is formed densely (else structured)."""
 
 PAPER = {
-    # DESIGN §7: the paper's poster, means over 10 seeds (batch sizes 1, 10, 100, full).
+    # docs/conventions.md §7: the paper's poster, means over 10 seeds (batches 1, 10, 100, all).
     ("boston", "layer1", "kfac"): (0.64, 0.64, 0.67, 0.65),
     ("boston", "layer1", "kfoc_approx"): (0.53, 0.50, 0.48, 0.46),
     ("boston", "layer1", "kfoc_running"): (0.47, 0.48, 0.46, 0.46),
@@ -159,7 +164,11 @@ class RunConfig:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """Turn the command line into a :class:`RunConfig` (full or ``--quick``)."""
+    """Turn the command line (checked by :func:`parse_args`) into a :class:`RunConfig`.
+
+    ``--quick`` changes the defaults (3 seeds, subsets, 5 MNIST epochs, 200 timed MNIST
+    samples); ``--seeds``, ``--subset`` and ``--epochs`` given explicitly take precedence.
+    """
     quick = args.quick
     subset: dict[str, int | None] = (
         {"boston": 200, "concrete": 200, "energy": 200, "mnist": 1000}
@@ -176,19 +185,15 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     }
     if args.epochs is not None:
         train_cfg = {k: TrainConfig(args.epochs, v.batch_size, v.lr) for k, v in train_cfg.items()}
-    if (args.fisher == "exact" or args.with_bias) and "mnist" in args.datasets:
-        raise SystemExit("--fisher exact and --with-bias are diagnostics for the MLP data sets.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available.")
     return RunConfig(
         datasets=list(args.datasets),
         seeds=args.seeds if args.seeds is not None else (3 if quick else 10),
         out=Path(args.out),
         device=args.device,
-        data_dir=args.data_dir,
+        data_dir=None if args.data_dir is None else str(args.data_dir),
         subset=subset,
         train=train_cfg,
-        runtime_repeats=args.runtime_repeats if args.runtime_repeats is not None else 3,
+        runtime_repeats=args.runtime_repeats,
         runtime_samples=runtime_samples,
         quick=quick,
         fisher=args.fisher,
@@ -467,7 +472,7 @@ def timed_pass(
     """One pass over ``data`` in batches of ``size`` computing ``method``'s curvature.
 
     ``loss_fn`` has ``reduction="mean"``, so each batch's curvature is a batch mean and
-    the aggregation weights batches by their sample count (DESIGN §2). Returns the
+    the aggregation weights batches by their sample count (docs/conventions.md §4). Returns the
     weights' aggregated curvature (so that nothing is optimised away).
     """
     weights = _weights(model)
@@ -596,6 +601,7 @@ def run_dataset(name: str, config: RunConfig, meta: dict) -> tuple[list[dict], l
         torch.manual_seed(seed)
         model, layers = make_model(data, config.activation)
         model = model.to(config.device)
+        info.setdefault("layers", _layer_descriptions(model, layers, config.with_bias))
         start = time.perf_counter()
         loss = train(model, data, config.train[data.task], seed, config.device)
         seed_info = {"seed": seed, "train_loss": loss, "train_s": time.perf_counter() - start}
@@ -668,6 +674,12 @@ def run_dataset(name: str, config: RunConfig, meta: dict) -> tuple[list[dict], l
         info["runtime_s"] = time.perf_counter() - start
     meta[name] = info
     return per_seed, runtime, data
+
+
+def _layer_descriptions(model: nn.Module, layers: dict[str, int], with_bias: bool) -> dict:
+    """Figure titles' layer descriptions (``"Linear 13→50"``; ``+ bias`` for ``[W, b]``)."""
+    suffix = " + bias" if with_bias else ""
+    return {name: text + suffix for name, text in describe_layers(model, layers).items()}
 
 
 def summarize(per_seed: list[dict]) -> list[dict]:
@@ -789,26 +801,79 @@ def markdown_tables(results: list[dict], runtime: list[dict], samples: dict[str,
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results/paper", help="output directory")
-    parser.add_argument("--quick", action="store_true", help="3 seeds on data subsets")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, …)")
+MLP_DATASETS = tuple(name for name in DATASETS if name != "mnist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser (nothing runs; :func:`parse_args` adds the checks)."""
+    parser = argparse.ArgumentParser(
+        prog="paper.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Usage examples:\n" + __doc__.split("Usage::\n\n")[1].rstrip(),
+        formatter_class=cli.HelpFormatter,
+    )
     parser.add_argument(
-        "--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="data sets"
+        "--out", type=cli.directory, default="results/paper", metavar="DIR", help="output directory"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a run of minutes: 3 seeds, 200 samples per UCI set and "
+        "1000 MNIST images, 5 MNIST epochs, 200 timed MNIST images; --seeds, --subset and "
+        "--epochs given explicitly take precedence",
+    )
+    parser.add_argument(
+        "--seeds",
+        metavar="N",
+        type=cli.positive_int,
+        default=None,
+        help="number of seeds, 0 … N−1 (default: 10; 3 with --quick)",
+    )
+    parser.add_argument(
+        "--device",
+        type=cli.device,
+        default="cpu",
+        metavar="DEVICE",
+        help="torch device: cpu, cuda or cuda:N, where available",
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=DATASETS,
+        default=list(DATASETS),
+        metavar="NAME",
+        help=f"data sets, from: {' '.join(DATASETS)}",
     )
     parser.add_argument(
         "--data-dir",
+        metavar="DIR",
+        type=cli.directory,
         default=None,
         help="directory of concrete.csv.gz/energy.csv.gz (default: $KFOC_DATA_DIR, "
         "else ../shared/data/uci relative to the repository)",
     )
-    parser.add_argument("--subset", type=int, default=None, help="samples per data set")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs")
     parser.add_argument(
-        "--runtime-repeats", type=int, default=None, help="timed repeats (0: no runtime)"
+        "--subset",
+        metavar="N",
+        type=cli.positive_int,
+        default=None,
+        help="samples per data set, a fixed random subset (at most the data set; default: "
+        "all; with --quick 200 per UCI set and 1000 MNIST images)",
+    )
+    parser.add_argument(
+        "--epochs",
+        metavar="N",
+        type=cli.nonnegative_int,
+        default=None,
+        help="training epochs of every model, 0: untrained (default: 40 for the MLPs, 10 "
+        "for LeNet-5; 5 for LeNet-5 with --quick)",
+    )
+    parser.add_argument(
+        "--runtime-repeats",
+        metavar="N",
+        type=cli.nonnegative_int,
+        default=3,
+        help="timed repeats of each pass for the runtime table (median); 0: no runtime",
     )
     parser.add_argument(
         "--fisher",
@@ -831,16 +896,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        metavar="N",
+        type=cli.positive_int,
         default=1,
-        help="torch CPU threads (default 1: the work is many small operations, and "
-        "several threads on a busy machine slow them down by an order of magnitude)",
+        help="torch CPU threads (the work is many small operations, and several threads "
+        "on a busy machine slow them down by an order of magnitude)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (exit status 2 and argparse's message if bad).
+
+    Besides each flag's own type and choices: no data set twice in ``--datasets``;
+    ``--fisher exact`` and ``--with-bias`` only without ``mnist`` (they are diagnostics
+    of the MLPs); a non-default ``--activation`` not with ``mnist`` alone (LeNet-5 has
+    no such option, the flag would do nothing).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.reject_duplicates(parser, "--datasets", args.datasets)
+    mlp_only = " ".join(MLP_DATASETS)
+    if "mnist" in args.datasets:
+        for flag, used in (("--fisher", args.fisher == "exact"), ("--with-bias", args.with_bias)):
+            if used:
+                parser.error(
+                    f"argument {flag}: a diagnostic for the MLP data sets, not allowed with "
+                    f"mnist in --datasets (choose from: {mlp_only})"
+                )
+    if args.activation != "relu" and set(args.datasets) == {"mnist"}:
+        parser.error(
+            "argument --activation: applies to the MLP data sets only, not to --datasets "
+            f"mnist (LeNet-5 uses ReLU; add one of: {mlp_only})"
+        )
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the experiment; write results.json, runtime.json, figures and the tables."""
+    cli.quiet_library_warnings()
     args = parse_args(argv)
     config = build_config(args)
     threads = torch.get_num_threads()
@@ -871,7 +965,8 @@ def _run(config: RunConfig) -> dict:
     (config.out / "runtime.json").write_text(json.dumps(runtime, indent=1))
     (config.out / "per_seed.json").write_text(json.dumps(per_seed))
     figures = [
-        str(plot_dataset(results, name, samples[name], config.out)) for name in config.datasets
+        str(plot_dataset(results, name, samples[name], config.out, meta[name]["layers"]))
+        for name in config.datasets
     ]
     checks = check_acceptance(results)
     table = markdown_tables(results, runtime, samples)

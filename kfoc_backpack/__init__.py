@@ -2,22 +2,68 @@
 
 Layers (dependencies point down the list only):
 
-1. :mod:`kfoc_backpack.solver` — nearest-Kronecker solvers on plain tensors;
-2. :mod:`kfoc_backpack.extensions` — BackPACK extensions ``KFOC``, ``KFOCExact``;
-3. :mod:`kfoc_backpack.laplace` — laplace-torch backend and Laplace classes.
+1. :mod:`kfoc_backpack.solver` — nearest-Kronecker solvers on plain tensors (needs
+   only ``torch``);
+2. :mod:`kfoc_backpack.collect` — per-sample quantities of ``Linear``/``Conv`` layers
+   (the hook route, and the per-layer maths shared with BackPACK's route);
+   :mod:`kfoc_backpack.extensions` — BackPACK extensions ``KFOC``, ``KFOCExact``;
+3. data-set aggregation (``KFOCAccumulator``, ``optimal_factors``);
+4. :mod:`kfoc_backpack.laplace` — laplace-torch backends and Laplace classes.
+
+``import kfoc_backpack`` checks the library versions and registers
+``hessian_structure="kfoc"`` with laplace-torch. Without BackPACK and laplace-torch
+installed only :mod:`kfoc_backpack.solver` can be used; the other names then raise an
+``ImportError`` saying what is missing.
 """
 
-from kfoc_backpack._compat import check_versions
+from importlib.util import find_spec
 
-check_versions()  # before BackPACK / laplace-torch are imported
 
-from kfoc_backpack.extensions import (  # noqa: E402
-    KFOC,
-    KFOCAccumulator,
-    KFOCExact,
-    optimal_factors,
-)
-from kfoc_backpack.laplace import KFOCBackend, KFOCLaplace, KFOCLLLaplace  # noqa: E402
+def _missing_stack() -> list[str]:
+    """Distributions of the BackPACK/laplace-torch stack that cannot be imported."""
+    missing = []
+    for module, package in (("backpack", "backpack-for-pytorch"), ("laplace", "laplace-torch")):
+        try:
+            found = find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+_MISSING = _missing_stack()
+
+if not _MISSING:
+    from kfoc_backpack._compat import check_versions
+
+    check_versions()  # before BackPACK / laplace-torch are imported
+
+    from kfoc_backpack.extensions import (
+        KFOC,
+        KFOCAccumulator,
+        KFOCExact,
+        KFOCTerms,
+        optimal_factors,
+    )
+    from kfoc_backpack.laplace import (
+        KFOCBackend,
+        KFOCEFBackend,
+        KFOCLaplace,
+        KFOCLLLaplace,
+    )
+else:
+
+    def __getattr__(name: str):
+        """Explain that everything but the solver needs BackPACK and laplace-torch."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(
+            f"kfoc_backpack.{name} needs {' and '.join(_MISSING)}, which cannot be "
+            "imported here; without them only kfoc_backpack.solver is available."
+        )
+
+
 from kfoc_backpack.solver import KroneckerFactors, SolverOptions  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,9 +72,11 @@ __all__ = [
     "KFOC",
     "KFOCAccumulator",
     "KFOCBackend",
+    "KFOCEFBackend",
     "KFOCExact",
     "KFOCLLLaplace",
     "KFOCLaplace",
+    "KFOCTerms",
     "KroneckerFactors",
     "SolverOptions",
     "__version__",

@@ -1,7 +1,7 @@
 """Shared problems and ground truth for the laplace-torch integration tests.
 
 Ground truth is computed with ``torch.func`` on a separate, never-extended copy of the
-model (BackPACK's ``extend`` breaks ``torch.func``, DESIGN §6), in laplace-torch's
+model (BackPACK's ``extend`` breaks ``torch.func``, docs/conventions.md §6), in laplace-torch's
 scaling: the GGN of the *summed* loss with laplace's likelihood factor, i.e.
 ``Σ_n J_nᵀ J_n`` for regression (``½·MSE``) and ``Σ_n J_nᵀ (diag p − p pᵀ) J_n`` for
 classification.

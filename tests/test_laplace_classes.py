@@ -19,7 +19,7 @@ from laplace_helpers import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kfoc_backpack import KFOCBackend, KFOCLaplace, KFOCLLLaplace
+from kfoc_backpack import KFOCBackend, KFOCEFBackend, KFOCLaplace, KFOCLLLaplace
 
 SUBSETS = {"all": KFOCLaplace, "last_layer": KFOCLLLaplace}
 LINKS = ["probit", "mc", "bridge", "bridge_norm"]
@@ -358,15 +358,21 @@ class CountingModel(nn.Module):
 
 
 @pytest.mark.parametrize("subset", list(SUBSETS))
-def test_dict_batches_rejected_before_work(problem, subset):
-    model = CountingModel(problem.fresh_model())
+def test_dict_batches_fit_like_tensor_batches(problem, subset):
+    """Dict-like batches (``dict_key_x``/``dict_key_y``) give the tensor batches' fit."""
     kwargs = {"last_layer_name": "inner.4"} if subset == "last_layer" else {}
+    model = CountingModel(problem.fresh_model())
     la = Laplace(model, problem.likelihood, subset, "kfoc", **kwargs)
-    loader = [{"input_ids": problem.X, "labels": problem.y}]
-    with pytest.raises(ValueError, match="dict-like"):
-        la.fit(loader)
-    assert la.model.model.calls == 0 if subset == "last_layer" else model.calls == 0
-    assert la._backend is None
+    loader = [{"input_ids": X, "labels": y} for X, y in problem.loader()]
+    la.fit(loader)
+    ref = Laplace(
+        CountingModel(problem.fresh_model()), problem.likelihood, subset, "kfoc", **kwargs
+    )
+    ref.fit(problem.loader())
+    for mine, other in zip(la.H_facs.kfacs, ref.H_facs.kfacs):
+        for a, b in zip(mine, other):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert la.n_data == NUM_DATA
 
 
 def test_unsupported_layer_rejected_at_construction(problem):
@@ -384,8 +390,9 @@ def test_unknown_aggregation_and_backends(problem):
     for subset in SUBSETS:
         with pytest.raises(ValueError, match="aggregation 'fast'.*'approx', 'running', 'optimal'"):
             make(problem, subset, aggregation="fast")
-        with pytest.raises(ValueError, match="empirical-Fisher"):
-            make(problem, subset, backend=BackPackEF)
+        with pytest.warns(UserWarning, match="replaced by KFOCEFBackend"):
+            la = make(problem, subset, backend=BackPackEF)
+        assert la._backend_cls is KFOCEFBackend
         with pytest.warns(UserWarning, match="replaced by KFOCBackend"):
             la = make(problem, subset, backend=AsdlGGN)
         assert la._backend_cls is KFOCBackend

@@ -245,6 +245,10 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
                       ("mnist", "conv2")}  # fmt: skip
     sizes = {r["batch_size"] for r in outcome["results"] if r["dataset"] == "mnist"}
     assert sizes == {1, 10, 24}
+    meta = json.loads((tmp_path / "meta.json").read_text())["datasets"]
+    assert meta["boston"]["layers"] == {"layer1": "Linear 13→50", "layer2": "Linear 50→1"}
+    assert meta["mnist"]["layers"] == {"conv1": "Conv2d 1→6, 5×5", "conv2": "Conv2d 6→16, 5×5"}
+    assert meta["mnist"]["samples"] == 24
 
 
 def test_script_entry_point_runs_from_repo_root(tmp_path):
@@ -254,6 +258,41 @@ def test_script_entry_point_runs_from_repo_root(tmp_path):
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_outputs(tmp_path, ["boston"], seeds=1, timed=False)
+    assert "Full backward hook" not in proc.stderr
+    layers = json.loads((tmp_path / "meta.json").read_text())["datasets"]["boston"]["layers"]
+    assert layers == {"layer1": "Linear 13→50 + bias", "layer2": "Linear 50→1 + bias"}
+
+
+def test_plots_redraw_figures_from_reference_results(tmp_path, capsys):
+    from integration import plots
+
+    reference = REPO / "integration" / "reference" / "paper_results.json"
+    paths = plots.main([str(reference), "--datasets", "boston", "mnist", "--out", str(tmp_path)])
+    assert [p.name for p in paths] == ["figure_boston.png", "figure_mnist.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert capsys.readouterr().out.split() == [str(p) for p in paths]
+    records = json.loads(reference.read_text())
+    # no meta.json beside the reference: full data sets (MNIST's largest batch is 1000)
+    assert plots.samples_and_layers(records, "boston", None) == (506, None)
+    assert plots.samples_and_layers(records, "mnist", None) == (5000, None)
+    small = [dict(r, batch_size=min(r["batch_size"], 24)) for r in records]
+    assert plots.samples_and_layers(small, "mnist", None)[0] == 24  # a subset run
+    meta = {"datasets": {"boston": {"samples": 300, "layers": {"layer1": "L"}}}}
+    assert plots.samples_and_layers(records, "boston", meta) == (300, {"layer1": "L"})
+
+
+def test_plot_texts():
+    from integration import plots
+
+    assert plots.layer_title("layer1", "Linear 13→50") == "layer 1: Linear 13→50"
+    assert plots.layer_title("conv2", "Conv2d 6→16, 5×5") == "conv2: Conv2d 6→16, 5×5"
+    assert plots.layer_title("head", None) == "head"
+    assert "the 10 seeds 0–9" in plots.caption([10] * 4)
+    assert "minimum to maximum" in plots.caption([3])
+    assert "full batch" in plots.caption([3], full_batch=True)
+    assert "full batch" not in plots.caption([3])
+    assert plots._paper_layers("boston") == {"layer1": "Linear 13→50", "layer2": "Linear 50→1"}
+    assert plots._paper_layers("toy") == {}
 
 
 def test_with_bias_block_is_weight_and_bias():

@@ -1,4 +1,4 @@
-r"""Aggregation of K-FOC factors over the batches of a data set (DESIGN §2).
+r"""Aggregation of K-FOC factors over the batches of a data set (docs/conventions.md §4).
 
 For users of the plain BackPACK extensions:
 
@@ -28,12 +28,12 @@ import torch
 import tqdm
 from backpack import backpack, extend, memory_cleanup
 from backpack.context import CTX
-from backpack.extensions.backprop_extension import FAIL_ERROR, BackpropExtension
 from torch import Tensor
 from torch.nn import Module, Parameter
 from torch.utils.data import RandomSampler
 
-from kfoc_backpack.extensions.base import LayerTerms, kfac_scale_split
+from kfoc_backpack.collect.layers import LayerTerms, kfac_scale_split
+from kfoc_backpack.collect.route import BatchQuantities
 from kfoc_backpack.extensions.kfoc import KFOCTerms
 from kfoc_backpack.solver import (
     KroneckerAccumulator,
@@ -74,7 +74,7 @@ def extended(*modules: Module) -> Iterator[None]:
     """Extend ``modules`` with BackPACK inside the block and undo it afterwards.
 
     BackPACK's ``extend`` installs hooks in place, and an extended model no longer
-    works with ``torch.func`` (DESIGN §6). Here only the hooks this call installs are
+    works with ``torch.func`` (docs/conventions.md §6). Here only the hooks this call installs are
     removed again, so a model the user extended stays extended, and one that was not
     is left exactly as it was (inputs/outputs stored by BackPACK are deleted).
     """
@@ -300,6 +300,11 @@ class KroneckerTerm:
         """``(M, N)``: sizes of the left and right factors."""
         return self.left.shape[-1], self.right.shape[-1]
 
+    @property
+    def like(self) -> Tensor:
+        """A stored tensor, whose device and dtype the term has."""
+        return self.left
+
     def to_right(self, left: Tensor) -> Tensor:
         """``⟨L₀, L⟩ R₀``."""
         return (self.left * left).sum() * self.right
@@ -333,9 +338,12 @@ class OptimalFactors:
     stored: bool
 
 
-BatchRunner = Callable[[Tensor, Tensor, BackpropExtension], Tensor]
-"""``run(X, y, extension) -> loss``: forward and backward of one batch with the BackPACK
-``extension`` active (model and loss function extended); returns the detached loss."""
+BatchCollector = Callable[[object, Tensor], BatchQuantities]
+"""``collect(X, y) -> BatchQuantities``: one batch's loss, number of inputs and, per
+parameter name, :class:`LayerTerms` (weights) or ``[B]`` (biases)."""
+
+BatchSplitter = Callable[[object], tuple[object, Tensor]]
+"""``split(batch) -> (X, y)``: model input and targets of a batch from the loader."""
 
 
 @contextmanager
@@ -373,19 +381,6 @@ def _split_batch(batch: object) -> tuple[Tensor, Tensor]:
     )
 
 
-def _terms_bytes(terms: LayerTerms) -> int:
-    inner = terms.terms
-    tensors = [inner.samples] if hasattr(inner, "samples") else [inner.sqrt_out, inner.inputs]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _detached(terms: LayerTerms) -> object:
-    inner = terms.terms
-    if hasattr(inner, "samples"):
-        return type(inner)(inner.samples.detach())
-    return type(inner)(inner.sqrt_out.detach(), inner.inputs.detach())
-
-
 def _normalized(mat: Tensor) -> tuple[Tensor, Tensor]:
     norm = torch.linalg.matrix_norm(mat)
     return mat / torch.where(norm > 0, norm, torch.ones_like(norm)), norm
@@ -421,27 +416,26 @@ class _OptimalSolver:
 
     def __init__(
         self,
-        run_batch: BatchRunner,
+        collect: BatchCollector,
+        split: BatchSplitter,
         params: dict[str, Parameter],
         loader: Iterable,
         *,
-        exact: bool,
-        mc_samples: int,
+        stochastic: bool,
         reduction: str,
         options: SolverOptions,
         store_terms: bool | None,
         max_memory: int,
         seed: int | None,
         progress_bar: bool,
-        fail_mode: str,
     ):
-        self.run_batch, self.params, self.loader = run_batch, params, loader
-        self.exact, self.mc_samples, self.reduction = exact, mc_samples, reduction
+        self.collect, self.split, self.params, self.loader = collect, split, params, loader
+        self.stochastic, self.reduction = stochastic, reduction
         self.options, self.max_memory, self.progress_bar = options, max_memory, progress_bar
-        self.fail_mode, self.store_terms = fail_mode, store_terms
+        self.store_terms = store_terms
         self.store = store_terms is not False
         self.seed = seed
-        if not exact and seed is None:
+        if stochastic and seed is None:
             self.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.weights: dict[str, _WeightState] = {}
         self.biases: dict[str, Tensor] = {}
@@ -458,21 +452,14 @@ class _OptimalSolver:
         for index, batch in enumerate(
             tqdm.tqdm(self.loader, desc=desc, disable=not self.progress_bar)
         ):
-            X, y = _split_batch(batch)
-            ext = KFOCTerms(exact=self.exact, mc_samples=self.mc_samples, fail_mode=self.fail_mode)
-            if self.exact:
-                loss = self.run_batch(X, y, ext)
+            X, y = self.split(batch)
+            if not self.stochastic:
+                result = self.collect(X, y)
             else:  # the same labels in every pass: a per-batch seed, global RNG untouched
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(self.seed + index)
-                    loss = self.run_batch(X, y, ext)
-            quantities = {}
-            for name, param in self.params.items():
-                value = getattr(param, ext.savefield, None)
-                if value is not None:
-                    quantities[name] = value
-                    delattr(param, ext.savefield)
-            visit(_batch_size(X), loss, quantities)
+                    result = self.collect(X, y)
+            visit(result.num_samples, result.loss, result.quantities)
 
     def _scale(self, num: int) -> float:
         return 1.0 if self.reduction == "sum" else float(num)
@@ -506,14 +493,14 @@ class _OptimalSolver:
     def _keep(self, state: _WeightState, value: LayerTerms, scale: float) -> None:
         if not self.store:
             return
-        self.stored_bytes += _terms_bytes(value)
+        self.stored_bytes += value.terms.nbytes()
         if self.store_terms is None and self.stored_bytes > self.max_memory:
             self.store = False
             for other in self.weights.values():
                 other.terms.clear()
                 other.scales.clear()
             return
-        state.terms.append(_detached(value))
+        state.terms.append(value.terms.detach())
         state.scales.append(scale)
 
     def _add_prior(self, prior: dict[str, tuple[list[Tensor], int]]) -> int:
@@ -600,7 +587,7 @@ class _OptimalSolver:
             for state in self.weights.values():
                 self._solve_stored(state)
         else:
-            if not self.exact and isinstance(getattr(self.loader, "sampler", None), RandomSampler):
+            if self.stochastic and isinstance(getattr(self.loader, "sampler", None), RandomSampler):
                 warnings.warn(
                     "optimal_factors streams a shuffling loader with the Monte-Carlo Fisher: "
                     "each pass then pairs the per-batch label seeds with other inputs and the "
@@ -645,12 +632,12 @@ class _OptimalSolver:
 
 
 def solve_optimal(
-    run_batch: BatchRunner,
+    collect: BatchCollector,
     params: dict[str, Parameter],
     loader: Iterable,
     *,
-    exact: bool = True,
-    mc_samples: int = 1,
+    split: BatchSplitter | None = None,
+    stochastic: bool = False,
     reduction: str = "sum",
     init: dict[str, Tensor] | None = None,
     prior: dict[str, tuple[list[Tensor], int]] | None = None,
@@ -660,24 +647,24 @@ def solve_optimal(
     max_memory: int = DEFAULT_MAX_MEMORY,
     seed: int | None = None,
     progress_bar: bool = False,
-    fail_mode: str = FAIL_ERROR,
 ) -> OptimalFactors:
-    """Data-set-optimal K-FOC factors with a caller-supplied batch runner.
+    """Data-set-optimal K-FOC factors from a caller-supplied batch collector.
 
-    The engine of :func:`optimal_factors` and of laplace-torch's
-    ``aggregation="optimal"``. The first pass collects every batch's per-sample terms
-    (``KFOCTerms``), exact bias blocks and loss, and the warm start: the running
+    The engine of :func:`optimal_factors` (BackPACK's route) and of laplace-torch's
+    ``aggregation="optimal"`` (the hook route). The first pass collects every batch's
+    per-sample terms, exact bias blocks and loss, and the warm start: the running
     aggregate of the per-batch optima (or ``init``). Then, per weight, the power
     method for ``F = Σ_p s_p F_p (+ prior)`` runs over the terms kept in memory when
-    they fit, else over the data, two passes per iteration; Monte-Carlo labels are
-    re-drawn from the same per-batch seeds, so every pass sees the same Fisher.
+    they fit, else over the data, two passes per iteration; with a stochastic target
+    (Monte-Carlo labels) every batch is collected under a per-batch seed, so every
+    pass sees the same Fisher.
 
     Args:
-        run_batch: ``run(X, y, extension) -> loss``, see :data:`BatchRunner`.
+        collect: ``collect(X, y) -> BatchQuantities``, see :data:`BatchCollector`.
         params: The parameters to approximate, by name.
-        loader: Re-iterable batches ``(X, y)`` of tensors.
-        exact: Exact GGN (``True``) or Monte-Carlo Fisher.
-        mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
+        loader: Re-iterable batches.
+        split: ``split(batch) -> (X, y)`` (default: ``(X, y)`` pairs of tensors).
+        stochastic: Whether ``collect`` draws random labels (Monte-Carlo Fisher).
         reduction: The loss reduction per batch: ``"sum"`` (target ``Σ_p F_p``) or
             ``"mean"`` (target ``Σ_p n_p F_p / N``).
         init: Optional warm start ``[M, M]`` of the left factor per weight name
@@ -695,13 +682,12 @@ def solve_optimal(
         seed: Base seed of the Monte-Carlo labels (default: drawn from torch's
             global generator).
         progress_bar: Show a tqdm progress bar per pass.
-        fail_mode: BackPACK fail mode for parameterised layers K-FOC does not support.
 
     Returns:
         The optimal factors and diagnostics.
 
     Raises:
-        ValueError: For invalid arguments, an empty loader or non-tensor batches.
+        ValueError: For invalid arguments, an empty loader or malformed batches.
     """
     check_choice(reduction, "reduction", REDUCTIONS)
     if int(max_passes) != max_passes or max_passes < 1:
@@ -710,18 +696,17 @@ def solve_optimal(
         raise ValueError("prior is only supported with reduction='sum'.")
     init = {name: (v[0] if isinstance(v, (list, tuple)) else v) for name, v in (init or {}).items()}
     solver = _OptimalSolver(
-        run_batch,
+        collect,
+        _split_batch if split is None else split,
         dict(params),
         loader,
-        exact=exact,
-        mc_samples=mc_samples,
+        stochastic=stochastic,
         reduction=reduction,
         options=SolverOptions(tol=tol, max_iter=int(max_passes)),
         store_terms=store_terms,
         max_memory=max_memory,
         seed=seed,
         progress_bar=progress_bar,
-        fail_mode=fail_mode,
     )
     return solver.solve(init, dict(prior or {}), int(max_passes))
 
@@ -741,7 +726,7 @@ def optimal_factors(
     seed: int | None = None,
     progress_bar: bool = False,
 ) -> OptimalFactors:
-    """Frobenius-optimal K-FOC factors of a whole data set (DESIGN §2, ``"optimal"``).
+    """Frobenius-optimal K-FOC factors of a whole data set (docs/conventions.md §4, ``"optimal"``).
 
     For every trainable weight, the ``L_out ⊗ R_in`` closest to the data-set block of
     the GGN (``exact=True``, the ``KFOCExact`` target) or Monte-Carlo Fisher (the
@@ -786,19 +771,25 @@ def optimal_factors(
     check_choice(reduction, "lossfunc.reduction", REDUCTIONS)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
 
-    def run_batch(X: Tensor, y: Tensor, extension: BackpropExtension) -> Tensor:
+    def collect(X: Tensor, y: Tensor) -> BatchQuantities:
+        extension = KFOCTerms(exact=exact, mc_samples=mc_samples)
         with preserved_grads(params.values()), extended(model, lossfunc), torch.enable_grad():
             loss = lossfunc(model(X), y)
             with backpack(extension):
                 loss.backward()
-        return loss.detach()
+        quantities = {}
+        for name, param in params.items():
+            value = getattr(param, extension.savefield, None)
+            if value is not None:
+                quantities[name] = value
+                delattr(param, extension.savefield)
+        return BatchQuantities(loss.detach(), _batch_size(X), quantities)
 
     return solve_optimal(
-        run_batch,
+        collect,
         params,
         loader,
-        exact=exact,
-        mc_samples=mc_samples,
+        stochastic=not exact,
         reduction=reduction,
         init=init,
         tol=tol,

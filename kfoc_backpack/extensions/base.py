@@ -1,9 +1,12 @@
-"""Shared parts of the K-FOC module extensions: scale convention, bias block, checks."""
+"""Shared part of the K-FOC module extensions: BackPACK's hooks around the layer maths.
+
+The per-layer maths (per-sample terms, scale split, bias block) lives in
+:mod:`kfoc_backpack.collect.layers`, shared with the hook route.
+"""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backpack.core.derivatives.basederivatives import BaseDerivatives
@@ -11,81 +14,14 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms, SolverOptions
-from kfoc_backpack.solver._common import finalize
+from kfoc_backpack.collect.layers import LayerTerms, bias_block, kfac_scale_split, kfc_factors
+from kfoc_backpack.extensions.unsupported import module_path
+from kfoc_backpack.solver import KroneckerFactors
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
 
-
-@dataclass(frozen=True)
-class LayerTerms:
-    """The per-sample quantities of one weight, as stored by ``KFOCTerms``.
-
-    Attributes:
-        terms: The weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` in structured form.
-        input_trace: ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``, the trace K-FOC gives its
-            input-side factor (see :meth:`solve`).
-        kfac: K-FAC's factors ``(L, R)`` of the same block from the same samples;
-            for convolutions the KFC approximation (paper eq. 9),
-            ``Σ_{k,t} ds_{k,t} ds_{k,t}ᵀ ⊗ (1/(N·T)) Σ_{n,t} â_{n,t} â_{n,t}ᵀ``.
-            Only computed by ``KFOCTerms`` (``None`` inside the solving extensions).
-            Its *split* is the paper's: for convolutions its right factor is ``T``
-            times smaller (and its left ``T`` times larger) than the split of
-            :meth:`solve` and of BackPACK's ``KFAC``, whose right factor is
-            ``(1/N) Σ_n â_nᵀ â_n`` summed over the ``T`` positions; the products
-            are on the same (the dense block's) scale.
-    """
-
-    terms: OuterTerms | SampleTerms
-    input_trace: Tensor
-    kfac: tuple[Tensor, Tensor] | None
-
-    def solve(self, options: SolverOptions | None = None) -> KroneckerFactors:
-        """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.
-
-        K-FAC's input-side factor is the mean (over the ``N`` inputs of the batch) of
-        the unfolded input's second moment, ``R_KFAC = (1/N) Σ_n â_nᵀ â_n``; its
-        output-side factor carries everything else (the batch sum, the loss
-        reduction). K-FOC's factors are split so that ``tr(R_in) = tr(R_KFAC)``: they
-        are directly comparable with BackPACK's ``KFAC``/``KFLR`` factors and damping
-        (``√δ`` added to each factor) acts as it does for K-FAC.
-        """
-        return self.terms.solve(options, right_trace=self.input_trace)
-
-    def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
-        """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
-        return kfac_scale_split(factors, self.input_trace)
-
-
-def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:
-    """Rescale ``left ⊗ right`` (product unchanged) so that ``tr(right) = input_trace``.
-
-    Args:
-        factors: Factors of a Kronecker product, any scale split.
-        input_trace: Target trace of the right factor, K-FAC's
-            ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``.
-
-    Returns:
-        ``[left, right]`` in K-FAC's split (see :meth:`LayerTerms.solve`).
-    """
-    left, right = finalize(factors.left, factors.right, factors.left.dtype, right_trace=input_trace)
-    return [left, right]
-
-
-def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """K-FAC/KFC factors (paper eq. 9) of a layer with shared weights.
-
-    Args:
-        sqrt: ``[M, N, T, out]`` square-root GGN at the output positions.
-        inputs: ``[N, T, in]`` (unfolded) inputs at the same positions.
-
-    Returns:
-        ``(Σ_{m,n,t} ds ds ᵀ, (1/(N·T)) Σ_{n,t} â âᵀ)``.
-    """
-    flat_sqrt = sqrt.flatten(end_dim=2)
-    flat_inputs = inputs.flatten(end_dim=1)
-    return flat_sqrt.T @ flat_sqrt, flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
+__all__ = ["KFOCBaseModule", "LayerTerms", "kfac_scale_split", "kfc_factors"]
 
 
 class KFOCBaseModule(SqrtGGNBaseModule):
@@ -147,8 +83,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         Returns:
             ``[B]``, ``B`` of shape ``[C_out, C_out]``.
         """
-        sqrt = self.bias_sqrt(backproped).flatten(end_dim=1)
-        return [sqrt.T @ sqrt]
+        return [bias_block(self.bias_sqrt(backproped))]
 
     def bias_sqrt(self, backproped: Tensor) -> Tensor:
         """``[M, N, C_out]``: the square root summed over positions (per layer type)."""
@@ -159,8 +94,9 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         ext.log_solve(module, factors)
         if not factors.converged:
             warnings.warn(
-                f"{type(ext).__name__}: the power method for the weight of "
-                f"{module.__class__.__name__} stopped at max_iter={ext.solver_options.max_iter}"
+                f"{type(ext).__name__}: the power method for the weight "
+                f"{tuple(module.weight.shape)} of {module_path(module)} stopped at "
+                f"max_iter={ext.solver_options.max_iter}"
                 f" before reaching tol={ext.solver_options.tol:g}; the factors are the "
                 "last iterate. Increase max_iter for an optimal result.",
                 RuntimeWarning,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from backpack.core.derivatives.conv1d import Conv1DDerivatives
 from backpack.core.derivatives.conv2d import Conv2DDerivatives
 from backpack.core.derivatives.conv3d import Conv3DDerivatives
@@ -12,8 +11,8 @@ from backpack.utils.conv import unfold_input
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d
 
-from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms, kfc_factors
-from kfoc_backpack.solver import SampleTerms
+from kfoc_backpack.collect.layers import conv_terms
+from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -38,47 +37,11 @@ class KFOCConvNd(KFOCBaseModule):
         derivatives = {1: Conv1DDerivatives, 2: Conv2DDerivatives, 3: Conv3DDerivatives}
         super().__init__(derivatives[dim]())
 
-    def check_hyperparameters_module_extension(
-        self, ext: KFOCBase, module: ConvNd, g_inp: tuple[Tensor, ...], g_out: tuple
-    ) -> None:
-        """Reject convolution settings the unfolding does not represent.
-
-        Raises:
-            NotImplementedError: For ``groups ≠ 1``, string padding or a padding mode
-                other than ``'zeros'``.
-        """
-        name = f"{type(ext).__name__}: {module.__class__.__name__}"
-        if module.groups != 1:
-            raise NotImplementedError(
-                f"{name} with groups={module.groups} is not supported; K-FOC supports "
-                "convolutions with groups=1 (any stride, padding and dilation)."
-            )
-        if isinstance(module.padding, str):
-            raise NotImplementedError(
-                f"{name} with padding={module.padding!r} is not supported; pass the "
-                "padding as integers."
-            )
-        if module.padding_mode != "zeros":
-            raise NotImplementedError(
-                f"{name} with padding_mode={module.padding_mode!r} is not supported; "
-                "K-FOC supports padding_mode='zeros'."
-            )
-
     def layer_terms(self, ext: KFOCBase, module: ConvNd, backproped: Tensor) -> LayerTerms:
         """Per-sample quantities; ``backproped`` is ``[M, N, C_out, *spatial_out]``."""
         unfolded = unfold_input(module, module.input0)  # [N, C_in·Πkernel, T]
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
-        # X_{m,n} = Ds_{m,n} â_nᵀ, one batched product over the inputs, then stored
-        # output-major ([C_out, M·N, ·]) so the solver needs no copy of it
-        if sqrt.shape[0] == 1:  # Monte-Carlo with one sample: few operations
-            prods = torch.bmm(sqrt[0], unfolded.mT).unsqueeze(0)  # [1, N, C_out, ·]
-            out_major = prods.permute(2, 0, 1, 3).contiguous()
-        else:  # einsum contracts batched over N with M·C_out rows, no copy of the input
-            out_major = torch.einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
-        samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
-        input_trace = unfolded.square().sum() / unfolded.shape[0]
-        kfac = None if ext.solves else kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2))
-        return LayerTerms(SampleTerms(samples), input_trace, kfac)
+        return conv_terms(unfolded, sqrt, with_kfac=not ext.solves)
 
     def bias_sqrt(self, backproped: Tensor) -> Tensor:
         """Sum ``[M, N, C_out, *spatial]`` over the output positions."""

@@ -12,13 +12,16 @@ from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
+from kfoc_backpack.collect.registry import conv_problem
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
 from kfoc_backpack.extensions.module_map import (
+    sqrt_ggn_conv_extensions,
     sqrt_ggn_module_extensions,
     unsupported_param_module_extensions,
 )
 from kfoc_backpack.extensions.unsupported import (
+    SkippedConvModule,
     UnsupportedParamsModule,
     handle_unsupported,
 )
@@ -111,6 +114,9 @@ class KFOCBase(SqrtGGN):
             Conv3d: KFOCConv3d(),
         }
         self._known_layers = frozenset(module_exts)
+        self._skipped_convs = {
+            layer: SkippedConvModule(inner) for layer, inner in sqrt_ggn_conv_extensions().items()
+        }
         SecondOrderBackpropExtension.__init__(
             self, savefield=savefield, module_exts=module_exts, fail_mode=fail_mode
         )
@@ -121,9 +127,18 @@ class KFOCBase(SqrtGGN):
         return self._mc_samples
 
     def __call__(self, module: Module, g_inp, g_out) -> None:
-        """Run the module extension; reject unknown layers that have parameters."""
+        """Run the module extension; apply ``fail_mode`` to unsupported layers.
+
+        A convolution in a setting K-FOC does not support (``groups≠1``, string
+        padding, a padding mode other than ``'zeros'``) gets no quantities: it raises
+        (``'ERROR'``), or is skipped with a warning (``'WARNING'``) or silently, and
+        backpropagated through by autograd (:class:`SkippedConvModule`).
+        """
         if type(module) not in self._known_layers:
             handle_unsupported(self, module)
+        elif type(module) in self._skipped_convs and conv_problem(module) is not None:
+            self._skipped_convs[type(module)](self, module, g_inp, g_out)
+            return
         super().__call__(module, g_inp, g_out)
 
     def log_solve(self, module: Module, factors: KroneckerFactors) -> None:

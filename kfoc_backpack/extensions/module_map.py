@@ -14,6 +14,7 @@ from backpack.extensions.mat_to_mat_jac_base import MatToJacMat
 from backpack.extensions.secondorder.sqrt_ggn import (
     activations,
     batchnorm_nd,
+    convnd,
     convtransposend,
     custom_module,
     dropout,
@@ -77,4 +78,18 @@ def unsupported_param_module_extensions() -> dict[type[nn.Module], MatToJacMat]:
         nn.ConvTranspose1d: convtransposend.SqrtGGNConvTranspose1d(),
         nn.ConvTranspose2d: convtransposend.SqrtGGNConvTranspose2d(),
         nn.ConvTranspose3d: convtransposend.SqrtGGNConvTranspose3d(),
+    }
+
+
+def sqrt_ggn_conv_extensions() -> dict[type[nn.Module], MatToJacMat]:
+    """BackPACK's ``SqrtGGN`` module extensions of the convolutions.
+
+    Wrapped by ``SkippedConvModule`` for a convolution whose setting K-FOC does not
+    support (``groups≠1``, string padding, non-zero padding mode) when ``fail_mode``
+    skips it.
+    """
+    return {
+        nn.Conv1d: convnd.SqrtGGNConv1d(),
+        nn.Conv2d: convnd.SqrtGGNConv2d(),
+        nn.Conv3d: convnd.SqrtGGNConv3d(),
     }

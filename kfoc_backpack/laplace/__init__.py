@@ -6,12 +6,13 @@ Importing this package (``import kfoc_backpack`` does) registers
 """
 
 from kfoc_backpack.laplace.aggregate import AGGREGATIONS, fit_factors
-from kfoc_backpack.laplace.backend import KFOCBackend, check_supported_layers
+from kfoc_backpack.laplace.backend import KFOCBackend, KFOCEFBackend, check_supported_layers
 from kfoc_backpack.laplace.laplace import KFOCLaplace, KFOCLLLaplace
 
 __all__ = [
     "AGGREGATIONS",
     "KFOCBackend",
+    "KFOCEFBackend",
     "KFOCLLLaplace",
     "KFOCLaplace",
     "check_supported_layers",

@@ -20,7 +20,7 @@ from kfoc_backpack.extensions.accumulate import (
     check_choice,
     solve_optimal,
 )
-from kfoc_backpack.laplace.backend import KFOCBackend, check_tensor_input, zero_block
+from kfoc_backpack.laplace.backend import KFOCKronMixin, batch_inputs, zero_block
 
 AGGREGATIONS = ("approx", "running", "optimal")
 """Aggregations over batches: K-FOC_approx, K-FOC_running, the data-set optimum."""
@@ -38,17 +38,13 @@ def check_aggregation(aggregation: str) -> str:
     return check_choice(aggregation, "aggregation", AGGREGATIONS)
 
 
-def _to_device(batch: object, device: torch.device, owner: str) -> tuple[Tensor, Tensor]:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        check_tensor_input(batch, owner)
-        raise ValueError(f"{owner} needs batches (X, y), got {type(batch).__name__}.")
-    X, y = batch
-    check_tensor_input(X, owner)
-    return X.to(device), y.to(device)
+def _to_device(x: object, device: torch.device) -> object:
+    """Move a tensor input to ``device``; dict-like inputs stay as they are (laplace-torch)."""
+    return x.to(device) if isinstance(x, Tensor) else x
 
 
 def fit_factors(
-    backend: KFOCBackend,
+    backend: KFOCKronMixin,
     loader: Iterable,
     aggregation: str = "running",
     *,
@@ -65,8 +61,9 @@ def fit_factors(
 
     Args:
         backend: The curvature backend (its model, likelihood, MC or exact GGN).
-        loader: Batches ``(X, y)`` of tensors.
-        aggregation: ``"approx"``, ``"running"`` or ``"optimal"`` (DESIGN §2).
+        loader: Batches ``(X, y)`` or dict-like batches (``backend.dict_key_y`` holds
+            the targets).
+        aggregation: ``"approx"``, ``"running"`` or ``"optimal"`` (``docs/conventions.md`` §4).
         prior: Raw blocks of earlier data to include (online fit).
         check_batch: Called with every batch before its curvature is computed.
         progress_bar: Show a tqdm progress bar.
@@ -87,23 +84,20 @@ def fit_factors(
     device = next(iter(params.values())).device
     prior = prior or {}
 
-    def prepared(batch: object) -> tuple[Tensor, Tensor]:
-        X, y = _to_device(batch, device, owner)
+    def prepared(batch: object) -> tuple[object, Tensor]:
+        X, y = batch_inputs(batch, backend.dict_key_x, backend.dict_key_y, owner)
+        X, y = _to_device(X, device), y.to(device)
         if check_batch is not None:
             check_batch(X, y)
         return X, y
 
     if aggregation == "optimal":
-
-        def run(X: Tensor, y: Tensor, extension: object) -> Tensor:
-            return backend.run_batch(*prepared((X, y)), extension)
-
         result = solve_optimal(
-            run,
+            backend.collect,
             params,
             loader,
-            exact=not backend.stochastic,
-            mc_samples=backend.num_samples,
+            split=prepared,
+            stochastic=backend.stochastic,
             reduction="sum",
             prior=prior,
             tol=tol,
@@ -124,12 +118,11 @@ def fit_factors(
     pbar = tqdm.tqdm(loader, disable=not progress_bar)
     pbar.set_description("[Computing Hessian]")
     for batch in pbar:
-        X, y = prepared(batch)
-        batch_loss, blocks = backend.kfoc(X, y)
+        batch_loss, blocks, num = backend.kfoc(*prepared(batch))
         loss = loss + batch_loss
-        num_samples += X.shape[0]
+        num_samples += num
         for name, block in zip(params, blocks):
-            accumulators[name].update(block, X.shape[0], 1.0)
+            accumulators[name].update(block, num, 1.0)
     results = []
     for name, param in params.items():
         acc = accumulators[name]

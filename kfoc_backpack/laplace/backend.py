@@ -1,96 +1,71 @@
-"""``KFOCBackend``: a laplace-torch curvature backend with K-FOC Kronecker factors.
+"""``KFOCBackend`` and ``KFOCEFBackend``: laplace-torch curvature backends with K-FOC factors.
 
-``kron()`` returns, per parameter, K-FOC's Frobenius-optimal ``[L_out, R_in]`` for
-weights and the exact block ``[B]`` for biases, in laplace-torch's ``Kron`` layout and
-scaling (the same as ``BackPackGGN.kron``: the loss is summed over the batch, the
-input-side factor is rescaled by ``M/N`` so that factor-wise sums over batches
+``kron()`` returns, per trainable parameter, K-FOC's Frobenius-optimal ``[L_out, R_in]``
+for weights and the exact block ``[B]`` for biases, in laplace-torch's ``Kron`` layout
+and scaling (the same as its default backend's: the loss is summed over the batch,
+the input-side factor is rescaled by ``M/N`` so that factor-wise sums over batches
 approximate the data set, and the likelihood ``factor`` is spread over both
-factors). The other methods (``diag``, ``jacobians``, ``gradients``, ``full``)
-compute what the BackPACK backend computes, but
+factors). The per-sample quantities come from the hook route
+(:class:`~kfoc_backpack.collect.route.TermCollector`), so every model laplace-torch's
+``kron`` fits works: ``nn.Module`` subclasses, residual sums, attention blocks with
+frozen attention weights, frozen BatchNorm, dict inputs. The other methods
+(``jacobians``, ``gradients``, ``diag``, ``full``) are laplace-torch's own
+``torch.func`` implementations.
 
-* the model is extended with BackPACK only during each call (a model extended by
-  BackPACK breaks ``torch.func``, and laplace-torch special-cases BackPACK backends by
-  class and name — DESIGN §6); ``.grad`` of the parameters is left untouched;
-* only trainable parameters count, so models with frozen parameters (a last-layer
-  Laplace on a frozen backbone, a frozen feature extractor) work.
+Only trainable parameters count, so frozen parameters (a last-layer Laplace on a
+frozen backbone, a frozen feature extractor) are fine; ``.grad`` is left untouched.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
 import torch
-from backpack import backpack
-from backpack.extensions import BatchGrad, DiagGGNExact, DiagGGNMC
-from laplace.curvature import GGNInterface
+from laplace.curvature import EFInterface, GGNInterface
 from laplace.utils import Kron
 from torch import Tensor
-from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module, Parameter
+from torch.nn import Module, Parameter
 
 from kfoc_backpack._compat import supported_kwargs
-from kfoc_backpack.extensions import KFOC, KFOCExact
-from kfoc_backpack.extensions.accumulate import extended, preserved_grads
-from kfoc_backpack.extensions.unsupported import SUPPORTED_LAYERS
-from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL
-
-SUPPORTED_LAYER_TYPES = (Linear, Conv1d, Conv2d, Conv3d)
-
-_DICT_MESSAGE = (
-    "{owner} needs batches (X, y) of tensors: BackPACK, which K-FOC builds on, does not "
-    "support dict-like inputs (got {kind}). Use hessian_structure='kron' with "
-    "backend=CurvlinopsGGN or AsdlGGN for models with dict-like inputs."
-)
-
-
-def check_tensor_input(x: object, owner: str = "KFOCBackend") -> None:
-    """Reject dict-like or other non-tensor inputs with a clear message.
-
-    Raises:
-        ValueError: If ``x`` is not a tensor.
-    """
-    if not isinstance(x, Tensor):
-        kind = "a dict-like input" if isinstance(x, MutableMapping) else type(x).__name__
-        raise ValueError(_DICT_MESSAGE.format(owner=owner, kind=kind))
+from kfoc_backpack.collect.layers import LayerTerms
+from kfoc_backpack.collect.registry import trainable_layers
+from kfoc_backpack.collect.route import BatchQuantities, TermCollector
+from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, SolverOptions
 
 
 def check_supported_layers(module: Module, owner: str = "KFOCBackend") -> None:
-    """Check that every layer with trainable parameters has K-FOC factors.
-
-    Layers are matched by exact type, as BackPACK matches them; convolutions need
-    ``groups=1``, integer padding and ``padding_mode='zeros'``.
-
-    Args:
-        module: The module whose trainable parameters get curvature.
-        owner: Name used in the error message.
+    """Check, before any work, that every layer with trainable parameters has factors.
 
     Raises:
-        NotImplementedError: Naming the first unsupported layer and what is supported.
+        NotImplementedError: Naming the first unsupported layer (module path and
+            type), what is supported and the ways out.
     """
-    for name, sub in module.named_modules():
-        if not any(p.requires_grad for p in sub.parameters(recurse=False)):
-            continue
-        where = f"layer '{name}' ({type(sub).__name__})" if name else type(sub).__name__
-        if type(sub) not in SUPPORTED_LAYER_TYPES:
-            raise NotImplementedError(
-                f"{owner}: {where} has trainable parameters but no K-FOC factors. "
-                f"Supported parameterised layers: {SUPPORTED_LAYERS}. Freeze its "
-                "parameters (requires_grad=False) or use subset_of_weights='last_layer'."
+    trainable_layers(module, owner)
+
+
+def batch_inputs(batch: object, dict_key_x: str, dict_key_y: str, owner: str) -> tuple[Any, Tensor]:
+    """Split a batch into model input and targets, as laplace-torch's ``fit`` does.
+
+    ``(X, y)`` pairs, or dict-like batches (Hugging Face style) whose whole mapping is
+    the model input and ``batch[dict_key_y]`` the targets.
+
+    Raises:
+        ValueError: For another kind of batch.
+    """
+    if isinstance(batch, MutableMapping):
+        if dict_key_y not in batch:
+            raise ValueError(
+                f"{owner}: dict-like batch without the target key {dict_key_y!r} "
+                f"(keys: {list(batch)}); set dict_key_y."
             )
-        if isinstance(sub, Linear):
-            continue
-        problem = None
-        if sub.groups != 1:
-            problem = f"groups={sub.groups}"
-        elif isinstance(sub.padding, str):
-            problem = f"padding={sub.padding!r}"
-        elif sub.padding_mode != "zeros":
-            problem = f"padding_mode={sub.padding_mode!r}"
-        if problem is not None:
-            raise NotImplementedError(
-                f"{owner}: {where} with {problem} is not supported; K-FOC supports "
-                "convolutions with groups=1, integer padding and padding_mode='zeros'."
-            )
+        return batch, batch[dict_key_y]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"{owner} needs batches (X, y) or dict-like batches, got {type(batch).__name__}."
+    )
 
 
 def zero_block(param: Tensor) -> list[Tensor]:
@@ -102,25 +77,118 @@ def zero_block(param: Tensor) -> list[Tensor]:
     return [torch.zeros(out, out, **kw), torch.zeros(fan_in, fan_in, **kw)]
 
 
-class KFOCBackend(GGNInterface):
-    """laplace-torch curvature backend whose ``kron()`` returns K-FOC factors.
+class KFOCKronMixin:
+    """K-FOC's ``kron()`` for a laplace-torch curvature interface.
+
+    The host class sets :attr:`curvature` (``"ggn"``, ``"mc"`` or ``"ef"``),
+    :attr:`num_samples` and :attr:`solver_options`, and calls :meth:`_init_kfoc`.
+    """
+
+    curvature: str
+    num_samples: int
+    solver_options: SolverOptions
+
+    def _init_kfoc(self) -> None:
+        self.collector = TermCollector(
+            self._model,
+            self.lossfunc,
+            self.curvature,
+            self.num_samples,
+            forward=self.model,
+            owner=type(self).__name__,
+            last_layer_hint=not self.last_layer,
+        )
+
+    @property
+    def named_trainable(self) -> dict[str, Parameter]:
+        """Trainable parameters that get curvature, by name, in laplace's order."""
+        return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
+
+    def collect(self, x: Any, y: Tensor) -> BatchQuantities:
+        """Per-sample quantities of one batch for the summed loss (no ``factor``)."""
+        return self.collector(x, y)
+
+    def kfoc(self, x: Any, y: Tensor) -> tuple[Tensor, list[list[Tensor]], int]:
+        """K-FOC factors of one batch for the summed loss, without rescaling.
+
+        Args:
+            x: ``[M, *]`` inputs (or a dict-like batch).
+            y: Targets.
+
+        Returns:
+            ``(loss, blocks, M)``: the summed loss, per trainable parameter
+            ``[L_out, R_in]`` with ``L_out ⊗ R_in`` optimal for the batch's block of
+            the curvature of the *summed* loss and ``tr(R_in) = (1/M) Σ_m ‖â_m‖²``
+            (K-FAC's split), or ``[B]``; and the number of inputs ``M``.
+            laplace-torch's ``factor`` is not applied.
+        """
+        batch = self.collect(x, y)
+        blocks = []
+        for name, param in self.named_trainable.items():
+            value = batch.quantities.get(name)
+            if value is None:  # not used by the forward pass
+                blocks.append(zero_block(param))
+            elif isinstance(value, LayerTerms):
+                factors = value.solve(self.solver_options)
+                if not factors.converged:
+                    warnings.warn(
+                        f"{type(self).__name__}: the power method for '{name}' "
+                        f"{tuple(param.shape)} stopped at max_iter="
+                        f"{self.solver_options.max_iter} before reaching "
+                        f"tol={self.solver_options.tol:g}; the factors are the last iterate. "
+                        "Increase max_iter (backend_kwargs) for an optimal result.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                blocks.append(value.kfoc(factors))
+            else:
+                blocks.append(value)
+        return batch.loss, blocks, batch.num_samples
+
+    def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
+        """K-FOC factors of one batch in laplace-torch's ``Kron`` layout and scaling.
+
+        Args:
+            x: ``[M, *]`` inputs (or a dict-like batch).
+            y: Targets.
+            N: Number of data points of the whole data set.
+            **kwargs: Ignored (laplace-torch passes backend-specific options).
+
+        Returns:
+            ``(factor · loss, factor · Kron)``; weights' ``R_in`` carry ``M/N`` like
+            laplace-torch's default backend, so that factor-wise sums over the batches
+            give K-FOC_approx of the data set.
+        """
+        loss, blocks, num = self.kfoc(x, y)
+        for block in blocks:
+            if len(block) == 2:
+                block[1] = block[1] * (num / N)
+        return self.factor * loss, Kron(blocks) * self.factor
+
+
+def _options(tol: float, max_iter: int) -> SolverOptions:
+    return SolverOptions(tol=tol, max_iter=max_iter)
+
+
+class KFOCBackend(KFOCKronMixin, GGNInterface):
+    """laplace-torch curvature backend whose ``kron()`` returns K-FOC factors of the GGN.
 
     Use it wherever laplace-torch takes a backend, e.g.
     ``Laplace(model, "classification", hessian_structure="kron",
     backend=KFOCBackend)``, or through ``hessian_structure="kfoc"``
     (:class:`~kfoc_backpack.laplace.KFOCLaplace`), which adds aggregation over
     batches. ``backend_kwargs={"stochastic": True}`` gives the Monte-Carlo Fisher
-    (``num_samples`` labels per input) instead of the exact GGN, as for
-    ``BackPackGGN``.
+    (``num_samples`` labels per input, torch's global generator) instead of the
+    exact GGN, as for laplace-torch's GGN backends.
 
     Args:
         model: The model (or laplace-torch's ``FeatureExtractor``).
         likelihood: ``"classification"`` or ``"regression"``.
         last_layer: Curvature of the last layer only.
         subnetwork_indices: Indices into the trainable parameters (``diag``,
-            ``jacobians`` and ``gradients`` only, as for BackPACK).
-        dict_key_x: Accepted for laplace-torch; dict-like inputs are rejected.
-        dict_key_y: Accepted for laplace-torch; dict-like inputs are rejected.
+            ``jacobians`` and ``gradients`` only).
+        dict_key_x: Key of the model input in dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
         stochastic: Monte-Carlo Fisher (``True``) or exact GGN (default).
         num_samples: Sampled labels per input for the Monte-Carlo Fisher.
         tol: Tolerance of the per-batch K-FOC solves.
@@ -155,199 +223,45 @@ class KFOCBackend(GGNInterface):
             "num_samples": int(num_samples),
         }
         super().__init__(model, likelihood, **supported_kwargs(GGNInterface.__init__, kwargs))
-        self.last_layer = last_layer
-        self.subnetwork_indices = subnetwork_indices
-        self.stochastic = stochastic
-        self.num_samples = int(num_samples)
-        self.tol = tol
-        self.max_iter = max_iter
-        check_supported_layers(self._model, type(self).__name__)
+        self.last_layer, self.subnetwork_indices = last_layer, subnetwork_indices
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self.stochastic, self.num_samples = stochastic, int(num_samples)
+        self.curvature = "mc" if stochastic else "ggn"
+        self.solver_options = _options(tol, max_iter)
+        self._init_kfoc()
 
-    # ----------------------------------------------------------------------------------
-    # helpers
-    # ----------------------------------------------------------------------------------
 
-    @property
-    def named_trainable(self) -> dict[str, Parameter]:
-        """Trainable parameters that get curvature, by name, in laplace's order."""
-        return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
+class KFOCEFBackend(KFOCKronMixin, EFInterface):
+    """laplace-torch backend whose ``kron()`` returns K-FOC factors of the empirical Fisher.
 
-    def _outputs_targets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.model(x)
-        if self.likelihood == "regression":
-            return f, y
-        return f.view(-1, f.size(-1)), y.view(-1)
+    ``F = Σ_n vec(G_n) vec(G_n)ᵀ`` per weight, ``G_n`` the gradient of input ``n``'s
+    loss at its true label. :class:`~kfoc_backpack.laplace.KFOCLaplace` uses it when
+    given one of laplace-torch's empirical-Fisher backends (``CurvlinopsEF``,
+    ``AsdlEF``, ``BackPackEF``). Arguments as :class:`KFOCBackend`, without the
+    Monte-Carlo ones.
+    """
 
-    def run_batch(self, x: Tensor, y: Tensor, extension: Any) -> Tensor:
-        """Forward and backward of one batch with a BackPACK ``extension`` active.
-
-        Only ``self._model`` (the last layer for last-layer Laplace) and the loss are
-        extended, and only for the duration of the call.
-
-        Args:
-            x: ``[N, *]`` inputs.
-            y: Targets.
-            extension: A BackPACK extension (e.g. ``KFOCExact()``).
-
-        Returns:
-            The summed loss, detached, without laplace-torch's ``factor``.
-        """
-        check_tensor_input(x, type(self).__name__)
-        params = list(self.named_trainable.values())
-        with preserved_grads(params), extended(self._model, self.lossfunc), torch.enable_grad():
-            loss = self.lossfunc(*self._outputs_targets(x, y))
-            with backpack(extension):
-                loss.backward()
-        return loss.detach()
-
-    def _collect(self, savefield: str) -> list[list[Tensor]]:
-        """Read (and remove) ``savefield`` of every trainable parameter."""
-        blocks = []
-        for param in self.named_trainable.values():
-            value = getattr(param, savefield, None)
-            if value is None:  # the parameter is not used by the forward pass
-                blocks.append(zero_block(param))
-                continue
-            delattr(param, savefield)
-            blocks.append(list(value) if isinstance(value, (list, tuple)) else [value])
-        return blocks
-
-    def kfoc_extension(self) -> KFOC | KFOCExact:
-        """Return the BackPACK extension for one batch's K-FOC factors."""
-        if self.stochastic:
-            return KFOC(mc_samples=self.num_samples, tol=self.tol, max_iter=self.max_iter)
-        return KFOCExact(tol=self.tol, max_iter=self.max_iter)
-
-    # ----------------------------------------------------------------------------------
-    # curvature
-    # ----------------------------------------------------------------------------------
-
-    def kfoc(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
-        """K-FOC factors of one batch for the summed loss, without rescaling.
-
-        Args:
-            x: ``[M, *]`` inputs.
-            y: Targets.
-
-        Returns:
-            ``(loss, blocks)``: the summed loss and, per trainable parameter,
-            ``[L_out, R_in]`` with ``L_out ⊗ R_in`` optimal for the batch's GGN (or
-            MC Fisher) block of the *summed* loss and ``tr(R_in) = (1/M) Σ_m ‖â_m‖²``
-            (K-FAC's split), or ``[B]``. laplace-torch's ``factor`` is not applied.
-        """
-        ext = self.kfoc_extension()
-        loss = self.run_batch(x, y, ext)
-        return loss, self._collect(ext.savefield)
-
-    def kron(self, x: Tensor, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
-        """K-FOC factors of one batch in laplace-torch's ``Kron`` layout and scaling.
-
-        Args:
-            x: ``[M, *]`` inputs.
-            y: Targets.
-            N: Number of data points of the whole data set.
-            **kwargs: Ignored (laplace-torch passes backend-specific options).
-
-        Returns:
-            ``(factor · loss, factor · Kron)``; weights' ``R_in`` carry ``M/N`` like
-            ``BackPackGGN``'s, so that factor-wise sums over the batches give
-            K-FOC_approx of the data set.
-        """
-        loss, blocks = self.kfoc(x, y)
-        ratio = x.shape[0] / N
-        for block in blocks:
-            if len(block) == 2:
-                block[1] = block[1] * ratio
-        return self.factor * loss, Kron(blocks) * self.factor
-
-    def diag(self, x: Tensor, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Diagonal of the GGN (or MC Fisher) of one batch, as ``BackPackGGN.diag``.
-
-        Returns:
-            ``(factor · loss, factor · diag)`` with ``diag`` of shape ``[P]``.
-        """
-        ext = DiagGGNMC(mc_samples=self.num_samples) if self.stochastic else DiagGGNExact()
-        loss = self.run_batch(x, y, ext)
-        diag = torch.cat([block[0].flatten() for block in self._collect_diag(ext.savefield)])
-        if self.subnetwork_indices is not None:
-            diag = diag[self.subnetwork_indices]
-        return self.factor * loss, self.factor * diag
-
-    def _collect_diag(self, savefield: str) -> list[list[Tensor]]:
-        blocks = []
-        for param in self.named_trainable.values():
-            value = getattr(param, savefield, None)
-            if value is None:
-                value = torch.zeros_like(param)
-            else:
-                delattr(param, savefield)
-            blocks.append([value])
-        return blocks
-
-    # ----------------------------------------------------------------------------------
-    # first order
-    # ----------------------------------------------------------------------------------
-
-    def jacobians(
-        self, x: Tensor | MutableMapping, enable_backprop: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """Jacobians of the outputs w.r.t. the trainable parameters (BackPACK ``BatchGrad``).
-
-        Args:
-            x: ``[B, *]`` inputs.
-            enable_backprop: Keep the graph through ``Js`` and ``f``.
-
-        Returns:
-            ``(Js, f)``: ``[B, C, P]`` Jacobians and ``[B, C]`` outputs.
-        """
-        check_tensor_input(x, type(self).__name__)
-        params = list(self.named_trainable.values())
-        input_grad = x.grad.detach().clone() if x.is_leaf and x.grad is not None else None
-        columns, f = [], None
-        with preserved_grads(params), extended(self._model), torch.enable_grad():
-            num_outputs = 1
-            index = 0
-            while index < num_outputs:
-                out = self.model(x)
-                if f is None:
-                    f = out
-                    if out.dim() != 2:
-                        raise ValueError(
-                            f"{type(self).__name__}.jacobians needs outputs of shape "
-                            f"[batch, outputs], got {tuple(out.shape)}."
-                        )
-                    num_outputs = out.shape[1]
-                with backpack(BatchGrad()):
-                    out[:, index].sum().backward(
-                        create_graph=enable_backprop, retain_graph=enable_backprop
-                    )
-                columns.append(self._grad_batch(params, x.shape[0]))
-                index += 1
-        if x.is_leaf and x.requires_grad:
-            x.grad = input_grad
-        Js = torch.stack(columns, dim=1)
-        return (Js, f) if enable_backprop else (Js.detach(), f.detach())
-
-    def _grad_batch(self, params: list[Parameter], batch: int) -> Tensor:
-        grads = []
-        for param in params:
-            value = getattr(param, "grad_batch", None)
-            if value is None:
-                value = param.new_zeros(batch, param.numel())
-            else:
-                delattr(param, "grad_batch")
-            grads.append(value.reshape(batch, -1))
-        grads = torch.cat(grads, dim=1)
-        if self.subnetwork_indices is not None:
-            grads = grads[:, self.subnetwork_indices]
-        return grads
-
-    def gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample gradients of the summed loss (BackPACK ``BatchGrad``).
-
-        Returns:
-            ``(Gs, loss)``: ``[B, P]`` gradients and the summed loss.
-        """
-        loss = self.run_batch(x, y, BatchGrad())
-        params = list(self.named_trainable.values())
-        return self._grad_batch(params, x.shape[0]), loss
+    def __init__(
+        self,
+        model: Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+    ):
+        kwargs = {
+            "last_layer": last_layer,
+            "subnetwork_indices": subnetwork_indices,
+            "dict_key_x": dict_key_x,
+            "dict_key_y": dict_key_y,
+        }
+        super().__init__(model, likelihood, **supported_kwargs(EFInterface.__init__, kwargs))
+        self.last_layer, self.subnetwork_indices = last_layer, subnetwork_indices
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self.stochastic, self.num_samples = False, 1
+        self.curvature = "ef"
+        self.solver_options = _options(tol, max_iter)
+        self._init_kfoc()

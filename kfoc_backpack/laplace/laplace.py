@@ -10,7 +10,6 @@ dicts — is laplace-torch's ``KronLaplace`` machinery on K-FOC's factors.
 from __future__ import annotations
 
 import warnings
-from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -28,42 +27,41 @@ from kfoc_backpack.extensions.accumulate import DEFAULT_MAX_MEMORY
 from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
 from kfoc_backpack.laplace.backend import (
     KFOCBackend,
+    KFOCEFBackend,
+    KFOCKronMixin,
+    batch_inputs,
     check_supported_layers,
-    check_tensor_input,
     zero_block,
 )
 
 
-def resolve_backend(backend: type[CurvatureInterface] | None) -> type[KFOCBackend]:
+def resolve_backend(backend: type[CurvatureInterface] | None) -> type[KFOCKronMixin]:
     """Return the backend class a K-FOC Laplace uses for ``backend``.
 
-    ``None`` and subclasses of :class:`KFOCBackend` are used as they are. Another
-    GGN backend (e.g. ``AsdlGGN``, the default ``marglik_training`` passes on) is
-    replaced by ``KFOCBackend`` with a warning: K-FOC's factors come from BackPACK.
+    ``None`` gives :class:`KFOCBackend`; subclasses of :class:`KFOCBackend` or
+    :class:`KFOCEFBackend` are used as they are. Another GGN backend (e.g. ``AsdlGGN``,
+    which ``marglik_training`` passes on) is replaced by ``KFOCBackend``, an
+    empirical-Fisher backend (``CurvlinopsEF``, ``AsdlEF``, ``BackPackEF``) by
+    ``KFOCEFBackend``, with a warning naming the replacement: K-FOC's factors come
+    from its own collection of per-sample quantities.
 
     Raises:
-        ValueError: For an empirical-Fisher backend (K-FOC approximates the GGN or
-            the Monte-Carlo Fisher) or something that is not a backend class.
+        ValueError: For something that is not a laplace-torch curvature class.
     """
     if backend is None:
         return KFOCBackend
     if not isinstance(backend, type) or not issubclass(backend, CurvatureInterface):
         raise ValueError(f"backend must be a laplace-torch curvature class, got {backend!r}.")
-    if issubclass(backend, KFOCBackend):
+    if issubclass(backend, KFOCKronMixin):
         return backend
-    if issubclass(backend, EFInterface):
-        raise ValueError(
-            f"hessian_structure='kfoc' approximates the GGN or Monte-Carlo Fisher; the "
-            f"empirical-Fisher backend {backend.__name__} is not supported. Use "
-            "backend=KFOCBackend (backend_kwargs={'stochastic': True} for the MC Fisher)."
-        )
+    ours = KFOCEFBackend if issubclass(backend, EFInterface) else KFOCBackend
     warnings.warn(
-        f"hessian_structure='kfoc' computes its curvature with KFOCBackend; "
-        f"backend={backend.__name__} is replaced by KFOCBackend.",
+        f"hessian_structure='kfoc' computes its curvature with {ours.__name__}; "
+        f"backend={backend.__name__} is replaced by {ours.__name__}.",
         UserWarning,
         stacklevel=4,
     )
-    return KFOCBackend
+    return ours
 
 
 def kfoc_zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) -> Kron:
@@ -78,18 +76,22 @@ class KFOCLaplace(KronLaplace):
     the same arguments and features, plus the aggregation over batches.
 
     Args:
-        model: The model; layers with trainable parameters must be ``Linear``,
-            ``Conv1d``, ``Conv2d`` or ``Conv3d``.
+        model: Any ``nn.Module``; layers with trainable parameters must be
+            ``Linear``, ``Conv1d``, ``Conv2d`` or ``Conv3d`` (freeze the others, e.g.
+            BatchNorm, LayerNorm, attention projections).
         likelihood: ``"classification"`` or ``"regression"``.
         sigma_noise: Observation noise (regression).
         prior_precision: Scalar or per-layer prior precision.
         prior_mean: Prior mean.
         temperature: Likelihood temperature.
         enable_backprop: Keep the graph through the predictive.
-        dict_key_x: Accepted for laplace-torch; dict-like batches are rejected.
-        dict_key_y: Accepted for laplace-torch; dict-like batches are rejected.
-        backend: :class:`KFOCBackend` (default) or a subclass; other GGN backends
-            are replaced by it (with a warning), empirical-Fisher ones rejected.
+        dict_key_x: Key of the model input in dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
+        backend: :class:`KFOCBackend` (default, GGN or MC Fisher) or
+            :class:`KFOCEFBackend` (empirical Fisher), or a subclass; laplace-torch's
+            GGN backends are replaced by the first, its empirical-Fisher backends
+            (``CurvlinopsEF``, ``AsdlEF``, ``BackPackEF``) by the second, with a
+            warning.
         damping: Add ``√δ`` to each factor's eigenvalues (see ``KronLaplace``).
         backend_kwargs: Passed to the backend, e.g. ``{"stochastic": True}``.
         asdl_fisher_kwargs: Accepted for signature compatibility; unused.
@@ -172,6 +174,19 @@ class KFOCLaplace(KronLaplace):
         """Reject trainable layers without K-FOC factors, before any work."""
         check_supported_layers(self.model, type(self).__name__)
 
+    def _check_dtype(self) -> None:
+        """Reject half precisions, which laplace-torch's eigendecomposition cannot take.
+
+        laplace-torch's ``KronDecomposed`` calls ``torch.linalg.eigh``, which has no
+        float16/bfloat16 kernels, and on failure ends the process; this raises first.
+        """
+        if self._dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"{type(self).__name__}: the model's parameters are {self._dtype}; "
+                "laplace-torch's Kronecker eigendecomposition needs float32 or float64. "
+                "Fit on a float32 copy (model.float()) and cast the inputs alike."
+            )
+
     def _init_H(self) -> None:
         self.H = kfoc_zero_kron(self.params, self._device, self._dtype)
 
@@ -199,8 +214,10 @@ class KFOCLaplace(KronLaplace):
         """Fit the K-FOC Laplace approximation at the current parameters.
 
         Args:
-            train_loader: Batches ``(X, y)`` of tensors; ``len(train_loader.dataset)``
-                (or, without a ``dataset``, the number of inputs seen) is ``N``.
+            train_loader: Batches ``(X, y)`` or dict-like batches (the whole mapping
+                is the model input, ``batch[dict_key_y]`` the targets);
+                ``len(train_loader.dataset)`` (or, without a ``dataset``, the number
+                of inputs seen) is ``N``.
             override: Start afresh (``True``) or add the data to the current fit
                 (online learning): the earlier factors enter the aggregation as one
                 more Kronecker term (``"running"``/``"optimal"``: optimally merged;
@@ -208,15 +225,17 @@ class KFOCLaplace(KronLaplace):
             progress_bar: Show a tqdm progress bar.
 
         Raises:
-            ValueError: For dict-like batches (before any curvature is computed).
+            ValueError: For malformed batches or a one-output classifier (before any
+                curvature is computed).
+            TypeError: For a float16/bfloat16 model.
             NotImplementedError: For a trainable layer without K-FOC factors.
+            FloatingPointError: For NaN/Inf in the input, the output or a layer.
         """
         self._check_supported()
-        first = next(iter(train_loader))
-        if isinstance(first, MutableMapping) or not isinstance(first, (tuple, list)):
-            check_tensor_input(first, type(self).__name__)
-        X0 = first[0]
-        check_tensor_input(X0, type(self).__name__)
+        self._check_dtype()
+        X0, _ = batch_inputs(
+            next(iter(train_loader)), self.dict_key_x, self.dict_key_y, type(self).__name__
+        )
         online = not override and self.H_facs is not None
         if not online:
             self.H_facs = None
@@ -227,13 +246,23 @@ class KFOCLaplace(KronLaplace):
         if not self.enable_backprop:
             self.mean = self.mean.detach()
         with torch.no_grad():
-            try:
-                out = self.model(X0[:1].to(self._device))
-            except (TypeError, AttributeError):
-                out = self.model(X0.to(self._device))
+            if not isinstance(X0, Tensor):
+                out = self.model(X0)
+            else:
+                try:
+                    out = self.model(X0[:1].to(self._device))
+                except (TypeError, AttributeError):
+                    out = self.model(X0.to(self._device))
         self.n_outputs = out.shape[-1]
         self._out_ndim = out.ndim
         self.model.output_size = self.n_outputs
+        if self.likelihood == "classification" and self.n_outputs == 1:
+            raise ValueError(
+                f"{type(self).__name__}: likelihood='classification' with a single output "
+                "unit: the softmax over one class is 1 for every input, so the likelihood "
+                "has no curvature. Give the model one output per class (two for a binary "
+                "problem) or use likelihood='regression'."
+            )
 
         backend = self.backend
         prior = self._raw_prior(list(backend.named_trainable)) if online else None
@@ -296,7 +325,7 @@ class KFOCLLLaplace(KronLLLaplace, KFOCLaplace):
 
     ``Laplace(model, likelihood, "last_layer", "kfoc")``. Unlike ``KronLLLaplace``
     (whose ``damping`` is silently dropped), ``damping=True`` is kept. The backbone
-    may contain any layers and frozen parameters; the last layer must be ``Linear``.
+    may contain any layers; the last layer must be ``Linear``.
 
     Args:
         model: The model.
@@ -307,9 +336,9 @@ class KFOCLLLaplace(KronLLLaplace, KFOCLaplace):
         temperature: Likelihood temperature.
         enable_backprop: Keep the graph through the predictive.
         feature_reduction: See ``KronLLLaplace``.
-        dict_key_x: Accepted for laplace-torch; dict-like batches are rejected.
-        dict_key_y: Accepted for laplace-torch; dict-like batches are rejected.
-        backend: :class:`KFOCBackend` (default) or a subclass.
+        dict_key_x: Key of the model input in dict-like batches.
+        dict_key_y: Key of the targets in dict-like batches.
+        backend: As for :class:`KFOCLaplace`.
         last_layer_name: Name of the last layer (default: found on the first fit).
         damping: Add ``√δ`` to each factor's eigenvalues.
         backend_kwargs: Passed to the backend, e.g. ``{"stochastic": True}``.

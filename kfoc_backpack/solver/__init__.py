@@ -13,6 +13,7 @@ from kfoc_backpack.solver._common import (
 )
 from kfoc_backpack.solver.aggregation import AGGREGATIONS, KroneckerAccumulator
 from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
+from kfoc_backpack.solver.factored import FactoredTerms, nearest_kronecker_factored
 from kfoc_backpack.solver.kronecker import (
     merge_kronecker,
     nearest_kronecker_outer,
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_EXACT_MAX_TERMS",
     "DEFAULT_MAX_ITER",
     "DEFAULT_TOL",
+    "FactoredTerms",
     "KroneckerFactors",
     "OuterTerms",
     "SampleTerms",
@@ -35,6 +37,7 @@ __all__ = [
     "kron_error_outer",
     "kron_error_samples",
     "merge_kronecker",
+    "nearest_kronecker_factored",
     "nearest_kronecker_outer",
     "nearest_kronecker_samples",
     "nearest_kronecker_sum",

@@ -1,4 +1,4 @@
-r"""Aggregation of per-batch Kronecker factors over a data set (DESIGN §2).
+r"""Aggregation of per-batch Kronecker factors over a data set (docs/conventions.md §4).
 
 The target is ``F = Σ_p w_p F_p`` with ``F_p ≈ L_p ⊗ R_p`` the batch blocks and
 ``w_p`` their weights. Weight by sample count, never by batch count: with a loss

@@ -1,6 +1,6 @@
 r"""Frobenius error of a Kronecker approximation, without forming the dense matrix.
 
-For ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (DESIGN §1)
+For ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (docs/conventions.md §1)
 
 .. math::
     ‖F − L ⊗ R‖²_F = ‖F‖²_F − 2 Σ_k tr(X_kᵀ L X_k R) + ‖L‖²_F ‖R‖²_F,

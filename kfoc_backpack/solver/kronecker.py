@@ -578,7 +578,7 @@ def nearest_kronecker_outer(
     matrices ``X_{kj} = s_{kj} a_kᵀ``: a ``Linear`` layer's GGN with ``J`` columns of
     the loss-Hessian square root (``J`` Monte-Carlo samples or classes) per input.
     The optimum is ``L = Σ_k α_k S_kᵀ S_k`` and ``R = Σ_k β_k a_k a_kᵀ``; the power
-    method runs on ``α, β ∈ ℝᴷ`` using the Gram matrices (DESIGN §1), cost
+    method runs on ``α, β ∈ ℝᴷ`` using the Gram matrices (docs/conventions.md §1), cost
     ``O(K² (J² M + N))`` once plus ``O(K²)`` per step, and the factors are formed once
     at the end in ``O(K J M² + K N²)`` — the cost of K-FAC's own factors. Nothing of
     size ``K · M · N`` is allocated. The start ``α = 1`` is K-FAC's left factor. A

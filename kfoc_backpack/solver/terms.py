@@ -9,7 +9,7 @@ cover every supported layer:
   (convolutions, ``Linear`` on inputs with extra dimensions).
 
 Both offer the two half-steps of the power method (so a caller can run it over many
-batches, e.g. the data set-level optimum of DESIGN §2), the optimal solve, K-FAC's
+batches, e.g. the data set-level optimum of docs/conventions.md §4), the optimal solve, K-FAC's
 factors of the same terms, and the Frobenius error of any ``L ⊗ R`` against ``F``.
 """
 
@@ -50,6 +50,19 @@ class OuterTerms:
     def shape(self) -> tuple[int, int]:
         """``(M, N)``: sizes of the left and right factors."""
         return self.sqrt_out.shape[-1], self.inputs.shape[-1]
+
+    @property
+    def like(self) -> Tensor:
+        """A stored tensor, whose device and dtype the terms have."""
+        return self.inputs
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.sqrt_out, self.inputs))
+
+    def detach(self) -> OuterTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return OuterTerms(self.sqrt_out.detach(), self.inputs.detach())
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k ⟨S_kᵀS_k, L⟩ a_k a_kᵀ`` (``[N, N]``) for an ``[M, M]`` ``L``."""
@@ -104,6 +117,19 @@ class SampleTerms:
         """``(M, N)``: sizes of the left and right factors."""
         return self.samples.shape[-2], self.samples.shape[-1]
 
+    @property
+    def like(self) -> Tensor:
+        """A stored tensor, whose device and dtype the terms have."""
+        return self.samples
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensor."""
+        return self.samples.numel() * self.samples.element_size()
+
+    def detach(self) -> SampleTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return SampleTerms(self.samples.detach())
+
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k X_kᵀ L X_k`` (``[N, N]``)."""
         return samples_half_steps(self.samples)[0](left)
@@ -143,7 +169,7 @@ class SampleTerms:
 
 
 def nearest_kronecker_terms(
-    terms: list[OuterTerms | SampleTerms],
+    terms: list,
     weights: list[float] | None = None,
     *,
     options: SolverOptions | None = None,
@@ -152,12 +178,14 @@ def nearest_kronecker_terms(
 ) -> KroneckerFactors:
     """Optimal ``L ⊗ R`` for ``F = Σ_p w_p F_p`` over several structured blocks.
 
-    The data set-level optimum of DESIGN §2 when the per-batch terms fit in memory:
+    The data set-level optimum of docs/conventions.md §4 when the per-batch terms fit in memory:
     the power method with half-steps summed over the blocks. Conventions as for every
     solver; the default start is the identity (positive semi-definite).
 
     Args:
-        terms: Blocks ``F_p`` of equal factor sizes (e.g. one per batch).
+        terms: Blocks ``F_p`` of equal factor sizes (e.g. one per batch): any objects
+            with ``shape``, ``like``, ``to_right`` and ``to_left`` (``OuterTerms``,
+            ``SampleTerms``, ``FactoredTerms``, a single ``L ⊗ R``).
         weights: Weights ``w_p`` (default all ones).
         options: Solver options.
         init: ``[M, M]`` warm start of the left factor (e.g. a running estimate).
@@ -179,7 +207,7 @@ def nearest_kronecker_terms(
         raise ValueError(f"Got {len(weights)} weights for {len(terms)} blocks.")
     opts = SolverOptions() if options is None else options
     m = terms[0].shape[0]
-    like = terms[0].inputs if isinstance(terms[0], OuterTerms) else terms[0].samples
+    like = terms[0].like
     start = torch.eye(m, dtype=like.dtype, device=like.device) if init is None else init
     left, right, iters, converged = factor_power_iteration(
         lambda mat: sum(w * t.to_right(mat) for w, t in zip(weights, terms)),

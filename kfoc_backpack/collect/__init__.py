@@ -1,0 +1,13 @@
+"""Collection layer: per-sample quantities of ``Linear``/``Conv`` layers during backward.
+
+* :mod:`~kfoc_backpack.collect.layers` — the per-layer maths shared by both routes;
+* :mod:`~kfoc_backpack.collect.registry` — which layers have K-FOC factors (the one
+  list) and the checks that name an unsupported one;
+* :mod:`~kfoc_backpack.collect.loss` — output-side vectors of the three curvature
+  targets (exact GGN, Monte-Carlo Fisher, empirical Fisher);
+* :mod:`~kfoc_backpack.collect.route` — the hook route: module hooks plus autograd, on
+  any ``nn.Module`` (custom ``forward``, residual sums, attention, dict inputs).
+
+BackPACK's extensions (:mod:`kfoc_backpack.extensions`) are the other route, for
+``with backpack(KFOC()):`` blocks on models BackPACK can backpropagate through.
+"""

@@ -1,0 +1,196 @@
+r"""Per-sample quantities of one layer from its inputs and output-side vectors.
+
+Both collection routes end here: BackPACK's module extensions (``KFOC``,
+``KFOCExact``, ``KFOCTerms``) and the hook route of :mod:`kfoc_backpack.collect.route`
+hand over a layer's input and the vectors at its output, and receive the layer's
+:class:`LayerTerms` (weight) and exact bias block. See ``docs/conventions.md``.
+
+Index conventions of this module: ``M`` columns per input (Monte-Carlo samples,
+columns of the loss Hessian's square root, one for the empirical Fisher), ``N``
+inputs of the batch, ``T`` positions that share the weight (tokens, output pixels),
+``O`` output features, ``I`` input features (``C_in·Πkernel`` for convolutions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms, SolverOptions
+from kfoc_backpack.solver._common import finalize, launch_bound
+from kfoc_backpack.solver.factored import FactoredTerms, factored_is_cheaper
+
+Terms = OuterTerms | SampleTerms | FactoredTerms
+"""The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """The per-sample quantities of one weight.
+
+    Attributes:
+        terms: The weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` in structured form:
+            :class:`~kfoc_backpack.solver.OuterTerms` (``Linear`` on 2-d input),
+            :class:`~kfoc_backpack.solver.factored.FactoredTerms` (shared positions,
+            where that is smaller than the formed matrices) or
+            :class:`~kfoc_backpack.solver.SampleTerms`.
+        input_trace: ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``, the trace K-FOC gives its
+            input-side factor (see :meth:`solve`).
+        kfac: K-FAC's factors ``(L, R)`` of the same block from the same samples;
+            for shared positions the KFC approximation (paper eq. 9),
+            ``Σ_{k,t} ds_{k,t} ds_{k,t}ᵀ ⊗ (1/(N·T)) Σ_{n,t} â_{n,t} â_{n,t}ᵀ``.
+            Only computed on request (``None`` otherwise). Its *split* is the
+            paper's: with ``T`` shared positions its right factor is ``T`` times
+            smaller (and its left ``T`` times larger) than the split of
+            :meth:`solve` and of BackPACK's ``KFAC``; the products are on the same
+            (the dense block's) scale.
+    """
+
+    terms: Terms
+    input_trace: Tensor
+    kfac: tuple[Tensor, Tensor] | None
+
+    def solve(self, options: SolverOptions | None = None) -> KroneckerFactors:
+        """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.
+
+        K-FAC's input-side factor is the mean (over the ``N`` inputs of the batch) of
+        the unfolded input's second moment, ``R_KFAC = (1/N) Σ_n â_nᵀ â_n``; its
+        output-side factor carries everything else (the batch sum, the loss
+        reduction). K-FOC's factors are split so that ``tr(R_in) = tr(R_KFAC)``: they
+        are directly comparable with BackPACK's ``KFAC``/``KFLR`` factors and damping
+        (``√δ`` added to each factor) acts as it does for K-FAC.
+        """
+        return self.terms.solve(options, right_trace=self.input_trace)
+
+    def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
+        """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
+        return kfac_scale_split(factors, self.input_trace)
+
+    def detach(self) -> LayerTerms:
+        """Return the same quantities, detached from any autograd graph."""
+        kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
+        return LayerTerms(self.terms.detach(), self.input_trace.detach(), kfac)
+
+
+def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:
+    """Rescale ``left ⊗ right`` (product unchanged) so that ``tr(right) = input_trace``.
+
+    Args:
+        factors: Factors of a Kronecker product, any scale split.
+        input_trace: Target trace of the right factor, K-FAC's
+            ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``.
+
+    Returns:
+        ``[left, right]`` in K-FAC's split (see :meth:`LayerTerms.solve`).
+    """
+    left, right = finalize(factors.left, factors.right, factors.left.dtype, right_trace=input_trace)
+    return [left, right]
+
+
+def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """K-FAC/KFC factors (paper eq. 9) of a layer with shared weights.
+
+    Args:
+        sqrt: ``[M, N, T, O]`` output-side vectors at the positions.
+        inputs: ``[N, T, I]`` (unfolded) inputs at the same positions.
+
+    Returns:
+        ``(Σ_{m,n,t} ds dsᵀ, (1/(N·T)) Σ_{n,t} â âᵀ)``.
+    """
+    flat_sqrt = sqrt.flatten(end_dim=2)
+    flat_inputs = inputs.flatten(end_dim=1)
+    return flat_sqrt.T @ flat_sqrt, flat_inputs.T @ flat_inputs / flat_inputs.shape[0]
+
+
+def linear_terms(inputs: Tensor, sqrt: Tensor, with_kfac: bool = False) -> LayerTerms:
+    """Per-sample quantities of a ``Linear`` weight ``[O, I]``.
+
+    * 2-d input: ``X_{m,n} = s_{m,n} a_nᵀ`` has rank one and is kept as
+      :class:`~kfoc_backpack.solver.OuterTerms` (``N·(M·O + I)`` numbers).
+    * input with extra dimensions (tokens): see :func:`shared_terms`.
+
+    Args:
+        inputs: ``[N, *, I]`` layer inputs.
+        sqrt: ``[M, N, *, O]`` output-side vectors (the batch's loss scaling included).
+        with_kfac: Also compute K-FAC's factors of the same samples.
+
+    Returns:
+        The weight's :class:`LayerTerms`.
+    """
+    input_trace = inputs.square().sum() / inputs.shape[0]
+    if inputs.dim() == 2:
+        kfac = kfc_factors(sqrt.unsqueeze(2), inputs.unsqueeze(1)) if with_kfac else None
+        return LayerTerms(OuterTerms(sqrt.transpose(0, 1), inputs), input_trace, kfac)
+    grads = sqrt.flatten(start_dim=2, end_dim=-2)  # [M, N, T, O]
+    flat_inputs = inputs.flatten(start_dim=1, end_dim=-2)  # [N, T, I]
+    return shared_terms(grads, flat_inputs, input_trace, with_kfac)
+
+
+def shared_terms(
+    grads: Tensor, inputs: Tensor, input_trace: Tensor, with_kfac: bool = False
+) -> LayerTerms:
+    """Per-sample quantities of a weight shared over ``T`` positions.
+
+    ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ`` (the exact per-sample block, not K-FAC's
+    "expand" approximation that treats positions as samples). Kept factored
+    (:class:`~kfoc_backpack.solver.factored.FactoredTerms`, ``N·T·(M·O + I)``
+    numbers, never the ``M·N·O·I`` of the formed matrices) where that costs fewer
+    flops (:func:`~kfoc_backpack.solver.factored.factored_is_cheaper`: few positions
+    against the layer's width), else formed.
+
+    Args:
+        grads: ``[M, N, T, O]`` output-side vectors at the positions.
+        inputs: ``[N, T, I]`` inputs at the positions.
+        input_trace: ``(1/N) Σ_{n,t} ‖a_{n,t}‖²``.
+        with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
+
+    Returns:
+        The weight's :class:`LayerTerms`.
+    """
+    columns, _, positions, out_features = grads.shape
+    kfac = kfc_factors(grads, inputs) if with_kfac else None
+    if factored_is_cheaper(columns, positions, out_features, inputs.shape[-1]):
+        return LayerTerms(FactoredTerms(grads, inputs), input_trace, kfac)
+    samples = torch.einsum("mnto,nti->mnoi", grads, inputs).flatten(end_dim=1)
+    return LayerTerms(SampleTerms(samples), input_trace, kfac)
+
+
+def conv_terms(unfolded: Tensor, sqrt: Tensor, with_kfac: bool = False) -> LayerTerms:
+    """Per-sample quantities of a convolution weight ``[C_out, C_in·Πkernel]``.
+
+    ``X_{m,n} = Ds_{m,n} â_nᵀ`` (sum over the ``T`` output positions). On the CPU kept
+    factored where that costs fewer flops (wide layers on few positions, see
+    :func:`shared_terms`); else, and always on accelerators (whose solver route for
+    formed matrices launches a fixed few dozen kernels), formed by one batched product
+    and stored output-major so the solver needs no copy of it.
+
+    Args:
+        unfolded: ``[N, I, T]`` unfolded inputs (``I = C_in·Πkernel``).
+        sqrt: ``[M, N, O, T]`` output-side vectors at the output positions.
+        with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
+
+    Returns:
+        The weight's :class:`LayerTerms`.
+    """
+    columns, _, out_features, positions = sqrt.shape
+    input_trace = unfolded.square().sum() / unfolded.shape[0]
+    kfac = kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2)) if with_kfac else None
+    cheaper = factored_is_cheaper(columns, positions, out_features, unfolded.shape[1])
+    if cheaper and not launch_bound(sqrt.device):
+        grads, inputs = sqrt.transpose(2, 3), unfolded.transpose(1, 2)
+        return LayerTerms(FactoredTerms(grads, inputs), input_trace, kfac)
+    if sqrt.shape[0] == 1:  # one column: a single batched product
+        prods = torch.bmm(sqrt[0], unfolded.mT).unsqueeze(0)  # [1, N, O, I]
+        out_major = prods.permute(2, 0, 1, 3).contiguous()
+    else:  # einsum contracts batched over N with M·O rows, no copy of the input
+        out_major = torch.einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
+    samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
+    return LayerTerms(SampleTerms(samples), input_trace, kfac)
+
+
+def bias_block(sqrt: Tensor) -> Tensor:
+    """Exact block ``Σ_{m,n} b_{m,n} b_{m,n}ᵀ`` of a bias from ``sqrt`` ``[M, N, O]``."""
+    flat = sqrt.flatten(end_dim=1)
+    return flat.T @ flat

@@ -1,0 +1,157 @@
+r"""Output-side vectors of the three curvature targets.
+
+Every target is ``F = Σ_{n,m} J_nᵀ v_{m,n} v_{m,n}ᵀ J_n`` with ``J_n`` the Jacobian of
+the model output of input ``n``; backpropagating ``v_{m,n}`` to a layer's output gives
+that layer's per-sample quantities. For the loss as reduced by ``lossfunc``:
+
+* ``"ggn"`` — the exact generalised Gauss-Newton matrix: ``v_{m,n}`` are the columns
+  of the square root of the loss Hessian with respect to the output (``C`` per
+  output row for cross-entropy, one per output entry for MSE);
+* ``"mc"`` — the Monte-Carlo Fisher: ``v_{m,n} = ∇_f ℓ(f_n, ŷ_{m,n}) / √S`` with
+  ``S`` labels ``ŷ`` drawn from the model's predictive (torch's global generator);
+* ``"ef"`` — the empirical Fisher: ``v_n = ∇_f ℓ(f_n, y_n)`` at the true label.
+
+``reduction="mean"`` scales every ``v`` by ``1/√R`` (``R`` the number of terms the loss
+averages), so each target is on the scale of the mean loss; laplace-torch uses
+``reduction="sum"``. Classification outputs have the class dimension last
+(``[N, *, C]``, targets ``[N, *]``), as laplace-torch flattens them.
+
+Index conventions: ``M`` vectors per input, ``N`` inputs, ``R`` output rows per input
+(tokens; 1 for ``[N, C]`` outputs), ``C`` classes or output features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, Module, MSELoss
+
+CURVATURES = ("ggn", "mc", "ef")
+"""Curvature targets: exact GGN, Monte-Carlo Fisher, empirical Fisher."""
+
+LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
+
+
+def check_loss(lossfunc: Module, owner: str = "K-FOC") -> str:
+    """Return the loss's reduction if the loss is supported.
+
+    Raises:
+        NotImplementedError: For another loss or option.
+    """
+    if type(lossfunc) not in LOSSES:
+        names = ", ".join(loss.__name__ for loss in LOSSES)
+        raise NotImplementedError(f"{owner}: loss {type(lossfunc).__name__}; supported: {names}.")
+    reduction = getattr(lossfunc, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise NotImplementedError(
+            f"{owner}: {type(lossfunc).__name__}(reduction={reduction!r}); supported "
+            "reductions: 'mean', 'sum'."
+        )
+    if isinstance(lossfunc, CrossEntropyLoss) and (
+        lossfunc.weight is not None or lossfunc.label_smoothing != 0
+    ):
+        raise NotImplementedError(
+            f"{owner}: CrossEntropyLoss with class weights or label smoothing is not supported."
+        )
+    if isinstance(lossfunc, BCEWithLogitsLoss) and (
+        lossfunc.weight is not None or lossfunc.pos_weight is not None
+    ):
+        raise NotImplementedError(
+            f"{owner}: BCEWithLogitsLoss with weight or pos_weight is not supported."
+        )
+    return reduction
+
+
+def loss_value(lossfunc: Module, output: Tensor, target: Tensor) -> Tensor:
+    """Evaluate the loss, with classification outputs ``[N, *, C]`` flattened to rows."""
+    if isinstance(lossfunc, CrossEntropyLoss):
+        return lossfunc(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    return lossfunc(output, target.reshape(output.shape).to(output.dtype))
+
+
+def output_vectors(
+    lossfunc: Module, output: Tensor, target: Tensor, curvature: str, mc_samples: int = 1
+) -> Tensor:
+    """Return the vectors ``v`` whose backpropagation gives the per-sample quantities.
+
+    Args:
+        lossfunc: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``.
+        output: ``[N, *]`` model output (detached or not).
+        target: Targets (class indices for cross-entropy; the true labels are only
+            used by ``"ef"``).
+        curvature: ``"ggn"``, ``"mc"`` or ``"ef"``.
+        mc_samples: Labels drawn per input for ``"mc"``.
+
+    Returns:
+        ``[M, *output.shape]``; ``M`` is ``R·C`` (cross-entropy) or the number of
+        output entries per input (MSE, BCE) for ``"ggn"``, ``mc_samples`` for
+        ``"mc"`` and one for ``"ef"``.
+    """
+    f = output.detach()
+    num = f.shape[0]
+    reduction = check_loss(lossfunc)
+    if isinstance(lossfunc, CrossEntropyLoss):
+        vectors = _cross_entropy(f, target, curvature, mc_samples)
+        terms = f.numel() // f.shape[-1]
+    elif isinstance(lossfunc, MSELoss):
+        vectors = _mse(f, target, curvature, mc_samples)
+        terms = f.numel()
+    else:
+        vectors = _bce(f, target, curvature, mc_samples)
+        terms = f.numel()
+    if reduction == "mean":
+        vectors = vectors / math.sqrt(terms)
+    assert vectors.shape[1] == num
+    return vectors
+
+
+def _per_entry(scale: Tensor) -> Tensor:
+    """``[P, N, *]`` vectors ``scale·e_p`` (one per output entry ``p`` of an input)."""
+    num = scale.shape[0]
+    flat = scale.reshape(num, -1)
+    entries = flat.shape[1]
+    eye = torch.eye(entries, dtype=flat.dtype, device=flat.device)
+    return (eye.unsqueeze(1) * flat.unsqueeze(0)).reshape(entries, *scale.shape)
+
+
+def _cross_entropy(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:
+    classes = f.shape[-1]
+    rows = f.reshape(f.shape[0], -1, classes)  # [N, R, C]
+    probs = rows.softmax(-1)
+    if curvature == "ggn":  # columns √p_c (e_c − p) of diag(p) − ppᵀ's square root, per row
+        num, num_rows, _ = rows.shape
+        eye = torch.eye(classes, dtype=f.dtype, device=f.device)
+        cols = probs.sqrt().unsqueeze(-1) * (eye - probs.unsqueeze(-2))  # [N, R, c, C]
+        row_eye = torch.eye(num_rows, dtype=f.dtype, device=f.device)
+        vecs = torch.einsum("nrcd,rs->rcnsd", cols, row_eye)  # [R, c, N, R, C]
+        return vecs.reshape(num_rows * classes, *f.shape)
+    if curvature == "mc":
+        flat = probs.reshape(-1, classes)
+        labels = torch.multinomial(flat, mc_samples, replacement=True).T  # [S, N·R]
+        onehot = torch.nn.functional.one_hot(labels, classes).to(f.dtype)
+        grads = (flat.unsqueeze(0) - onehot) / math.sqrt(mc_samples)
+        return grads.reshape(mc_samples, *f.shape)
+    onehot = torch.nn.functional.one_hot(target.reshape(-1).long(), classes).to(f.dtype)
+    return (probs.reshape(-1, classes) - onehot).reshape(1, *f.shape)
+
+
+def _mse(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:
+    if curvature == "ggn":  # Hessian 2·I
+        return _per_entry(torch.full_like(f, math.sqrt(2.0)))
+    if curvature == "mc":  # ∇ of (f − ŷ)² at ŷ ~ N(f, 1/2): −√2·ε
+        return math.sqrt(2.0 / mc_samples) * torch.randn(mc_samples, *f.shape, dtype=f.dtype).to(
+            f.device
+        )
+    return (2 * (f - target.reshape(f.shape).to(f.dtype))).unsqueeze(0)
+
+
+def _bce(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:
+    probs = torch.sigmoid(f)
+    if curvature == "ggn":  # Hessian diag(p(1 − p))
+        return _per_entry((probs * (1 - probs)).sqrt())
+    if curvature == "mc":
+        draws = torch.bernoulli(probs.unsqueeze(0).expand(mc_samples, *f.shape))
+        return (probs.unsqueeze(0) - draws) / math.sqrt(mc_samples)
+    return (probs - target.reshape(f.shape).to(f.dtype)).unsqueeze(0)

@@ -1,0 +1,365 @@
+r"""The hook route: per-sample quantities on any ``nn.Module``, by hooks and autograd.
+
+A weight's per-sample matrix ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ`` needs, at the layer,
+only its input ``a`` and the gradient ``g`` of ``⟨f, v_m⟩`` with respect to its output,
+for the output-side vectors ``v_m`` of :mod:`kfoc_backpack.collect.loss`. Forward hooks
+record both at every supported layer, whatever surrounds it (custom ``forward``,
+residual sums, GELU, attention, frozen BatchNorm, dict inputs); one ``autograd.grad``
+call per vector (``M`` calls: ``C`` for the exact GGN of a ``C``-class classifier,
+``mc_samples`` for the Monte-Carlo Fisher, one for the empirical Fisher) delivers
+``g`` at every layer at once. Nothing of size ``N·out·in`` is formed for ``Linear``
+layers (see :mod:`kfoc_backpack.collect.layers`).
+
+Requirements, each checked with an error that names the layer: inputs are
+independent samples (BatchNorm in eval mode, as laplace-torch's ``fit`` sets), every
+layer sees the batch in dimension 0 (or 1, e.g. ``TransformerEncoderLayer`` with
+``batch_first=False``), and a supported layer's parameters are used through its own
+``forward`` (``nn.MultiheadAttention`` uses its ``out_proj`` weight directly: freeze
+it).
+
+Index conventions: ``M`` vectors per input, ``N`` inputs, ``T`` positions sharing a
+weight, ``O``/``I`` output/input features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from backpack.utils.conv import unfold_input
+from torch import Tensor
+from torch.nn import Linear, Module, Parameter
+
+from kfoc_backpack.collect.layers import (
+    LayerTerms,
+    bias_block,
+    conv_terms,
+    linear_terms,
+    shared_terms,
+)
+from kfoc_backpack.collect.loss import CURVATURES, check_loss, loss_value, output_vectors
+from kfoc_backpack.collect.registry import describe, trainable_layers
+
+Quantity = LayerTerms | list[Tensor]
+"""A weight's :class:`LayerTerms` or a bias's exact block ``[B]``."""
+
+
+@dataclass
+class BatchQuantities:
+    """What one batch contributes.
+
+    Attributes:
+        loss: The batch's loss as ``lossfunc`` reduces it (detached).
+        num_samples: Number of inputs ``N``.
+        quantities: Per trainable parameter name, :class:`LayerTerms` (weights) or
+            ``[B]`` (biases); parameters the batch's forward pass did not use are
+            absent.
+    """
+
+    loss: Tensor
+    num_samples: int
+    quantities: dict[str, Quantity]
+
+
+@dataclass
+class _Calls:
+    """Inputs (detached) and outputs (in the graph) of one layer's calls in a forward."""
+
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+def batch_size(X: object, output: Tensor) -> int:
+    """Return the number of inputs of a batch: the output's first dimension."""
+    return int(output.shape[0]) if output.dim() > 0 else 1
+
+
+def _finite(x: object) -> bool:
+    if isinstance(x, Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, Mapping):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return all(_finite(v) for v in x)
+    return True
+
+
+class TermCollector:
+    """Collect every trainable weight's :class:`LayerTerms` and bias block per batch.
+
+    ::
+
+        collect = TermCollector(model, torch.nn.CrossEntropyLoss(reduction="sum"))
+        batch = collect(X, y)           # BatchQuantities
+        L, R = batch.quantities["fc1.weight"].solve()
+
+    Args:
+        model: The module whose trainable parameters get curvature (hooks go on its
+            supported layers).
+        lossfunc: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
+            (``reduction`` ``"mean"`` or ``"sum"``).
+        curvature: ``"ggn"`` (exact GGN), ``"mc"`` (Monte-Carlo Fisher) or ``"ef"``
+            (empirical Fisher).
+        mc_samples: Labels drawn per input for ``"mc"``.
+        forward: ``forward(X) -> output``; default ``model(X)`` (e.g. a
+            last-layer Laplace runs the whole network while hooking the last layer).
+        with_kfac: Also compute K-FAC's factors of the same samples.
+        owner: Name used in error messages.
+        last_layer_hint: Suggest ``subset_of_weights='last_layer'`` in errors.
+
+    Raises:
+        NotImplementedError: For a trainable layer without K-FOC factors or an
+            unsupported loss, before any computation.
+        ValueError: For an unknown ``curvature`` or a bad ``mc_samples``.
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        lossfunc: Module,
+        curvature: str = "ggn",
+        mc_samples: int = 1,
+        forward: Callable[[object], Tensor] | None = None,
+        with_kfac: bool = False,
+        owner: str = "K-FOC",
+        last_layer_hint: bool = True,
+    ):
+        if curvature not in CURVATURES:
+            raise ValueError(f"Unknown curvature {curvature!r}; supported: {CURVATURES}.")
+        if int(mc_samples) != mc_samples or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        check_loss(lossfunc, owner)
+        self.model, self.lossfunc, self.owner = model, lossfunc, owner
+        self.curvature, self.mc_samples, self.with_kfac = curvature, int(mc_samples), with_kfac
+        self.forward = model if forward is None else forward
+        self.layers = trainable_layers(model, owner, last_layer_hint=last_layer_hint)
+        self.param_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        self._batch_dims: dict[str, int] = {}
+        self._clone: set[str] = set()
+        self._checked = False
+        self._batched_backward = True
+
+    # ----------------------------------------------------------------------------------
+
+    def __call__(self, X: object, y: Tensor) -> BatchQuantities:
+        """Forward, ``M`` backward passes and the per-layer quantities of one batch.
+
+        Raises:
+            FloatingPointError: If the input, the output or a layer's input or output
+                is not finite (naming the first such layer).
+            NotImplementedError: For samples the model couples, or a supported
+                layer whose parameters are used outside its ``forward``.
+        """
+        with torch.enable_grad():
+            calls, output = self._forward(X)
+            if any(
+                c.outputs[i]._version != c.versions[i]
+                for c in calls.values()
+                for i in range(len(c.outputs))
+            ):
+                # an in-place operation after a layer (``ReLU(inplace=True)``) changed its
+                # output: record a copy of those layers' outputs instead
+                self._clone.update(n for n, c in calls.items() if c.outputs)
+                calls, output = self._forward(X)
+            num = batch_size(X, output)
+            loss = loss_value(self.lossfunc, output, y).detach()
+            vectors = output_vectors(self.lossfunc, output, y, self.curvature, self.mc_samples)
+            if not self._checked:
+                self._first_batch_checks(calls, output, num)
+            grads = self._backward(calls, output, vectors)
+        quantities: dict[str, Quantity] = {}
+        for name, module in self.layers.items():
+            if calls[name].inputs:
+                self._layer_quantities(name, module, calls[name], grads[name], num, quantities)
+        return BatchQuantities(loss, num, quantities)
+
+    # ----------------------------------------------------------------------------------
+
+    def _forward(self, X: object) -> tuple[dict[str, _Calls], Tensor]:
+        calls = {name: _Calls() for name in self.layers}
+        handles = []
+
+        def hook_for(name: str):
+            def hook(module: Module, args: tuple, out: Tensor):
+                record = calls[name]
+                record.inputs.append(args[0].detach())
+                record.outputs.append(out)
+                record.versions.append(out._version)
+                # the rest of the model works on a copy, which in-place operations may change
+                return out.clone() if name in self._clone else None
+
+            return hook
+
+        try:
+            for name, module in self.layers.items():
+                handles.append(module.register_forward_hook(hook_for(name)))
+            output = self.forward(X)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"{self.owner}: the model must return a tensor, got {type(output).__name__}."
+            )
+        if not _finite(output):
+            raise FloatingPointError(self._non_finite_message(X, calls))
+        return calls, output
+
+    def _non_finite_message(self, X: object, calls: dict[str, _Calls]) -> str:
+        if not _finite(X):
+            return f"{self.owner}: the model input contains NaN or infinite values."
+        for name, record in calls.items():
+            for inputs, outputs in zip(record.inputs, record.outputs):
+                if not _finite(inputs):
+                    return (
+                        f"{self.owner}: the input of {describe(name, self.layers[name])} "
+                        "contains NaN or infinite values."
+                    )
+                if not _finite(outputs):
+                    return (
+                        f"{self.owner}: the output of {describe(name, self.layers[name])} "
+                        "contains NaN or infinite values (check its parameters)."
+                    )
+        return f"{self.owner}: the model output contains NaN or infinite values."
+
+    def _backward(
+        self, calls: dict[str, _Calls], output: Tensor, vectors: Tensor
+    ) -> dict[str, list[Tensor]]:
+        """``[M, *out]`` gradients of ``⟨f, v_m⟩`` at every recorded layer output.
+
+        One vectorised backward pass over the ``M`` vectors (``is_grads_batched``)
+        where every backward formula of the model supports it, else one pass per
+        vector (remembered for the following batches).
+        """
+        names = [name for name, record in calls.items() for _ in record.outputs]
+        outs = [out for record in calls.values() for out in record.outputs]
+        stacked = None
+        if self._batched_backward and vectors.shape[0] > 1:
+            try:
+                stacked = torch.autograd.grad(
+                    output,
+                    outs,
+                    grad_outputs=vectors,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError:  # a backward formula without a batching rule
+                self._batched_backward = False
+        if stacked is None:
+            per_vector = [
+                torch.autograd.grad(
+                    output, outs, grad_outputs=vector, retain_graph=True, allow_unused=True
+                )
+                for vector in vectors
+            ]
+            stacked = (
+                [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_vector)]
+                if per_vector
+                else [None] * len(outs)
+            )
+        result: dict[str, list[Tensor]] = {name: [] for name in calls}
+        for name, out, grads in zip(names, outs, stacked):
+            if grads is None:  # the layer's output does not reach the model output
+                grads = out.new_zeros(vectors.shape[0], *out.shape)
+            result[name].append(grads.detach())
+        return result
+
+    def _first_batch_checks(self, calls: dict[str, _Calls], output: Tensor, num: int) -> None:
+        """Unused-forward layers, batch dimension and sample independence, once."""
+        silent = [name for name, record in calls.items() if not record.outputs]
+        params = [p for name in silent for p in self.layers[name].parameters() if p.requires_grad]
+        if params:
+            used = torch.autograd.grad(output.sum(), params, retain_graph=True, allow_unused=True)
+            for param, grad in zip(params, used):
+                if grad is not None:
+                    name = self.param_names[id(param)].rsplit(".", 1)[0]
+                    module = self.layers[name]
+                    raise NotImplementedError(
+                        f"{self.owner}: {describe(name, module)} has trainable parameters that "
+                        "the model uses without calling the layer's forward (as "
+                        "nn.MultiheadAttention does with its out_proj), so K-FOC cannot see "
+                        "its inputs. Freeze its parameters (requires_grad=False)."
+                    )
+        outs = [(name, out) for name, record in calls.items() for out in record.outputs]
+        if not outs:
+            self._checked = True
+            return
+        probe = torch.zeros_like(output)
+        generator = torch.Generator().manual_seed(0)
+        probe[0] = torch.randn(output[0].shape, generator=generator, dtype=output.dtype).to(
+            output.device
+        )
+        grads = torch.autograd.grad(
+            output, [o for _, o in outs], probe, retain_graph=True, allow_unused=True
+        )
+        for (name, out), grad in zip(outs, grads):
+            self._batch_dims[name] = self._batch_dim(name, out, grad, num)
+        self._checked = True
+
+    def _batch_dim(self, name: str, out: Tensor, grad: Tensor | None, num: int) -> int:
+        """Dimension of ``out`` that indexes the inputs (sample 0's gradient stays in it)."""
+        candidates = [d for d in (0, 1) if d < out.dim() - 1 and out.shape[d] == num]
+        if not isinstance(self.layers[name], Linear):
+            candidates = [0] if out.shape[0] == num else []
+        where = describe(name, self.layers[name])
+        if not candidates:
+            raise NotImplementedError(
+                f"{self.owner}: the output {tuple(out.shape)} of {where} has no dimension 0 or "
+                f"1 of the batch size {num}: K-FOC needs each input's activations separate."
+            )
+        if grad is None or not bool(grad.ne(0).any()):
+            return self._batch_dims.get(name, candidates[0])
+        clean = [d for d in candidates if not bool(grad.narrow(d, 1, num - 1).ne(0).any())]
+        if not clean:
+            raise NotImplementedError(
+                f"{self.owner}: the output of input 0 depends on other inputs' activations at "
+                f"{where}; K-FOC needs independent inputs (put BatchNorm in eval mode)."
+            )
+        return clean[0]
+
+    def _layer_quantities(
+        self,
+        name: str,
+        module: Module,
+        record: _Calls,
+        grads: list[Tensor],
+        num: int,
+        quantities: dict[str, Quantity],
+    ) -> None:
+        dim = self._batch_dims.get(name, 0)
+        inputs = [x.movedim(dim, 0) for x in record.inputs]
+        grads = [g.movedim(dim + 1, 1) for g in grads]  # [M, N, ...]
+        if isinstance(module, Linear):
+            if len(inputs) == 1:
+                weight = linear_terms(inputs[0], grads[0], self.with_kfac)
+            else:  # a layer called several times: its calls are positions of one weight
+                flat_in = torch.cat(
+                    [x.flatten(1, -2) if x.dim() > 2 else x[:, None] for x in inputs], 1
+                )
+                flat_g = torch.cat(
+                    [g.flatten(2, -2) if g.dim() > 3 else g[:, :, None] for g in grads], 2
+                )
+                trace = flat_in.square().sum() / num
+                weight = shared_terms(flat_g, flat_in, trace, self.with_kfac)
+            bias_sqrt = sum(g.flatten(2, -2).sum(2) if g.dim() > 3 else g for g in grads)
+        else:
+            unfolded = torch.cat([unfold_input(module, x) for x in inputs], -1)  # [N, I, T]
+            flat_g = torch.cat([g.flatten(start_dim=3) for g in grads], -1)  # [M, N, O, T]
+            weight = conv_terms(unfolded, flat_g, self.with_kfac)
+            bias_sqrt = flat_g.sum(-1)
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            full = self.param_names[id(param)]
+            if pname == "weight":
+                quantities[full] = weight
+            elif pname == "bias":
+                quantities[full] = [bias_block(bias_sqrt)]
+
+
+def trainable_parameters(model: Module) -> dict[str, Parameter]:
+    """Trainable parameters by name, in ``named_parameters`` order (laplace-torch's)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,212 @@
+r"""Per-sample matrices kept as products over shared positions, never formed.
+
+A layer whose weight is shared over ``T`` positions (a ``Linear`` layer applied to
+``T`` tokens, a convolution at ``T`` output positions) has per-sample matrices
+
+.. math::
+    X_{j,k} = G_{j,k}ᵀ A_k = Σ_t g_{j,k,t} a_{k,t}ᵀ ,
+
+with ``A_k`` (``[T, N]``) the inputs of sample ``k`` and ``G_{j,k}`` (``[T, M]``) the
+output-side vectors of its ``j``-th column (Hessian-root column, sampled label).
+Stored this way a term costs ``T·(M + N)`` numbers instead of ``M·N``, and the power
+method's half-steps never form ``X``:
+
+.. math::
+    Σ_{j,k} X_{j,k}ᵀ L X_{j,k} = Σ_k A_kᵀ \Big(Σ_j G_{j,k} L G_{j,k}ᵀ\Big) A_k ,
+    \qquad
+    Σ_{j,k} X_{j,k} R X_{j,k}ᵀ = Σ_{j,k} G_{j,k}ᵀ (A_k R A_kᵀ) G_{j,k} .
+
+Index conventions of this module: ``J`` columns per sample, ``K`` samples, ``T``
+shared positions, ``M`` output features (left factor ``[M, M]``), ``N`` input features
+(right factor ``[N, N]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.solver._common import (
+    KroneckerFactors,
+    SolverOptions,
+    finalize,
+    launch_bound,
+    working_dtype,
+)
+from kfoc_backpack.solver.error import _finish
+from kfoc_backpack.solver.power import factor_power_iteration
+
+
+@dataclass(frozen=True)
+class FactoredTerms:
+    """``F = Σ_{j,k} vec(X_{j,k}) vec(X_{j,k})ᵀ`` with ``X_{j,k} = G_{j,k}ᵀ A_k``.
+
+    Attributes:
+        grads: ``[J, K, T, M]`` output-side vectors ``g_{j,k,t}``.
+        inputs: ``[K, T, N]`` input-side vectors ``a_{k,t}``.
+    """
+
+    grads: Tensor
+    inputs: Tensor
+
+    def __post_init__(self) -> None:
+        g, a = self.grads, self.inputs
+        if g.dim() != 4 or a.dim() != 3 or g.shape[1:3] != a.shape[:2]:
+            raise ValueError(
+                "FactoredTerms needs grads [J, K, T, M] and inputs [K, T, N] with equal K "
+                f"and T, got {tuple(g.shape)} and {tuple(a.shape)}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(M, N)``: sizes of the left and right factors."""
+        return self.grads.shape[-1], self.inputs.shape[-1]
+
+    @property
+    def num_terms(self) -> int:
+        """Number of per-sample matrices ``J·K``."""
+        return self.grads.shape[0] * self.grads.shape[1]
+
+    @property
+    def like(self) -> Tensor:
+        """A stored tensor, whose device and dtype the terms have."""
+        return self.grads
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.grads, self.inputs))
+
+    def detach(self) -> FactoredTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return FactoredTerms(self.grads.detach(), self.inputs.detach())
+
+    def to_right(self, left: Tensor) -> Tensor:
+        """``Σ_{j,k} X_{j,k}ᵀ L X_{j,k}`` (``[N, N]``) for an ``[M, M]`` ``L``."""
+        g = self.grads
+        middle = (g @ left.to(g.dtype) @ g.mT).sum(0)  # [K, T, T]
+        return (self.inputs.mT @ (middle @ self.inputs)).sum(0)
+
+    def to_left(self, right: Tensor) -> Tensor:
+        """``Σ_{j,k} X_{j,k} R X_{j,k}ᵀ`` (``[M, M]``) for an ``[N, N]`` ``R``."""
+        a = self.inputs
+        middle = a @ right.to(a.dtype) @ a.mT  # [K, T, T]
+        return (self.grads.mT @ (middle @ self.grads)).sum((0, 1))
+
+    def samples(self) -> Tensor:
+        """Form the per-sample matrices ``[J·K, M, N]`` (for small layers and tests)."""
+        return torch.einsum("jktm,ktn->jkmn", self.grads, self.inputs).flatten(end_dim=1)
+
+    def solve(
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
+    ) -> KroneckerFactors:
+        """Optimal factors, see :func:`nearest_kronecker_factored`."""
+        return nearest_kronecker_factored(self, options=options, init=init, right_trace=right_trace)
+
+    def norm_sq(self) -> Tensor:
+        """``‖F‖²_F = Σ_{a,b} ⟨X_a, X_b⟩²``, from ``T × T`` Gram blocks."""
+        g = self.grads.flatten(end_dim=1)  # [JK, T, M]
+        a = self.inputs.repeat(self.grads.shape[0], 1, 1)  # [JK, T, N]
+        total = g.new_zeros(())
+        for index in range(g.shape[0]):  # one row of the [JK, JK] inner products at a time
+            inner = ((g[index] @ g.mT) * (a[index] @ a.mT)).sum((-2, -1))
+            total = total + inner.square().sum()
+        return total
+
+    def error(self, left: Tensor, right: Tensor, relative: bool = True) -> Tensor:
+        """Frobenius error of ``left ⊗ right`` against ``F``."""
+        cross = (self.to_right(left) * right).sum()
+        return _finish(self.norm_sq(), cross, left, right, relative)
+
+    def diagonal(self) -> Tensor:
+        """``diag(F)`` as an ``[M, N]`` matrix (row-major ``vec``)."""
+        return self.samples().square().sum(0)
+
+    def dense(self) -> Tensor:
+        """``F`` as a dense ``[M·N, M·N]`` matrix (for small layers and tests)."""
+        flat = self.samples().flatten(start_dim=1)
+        return flat.T @ flat
+
+
+TYPICAL_STEPS = 4
+"""Power steps the route choice assumes (K-FAC's start typically needs 3 to 5 here)."""
+
+
+def factored_is_cheaper(columns: int, positions: int, m: int, n: int) -> bool:
+    """Whether :class:`FactoredTerms` cost fewer flops than forming ``X`` (per sample).
+
+    Formed: ``J·M·N·T`` to build ``X`` once, then ``2·J·M·N·(M + N)`` per power step.
+    Factored: ``2·(J·T·M·(M + T) + T·N·(N + T))`` per step. Compared over
+    :data:`TYPICAL_STEPS` steps; the factored form is also the smaller one in memory
+    exactly when ``T`` is small against ``M·N/(M + N)``, which is where it wins.
+
+    Args:
+        columns: ``J``, vectors per sample.
+        positions: ``T``, positions sharing the weight.
+        m: Output features ``M``.
+        n: Input features ``N``.
+    """
+    formed = columns * m * n * positions + TYPICAL_STEPS * 2 * columns * m * n * (m + n)
+    factored = (
+        TYPICAL_STEPS
+        * 2
+        * (columns * positions * m * (m + positions) + positions * n * (n + positions))
+    )
+    return factored < formed
+
+
+def nearest_kronecker_factored(
+    terms: FactoredTerms,
+    *,
+    options: SolverOptions | None = None,
+    init: Tensor | None = None,
+    right_trace: Tensor | float | None = None,
+) -> KroneckerFactors:
+    """Optimal ``L ⊗ R`` for :class:`FactoredTerms`, by the power method in factor space.
+
+    The iterates are those of :func:`~kfoc_backpack.solver.nearest_kronecker_samples`
+    on the formed ``X_{j,k}`` (same start ``L⁽⁰⁾ = I``, same stopping test), computed
+    through the factors. Cost per step
+    ``O(J·K·T·M·(M + T) + K·T·N·(N + T))``, memory ``O(K·T²)`` beyond the terms.
+
+    Args:
+        terms: The factored per-sample matrices.
+        options: Solver options.
+        init: Optional ``[M, M]`` warm start of the left factor.
+        right_trace: Split the scale so that ``tr(right)`` equals this (default:
+            even split).
+
+    Returns:
+        The optimal factors (conventions of the solver package).
+    """
+    opts = SolverOptions() if options is None else options
+    out_dtype = terms.grads.dtype
+    work = working_dtype(out_dtype)
+    terms = FactoredTerms(terms.grads.to(work), terms.inputs.to(work))
+    m, n = terms.shape
+    like = terms.grads
+    if terms.num_terms == 0:
+        zeros = like.new_zeros(m, m).to(out_dtype), like.new_zeros(n, n).to(out_dtype)
+        return KroneckerFactors(*zeros, 0, True)
+    if opts.random_init:
+        start = torch.randn(m, m, generator=opts.generator, dtype=work).to(like.device)
+    elif init is not None:
+        start = init.to(work)
+    else:
+        start = torch.eye(m, dtype=work, device=like.device)
+    left, right, iters, converged = factor_power_iteration(
+        terms.to_right,
+        terms.to_left,
+        start,
+        opts.tol,
+        opts.max_iter,
+        4 if launch_bound(like.device) else 1,
+    )
+    left, right = finalize(
+        left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_factored"
+    )
+    return KroneckerFactors(left, right, iters, converged)
