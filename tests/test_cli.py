@@ -283,3 +283,26 @@ def test_quiet_library_warnings():
         warnings.warn("Full backward hook is firing when ...", UserWarning, stacklevel=1)
         warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+# --------------------------------------------------------------------------------------
+# integration/laplace_speed.py
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--repeats", "0"], "--repeats"),
+        (["--batch", "-2"], "--batch"),
+        (["--batches", "0"], "--batches"),
+        (["--threads", "0"], "--threads"),
+        (["--models", "vgg"], "--models"),
+        (["--quick", "--repeats", "3"], "--repeats"),
+        (["--quick", "--batch", "16"], "--batch"),
+    ],
+)
+def test_laplace_speed_rejects(argv, flag, capsys):
+    from integration import laplace_speed
+
+    _rejected(laplace_speed.parse_args, argv, flag, capsys)

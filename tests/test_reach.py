@@ -253,7 +253,8 @@ def test_tokens_are_kept_factored():
     batch = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))(X, y)
     terms = batch.quantities["block.linear1.weight"].terms
     assert isinstance(terms, FactoredTerms)
-    assert terms.grads.shape == (3, NUM, 5, 12) and terms.inputs.shape == (NUM, 5, 8)
+    # exact GGN of 3 classes: C − 1 = 2 Hessian-root columns per input
+    assert terms.grads.shape == (2, NUM, 5, 12) and terms.inputs.shape == (NUM, 5, 8)
 
 
 # --------------------------------------------------------------------------------------
@@ -457,3 +458,42 @@ def test_wide_conv_on_few_positions_is_factored_and_optimal():
     _, kron = backend.kron(X, y, N=NUM)
     blocks = dense_blocks(model, X, y, "classification", "ggn")
     assert_optimal(blocks, list(backend.named_trainable.items()), kron.kfacs)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_output_vectors_give_the_loss_hessian(loss, reduction):
+    """``Σ_m v_m v_mᵀ`` per input is the loss Hessian w.r.t. the output (``torch.func``)."""
+    from kfoc_backpack.collect.loss import loss_value, output_vectors
+
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(6, 4, 5, generator=gen, dtype=DTYPE)  # 6 inputs, 4 rows, 5 outputs
+    f[0, 0] = torch.tensor([40.0, 0, 0, 0, 0])  # a saturated softmax row (p ≈ e_0)
+    lossfunc, y = {
+        "ce": (
+            nn.CrossEntropyLoss(reduction=reduction),
+            torch.randint(0, 5, (6, 4), generator=gen),
+        ),
+        "mse": (nn.MSELoss(reduction=reduction), torch.randn(6, 4, 5, generator=gen, dtype=DTYPE)),
+        "bce": (
+            nn.BCEWithLogitsLoss(reduction=reduction),
+            torch.rand(6, 4, 5, generator=gen, dtype=DTYPE),
+        ),
+    }[loss]
+    vectors = output_vectors(lossfunc, f, y, "ggn")
+    for n in range(f.shape[0]):
+
+        def loss_of_input(fn, n=n):
+            return loss_value(lossfunc, torch.cat([f[:n], fn[None], f[n + 1 :]]), y)
+
+        hess = torch.func.hessian(loss_of_input)(f[n])
+        flat = vectors[:, n].reshape(vectors.shape[0], -1)
+        torch.testing.assert_close(flat.T @ flat, hess.reshape(20, 20), rtol=1e-9, atol=1e-12)
+    if loss == "ce":
+        assert vectors.shape[0] == 4 * 4  # R rows × (C − 1) columns
+    ef = output_vectors(lossfunc, f, y, "ef")
+    grad = torch.func.grad(lambda out: loss_value(lossfunc, out, y))(f)
+    # the mean reduction scales every vector by 1/√R, R the averaged terms (the GGN's 1/R)
+    averaged = 6 * 4 if loss == "ce" else f.numel()
+    scale = 1.0 if reduction == "sum" else averaged**0.5
+    torch.testing.assert_close(ef[0], grad * scale)

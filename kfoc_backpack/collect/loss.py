@@ -120,13 +120,12 @@ def _cross_entropy(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -
     classes = f.shape[-1]
     rows = f.reshape(f.shape[0], -1, classes)  # [N, R, C]
     probs = rows.softmax(-1)
-    if curvature == "ggn":  # columns √p_c (e_c − p) of diag(p) − ppᵀ's square root, per row
+    if curvature == "ggn":
         num, num_rows, _ = rows.shape
-        eye = torch.eye(classes, dtype=f.dtype, device=f.device)
-        cols = probs.sqrt().unsqueeze(-1) * (eye - probs.unsqueeze(-2))  # [N, R, c, C]
+        cols = _cross_entropy_sqrt(probs)  # [N, R, C − 1, C]
         row_eye = torch.eye(num_rows, dtype=f.dtype, device=f.device)
-        vecs = torch.einsum("nrcd,rs->rcnsd", cols, row_eye)  # [R, c, N, R, C]
-        return vecs.reshape(num_rows * classes, *f.shape)
+        vecs = torch.einsum("nrcd,rs->rcnsd", cols, row_eye)  # [R, C − 1, N, R, C]
+        return vecs.reshape(num_rows * (classes - 1), *f.shape)
     if curvature == "mc":
         flat = probs.reshape(-1, classes)
         labels = torch.multinomial(flat, mc_samples, replacement=True).T  # [S, N·R]
@@ -135,6 +134,37 @@ def _cross_entropy(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -
         return grads.reshape(mc_samples, *f.shape)
     onehot = torch.nn.functional.one_hot(target.reshape(-1).long(), classes).to(f.dtype)
     return (probs.reshape(-1, classes) - onehot).reshape(1, *f.shape)
+
+
+def _cross_entropy_sqrt(probs: Tensor) -> Tensor:
+    """``C − 1`` vectors ``s_c`` per row with ``Σ_c s_c s_cᵀ = diag(p) − ppᵀ``.
+
+    The columns ``√p_c (e_c − p)`` of ``S = diag(√p) − p√pᵀ`` span at most ``C − 1``
+    dimensions: ``S √p = 0``. The Householder reflection ``H`` with ``H √p = e_C``
+    rotates that null direction into the last column, ``(S H) e_C = S √p = 0``, so the
+    first ``C − 1`` columns of ``S H`` carry the whole Hessian (``S H Hᵀ Sᵀ = S Sᵀ``):
+    one backward vector fewer per output row (half of them for binary problems).
+
+    Args:
+        probs: ``[..., C]`` softmax probabilities.
+
+    Returns:
+        ``[..., C − 1, C]``: the vectors, one per row of the second-to-last dimension.
+    """
+    classes = probs.shape[-1]
+    root = probs.sqrt()
+    cols = root.unsqueeze(-1) * (
+        torch.eye(classes, dtype=probs.dtype, device=probs.device) - probs.unsqueeze(-2)
+    )
+    last = torch.zeros_like(root)
+    last[..., -1] = 1
+    direction = root - last
+    norm = torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
+    # where √p is (numerically) e_C, S's last column is already zero: no reflection needed
+    unit = torch.where(norm > 1e-12, direction / norm.clamp_min(1e-30), torch.zeros_like(direction))
+    # row j of H·cols is column j of S·H: cols_j − 2 u_j Σ_c u_c cols_c
+    reflected = cols - 2 * unit.unsqueeze(-1) * (unit.unsqueeze(-2) @ cols)
+    return reflected[..., :-1, :]
 
 
 def _mse(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:

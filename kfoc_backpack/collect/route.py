@@ -4,11 +4,12 @@ A weight's per-sample matrix ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ`` needs, at t
 only its input ``a`` and the gradient ``g`` of ``⟨f, v_m⟩`` with respect to its output,
 for the output-side vectors ``v_m`` of :mod:`kfoc_backpack.collect.loss`. Forward hooks
 record both at every supported layer, whatever surrounds it (custom ``forward``,
-residual sums, GELU, attention, frozen BatchNorm, dict inputs); one ``autograd.grad``
-call per vector (``M`` calls: ``C`` for the exact GGN of a ``C``-class classifier,
-``mc_samples`` for the Monte-Carlo Fisher, one for the empirical Fisher) delivers
-``g`` at every layer at once. Nothing of size ``N·out·in`` is formed for ``Linear``
-layers (see :mod:`kfoc_backpack.collect.layers`).
+residual sums, GELU, attention, frozen BatchNorm, dict inputs); one vectorised
+``autograd.grad`` call over the ``M`` vectors (``C − 1`` for the exact GGN of a
+``C``-class classifier, ``mc_samples`` for the Monte-Carlo Fisher, one for the
+empirical Fisher; one call per vector where a backward formula cannot be vectorised)
+delivers ``g`` at every layer at once. Nothing of size ``N·out·in`` is formed for
+``Linear`` layers (see :mod:`kfoc_backpack.collect.layers`).
 
 Requirements, each checked with an error that names the layer: inputs are
 independent samples (BatchNorm in eval mode, as laplace-torch's ``fit`` sets), every
@@ -182,9 +183,10 @@ class TermCollector:
         handles = []
 
         def hook_for(name: str):
-            def hook(module: Module, args: tuple, out: Tensor):
+            def hook(module: Module, args: tuple, kwargs: dict, out: Tensor):
                 record = calls[name]
-                record.inputs.append(args[0].detach())
+                layer_input = args[0] if args else kwargs["input"]
+                record.inputs.append(layer_input.detach())
                 record.outputs.append(out)
                 record.versions.append(out._version)
                 # the rest of the model works on a copy, which in-place operations may change
@@ -194,7 +196,7 @@ class TermCollector:
 
         try:
             for name, module in self.layers.items():
-                handles.append(module.register_forward_hook(hook_for(name)))
+                handles.append(module.register_forward_hook(hook_for(name), with_kwargs=True))
             output = self.forward(X)
         finally:
             for handle in handles:

@@ -80,15 +80,35 @@ def zero_block(param: Tensor) -> list[Tensor]:
 class KFOCKronMixin:
     """K-FOC's ``kron()`` for a laplace-torch curvature interface.
 
-    The host class sets :attr:`curvature` (``"ggn"``, ``"mc"`` or ``"ef"``),
-    :attr:`num_samples` and :attr:`solver_options`, and calls :meth:`_init_kfoc`.
+    The host class (a laplace-torch curvature interface) calls :meth:`_init_kfoc`
+    from its ``__init__`` with its curvature target (``"ggn"``, ``"mc"``, ``"ef"``).
     """
 
     curvature: str
     num_samples: int
     solver_options: SolverOptions
 
-    def _init_kfoc(self) -> None:
+    def _init_kfoc(
+        self,
+        interface: type,
+        model: Module,
+        likelihood: str,
+        kwargs: dict[str, Any],
+        curvature: str,
+        num_samples: int,
+        tol: float,
+        max_iter: int,
+    ) -> None:
+        """Initialise laplace-torch's ``interface`` and the K-FOC collector."""
+        interface.__init__(self, model, likelihood, **supported_kwargs(interface.__init__, kwargs))
+        self.last_layer, self.subnetwork_indices = (
+            kwargs["last_layer"],
+            kwargs["subnetwork_indices"],
+        )
+        self.dict_key_x, self.dict_key_y = kwargs["dict_key_x"], kwargs["dict_key_y"]
+        self.stochastic, self.num_samples = curvature == "mc", num_samples
+        self.curvature = curvature
+        self.solver_options = SolverOptions(tol=tol, max_iter=max_iter)
         self.collector = TermCollector(
             self._model,
             self.lossfunc,
@@ -166,10 +186,6 @@ class KFOCKronMixin:
         return self.factor * loss, Kron(blocks) * self.factor
 
 
-def _options(tol: float, max_iter: int) -> SolverOptions:
-    return SolverOptions(tol=tol, max_iter=max_iter)
-
-
 class KFOCBackend(KFOCKronMixin, GGNInterface):
     """laplace-torch curvature backend whose ``kron()`` returns K-FOC factors of the GGN.
 
@@ -222,13 +238,10 @@ class KFOCBackend(KFOCKronMixin, GGNInterface):
             "stochastic": stochastic,
             "num_samples": int(num_samples),
         }
-        super().__init__(model, likelihood, **supported_kwargs(GGNInterface.__init__, kwargs))
-        self.last_layer, self.subnetwork_indices = last_layer, subnetwork_indices
-        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
-        self.stochastic, self.num_samples = stochastic, int(num_samples)
-        self.curvature = "mc" if stochastic else "ggn"
-        self.solver_options = _options(tol, max_iter)
-        self._init_kfoc()
+        curvature = "mc" if stochastic else "ggn"
+        self._init_kfoc(
+            GGNInterface, model, likelihood, kwargs, curvature, int(num_samples), tol, max_iter
+        )
 
 
 class KFOCEFBackend(KFOCKronMixin, EFInterface):
@@ -258,10 +271,4 @@ class KFOCEFBackend(KFOCKronMixin, EFInterface):
             "dict_key_x": dict_key_x,
             "dict_key_y": dict_key_y,
         }
-        super().__init__(model, likelihood, **supported_kwargs(EFInterface.__init__, kwargs))
-        self.last_layer, self.subnetwork_indices = last_layer, subnetwork_indices
-        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
-        self.stochastic, self.num_samples = False, 1
-        self.curvature = "ef"
-        self.solver_options = _options(tol, max_iter)
-        self._init_kfoc()
+        self._init_kfoc(EFInterface, model, likelihood, kwargs, "ef", 1, tol, max_iter)
