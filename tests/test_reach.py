@@ -497,3 +497,49 @@ def test_output_vectors_give_the_loss_hessian(loss, reduction):
     averaged = 6 * 4 if loss == "ce" else f.numel()
     scale = 1.0 if reduction == "sum" else averaged**0.5
     torch.testing.assert_close(ef[0], grad * scale)
+
+
+class SharedLinear(nn.Module):
+    """One ``Linear`` applied twice (weight sharing), a ``Conv1d`` and a 4-d ``Linear`` input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.shared = nn.Linear(3, 4)
+        self.grid = nn.Linear(4, 2)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):  # x: [N, 2, 5]
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # [N, 5, 3]
+        a = self.shared(h[:, :2])  # [N, 2, 4]
+        b = self.shared(h[:, 2].tanh())  # [N, 4], the same weight again
+        grid = torch.tanh(a[:, :, None, :] + b[:, None, None, :]).expand(-1, -1, 3, -1)
+        return self.head(torch.tanh(self.grid(grid)).mean((1, 2)))  # 4-d input to grid
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_shared_weights_conv1d_and_4d_inputs_are_optimal(curvature):
+    torch.manual_seed(0)
+    model = SharedLinear().to(DTYPE).eval()
+    X = torch.randn(NUM, 2, 5, dtype=DTYPE)
+    y = torch.randint(0, 3, (NUM,))
+    backend = (KFOCEFBackend if curvature == "ef" else KFOCBackend)(
+        model, "classification", **TIGHT
+    )
+    _, kron = backend.kron(X, y, N=NUM)
+    blocks = dense_blocks(model, X, y, "classification", curvature)
+    assert_optimal(blocks, list(backend.named_trainable.items()), kron.kfacs)
+
+
+def test_model_returning_a_tuple_is_named():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    X, y = data("mlp")
+    with pytest.raises(TypeError, match="must return a tensor"):
+        TermCollector(Pair().to(DTYPE), nn.CrossEntropyLoss())(X, y)
