@@ -5,7 +5,7 @@ Supported (what the tox matrix in ``tox.ini`` proves, every pair of these values
 ==========================  ===================  ========================================
 package                     range                tested
 ==========================  ===================  ========================================
-``torch``                   ``>=2.13,<2.15``     2.13.0 (CPU build), 2.14.1
+``torch``                   ``>=2.13,<2.16``     2.13.0 (CPU build), 2.14.1, 2.15.0
 ``backpack-for-pytorch``    ``>=1.6,<1.8``       1.6.0, 1.7.1
 ``laplace-torch``           ``>=0.2.2.2,<0.4``   0.2.2.2, 0.2.3, 0.3
 ``curvlinops-for-pytorch``  by laplace-torch     2.0.1 with 0.2.2.x; 3.0.1 with 0.2.3/0.3
@@ -52,7 +52,7 @@ from packaging.version import Version
 SKIP_ENV = "KFOC_BACKPACK_SKIP_VERSION_CHECK"
 
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.13", "2.15"),
+    "torch": ("2.13", "2.16"),
     "backpack-for-pytorch": ("1.6", "1.8"),
     "laplace-torch": ("0.2.2.2", "0.4"),
 }

@@ -16,7 +16,7 @@ def fake_versions(monkeypatch, **versions):
 
 
 SUPPORTED = dict(
-    torch="2.14.1",
+    torch="2.15.0",
     backpack_for_pytorch="1.7.1",
     laplace_torch="0.3",
     curvlinops_for_pytorch="3.0.1",
@@ -25,6 +25,21 @@ SUPPORTED = dict(
 
 def test_installed_versions_pass():
     _compat.check_versions()
+
+
+@pytest.mark.parametrize("torch", ["2.13.0", "2.14.1", "2.15.0"])
+def test_every_tested_torch_passes(monkeypatch, torch):
+    fake_versions(monkeypatch, **{**SUPPORTED, "torch": torch})
+    _compat.check_versions()
+
+
+@pytest.mark.parametrize(
+    "reported,expected",
+    [("2.13.0+cpu", "2.13.0"), ("2.15.0+cu132", "2.15.0"), ("2.16.0.dev20260101", "2.16.0")],
+)
+def test_installed_version_drops_local_labels(monkeypatch, reported, expected):
+    monkeypatch.setattr(_compat, "version", lambda package: reported)
+    assert _compat.installed_version("torch") == Version(expected)
 
 
 def test_supported_combination_passes(monkeypatch):
@@ -44,6 +59,7 @@ def test_supported_combination_passes(monkeypatch):
         ({"laplace_torch": "0.2.2.1"}, "laplace-torch 0.2.2.1"),
         ({"laplace_torch": "0.4"}, "laplace-torch 0.4"),
         ({"torch": "2.12.0"}, "torch 2.12.0"),
+        ({"torch": "2.16.0"}, r"torch 2\.16\.0 \(supported: >=2\.13,<2\.16\)"),
         ({"laplace_torch": None}, "laplace-torch not installed"),
         ({"laplace_torch": "0.2.2.2"}, "needs curvlinops-for-pytorch<3"),
         ({"curvlinops_for_pytorch": "2.0.1"}, "needs curvlinops-for-pytorch>=3.0.1"),

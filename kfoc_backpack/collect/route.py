@@ -72,11 +72,6 @@ class _Calls:
     versions: list[int] = field(default_factory=list)
 
 
-def batch_size(X: object, output: Tensor) -> int:
-    """Return the number of inputs of a batch: the output's first dimension."""
-    return int(output.shape[0]) if output.dim() > 0 else 1
-
-
 def _finite(x: object) -> bool:
     if isinstance(x, Tensor):
         return not x.is_floating_point() or bool(torch.isfinite(x).all())
@@ -155,16 +150,17 @@ class TermCollector:
         """
         with torch.enable_grad():
             calls, output = self._forward(X)
-            if any(
-                c.outputs[i]._version != c.versions[i]
-                for c in calls.values()
-                for i in range(len(c.outputs))
-            ):
+            changed = {
+                name
+                for name, record in calls.items()
+                if any(o._version != v for o, v in zip(record.outputs, record.versions))
+            }
+            if changed:
                 # an in-place operation after a layer (``ReLU(inplace=True)``) changed its
-                # output: record a copy of those layers' outputs instead
-                self._clone.update(n for n, c in calls.items() if c.outputs)
+                # output: from now on the model works on a copy of those layers' outputs
+                self._clone.update(changed)
                 calls, output = self._forward(X)
-            num = batch_size(X, output)
+            num = int(output.shape[0])  # inputs of the batch
             loss = loss_value(self.lossfunc, output, y).detach()
             vectors = output_vectors(self.lossfunc, output, y, self.curvature, self.mc_samples)
             if not self._checked:
