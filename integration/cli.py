@@ -29,9 +29,11 @@ Typical use::
         args = parse_args(argv)
         ...
 
-Type functions (``positive_int``, ``nonnegative_int``, ``int_at_least(k)``, ``device``,
-``directory``, ``existing_file``) go in ``add_argument(type=...)``; they raise
-:class:`argparse.ArgumentTypeError`, which argparse reports with the flag's name.
+Type functions (``positive_int``, ``nonnegative_int``, ``nonnegative_float``,
+``int_at_least(k)``, ``device``, ``directory``, ``existing_file``) go in
+``add_argument(type=...)``; they raise :class:`argparse.ArgumentTypeError`, which argparse
+reports with the flag's name. ``add_data_dir(parser)`` adds the scripts' shared
+``--data-dir`` option.
 Checks that need several flags (``reject_together``, ``reject_duplicates``) run after
 ``parse_args`` and exit through ``parser.error``, with the same status and format.
 """
@@ -39,6 +41,7 @@ Checks that need several flags (``reject_together``, ``reject_duplicates``) run 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -156,6 +159,21 @@ def nonnegative_int(value: str) -> int:
         raise argparse.ArgumentTypeError(
             f"expected a non-negative integer (0, 1, 2, …), got {value!r}"
         )
+    return number
+
+
+def nonnegative_float(value: str) -> float:
+    """Argparse type: a finite float ``≥ 0`` (tolerances, weight decay).
+
+    Raises:
+        argparse.ArgumentTypeError: "expected a non-negative number, got '-1'".
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not (math.isfinite(number) and number >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value!r}")
     return number
 
 
@@ -324,3 +342,15 @@ def quiet_library_warnings() -> None:
     """
     for message, category in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    """Add ``--data-dir``, where the UCI files not shipped by a package are read from."""
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        type=directory,
+        default=None,
+        help="directory of concrete.csv.gz/energy.csv.gz (default: $KFOC_DATA_DIR, "
+        "else ../shared/data/uci relative to the repository)",
+    )

@@ -844,14 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"data sets, from: {' '.join(DATASETS)}",
     )
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        type=cli.directory,
-        default=None,
-        help="directory of concrete.csv.gz/energy.csv.gz (default: $KFOC_DATA_DIR, "
-        "else ../shared/data/uci relative to the repository)",
-    )
+    cli.add_data_dir(parser)
     parser.add_argument(
         "--subset",
         metavar="N",

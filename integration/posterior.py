@@ -1568,14 +1568,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="prior-precision fits: marglik (marginal likelihood), gridsearch (validation NLL)",
     )
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        type=cli.directory,
-        default=None,
-        help="directory of concrete.csv.gz/energy.csv.gz (default: $KFOC_DATA_DIR, "
-        "else ../shared/data/uci relative to the repository)",
-    )
+    cli.add_data_dir(parser)
     parser.add_argument(
         "--subset",
         metavar="N",
@@ -1603,7 +1596,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weight-decay",
         metavar="WD",
-        type=nonnegative_float,
+        type=cli.nonnegative_float,
         default=0.0,
         help="Adam weight decay of the MAP training (diagnostic; 0: integration/models.py's "
         "training, as in the paper's reproduction)",
@@ -1626,21 +1619,6 @@ def build_parser() -> argparse.ArgumentParser:
         "none, run the comparison)",
     )
     return parser
-
-
-def nonnegative_float(value: str) -> float:
-    """Argparse type: a finite float ``≥ 0``.
-
-    Raises:
-        argparse.ArgumentTypeError: "expected a non-negative number, got '-1'".
-    """
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not (math.isfinite(number) and number >= 0):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value!r}")
-    return number
 
 
 RUN_FLAGS = [
