@@ -1,6 +1,11 @@
 """Time and memory of K-FOC against BackPACK's K-FAC/KFLR, per batch.
 
-For LeNet-5 (MNIST shape) and an MLP 784-1000-1000-10 at batch sizes 32, 128, 512:
+For LeNet-5 (MNIST shape) and an MLP 784-1000-1000-10 at batch sizes 32, 128, 512
+(default), or with ``--resnet`` for ResNet-sized convolutions at batch sizes 16 and 128
+(``conv64`` … ``conv512``: one ``Conv2d(C, C, 3, padding=1)`` + ReLU + global
+``AvgPool2d`` + ``Linear(C, 10)`` on ResNet-18's stage sizes 32², 16², 8², 4²; and
+``resnet18``: ResNet-18's 17 3×3 convolutions for 32×32 input as a plain stack,
+without skips, as BackPACK's ``KFLR`` cannot handle residual sums; BatchNorm removed):
 forward + backward with nothing, with BackPACK's ``KFAC`` and ``KFLR``, and with
 ``KFOC`` and ``KFOCExact``. Timings are medians of ``--repeats`` runs after warm-up,
 round-robin over the methods in one process (so drift hits all alike), synchronised on
@@ -9,7 +14,8 @@ CUDA. Peak memory is the peak of the bytes held by tensors created during the st
 ``max_memory_allocated`` on a GPU, and on the CPU the same quantity tracked exactly by
 a dispatch mode that sees every tensor the step allocates and frees (the process's
 resident set is useless here: the allocator reuses pages freed before the step).
-Solver iterations per layer (mean over runs) are reported for the K-FOC methods.
+Solver iterations per layer (mean over runs) and the solver route each layer took
+(``SolveRecord.route``) are reported for the K-FOC methods.
 
 Operation counts: ``ops`` is the number of ATen operations one step dispatches (a
 deterministic count, whatever the machine's load). On a GPU, where a small step is
@@ -23,6 +29,7 @@ Usage::
     python integration/benchmark.py --device cpu --out results/benchmark
     python integration/benchmark.py --repeats 21 --warmup 3   # the README's CPU table
     python integration/benchmark.py --quick                   # smoke run, batch 32, 3 repeats
+    python integration/benchmark.py --resnet --repeats 5 --warmup 1 --skip-ops
 """
 
 from __future__ import annotations
@@ -72,15 +79,79 @@ def mlp_1000() -> nn.Sequential:
     )
 
 
-MODELS = {"lenet5": lenet5, "mlp784-1000-1000-10": mlp_1000}
+def conv_layer(channels: int) -> nn.Sequential:
+    """One ``Conv2d(C, C, 3, padding=1)`` + ReLU + global ``AvgPool2d`` + ``Linear(C, 10)``."""
+    side = CONV_SIDES[channels]
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(side),
+        nn.Flatten(),
+        nn.Linear(channels, 10),
+    )
+
+
+CONV_SIDES = {64: 32, 128: 16, 256: 8, 512: 4}
+"""Spatial side of the input of each single-layer row: ResNet-18's stages on 32×32."""
+
+
+def _basic_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    """ResNet basic block's two 3×3 convolutions without the skip: ``relu(conv(relu(conv)))``.
+
+    Plain, because BackPACK's ``KFLR`` has no accumulation rule for a residual sum
+    (``Parallel``/``SumModule`` raise ``NotImplementedError`` in its backward pass).
+    """
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.ReLU(),
+    )
+
+
+def resnet18(num_classes: int = 10) -> nn.Sequential:
+    """ResNet-18-shaped plain stack for 32×32 inputs (CIFAR stem, no max pooling).
+
+    The 17 3×3 convolutions of ResNet-18 with their shapes (stem and 16 in the basic
+    blocks) in sequence; no skip connections and hence none of the three 1×1 shortcut
+    projections (BackPACK's ``KFLR`` cannot backpropagate through residual sums);
+    BatchNorm removed (K-FOC's and BackPACK's extensions need independent inputs,
+    docs/conventions.md §2).
+    """
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1), nn.ReLU()]
+    c_in = 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_basic_block(c_in, c_out, stride), _basic_block(c_out, c_out, 1)]
+        c_in = c_out
+    layers += [nn.AvgPool2d(4), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS = {
+    "lenet5": lenet5,
+    "mlp784-1000-1000-10": mlp_1000,
+    **{f"conv{c}": (lambda c=c: conv_layer(c)) for c in CONV_SIDES},
+    "resnet18": resnet18,
+}
+INPUT_SHAPES = {
+    "lenet5": (1, 28, 28),
+    "mlp784-1000-1000-10": (1, 28, 28),
+    **{f"conv{c}": (c, side, side) for c, side in CONV_SIDES.items()},
+    "resnet18": (3, 32, 32),
+}
+DEFAULT_MODELS = ["lenet5", "mlp784-1000-1000-10"]
+"""What runs without ``--models`` (the README's original table)."""
+RESNET_MODELS = [*(f"conv{c}" for c in CONV_SIDES), "resnet18"]
+"""What ``--resnet`` runs: ResNet-sized convolutions (issue 14), at batch 16 and 128."""
+RESNET_BATCH_SIZES = (16, 128)
 
 
 def setup(model_name: str, batch: int, device: str, seed: int = 0):
-    """Build the extended model, the loss and one MNIST-shaped random batch."""
+    """Build the extended model, the loss and one random batch of the model's input shape."""
     torch.manual_seed(seed)
     model = extend(MODELS[model_name]().to(device))
     lossfunc = extend(nn.CrossEntropyLoss())
-    inputs = torch.randn(batch, 1, 28, 28, device=device)
+    inputs = torch.randn(batch, *INPUT_SHAPES[model_name], device=device)
     targets = torch.randint(0, 10, (batch,), device=device)
     return model, lossfunc, inputs, targets
 
@@ -108,9 +179,10 @@ def sync(device: str) -> None:
 
 
 def time_methods(model_name: str, batch: int, device: str, repeats: int, warmup: int):
-    """Median time (ms) and mean iterations per layer, methods interleaved."""
+    """Median time (ms), mean iterations and the solver route per layer, methods interleaved."""
     model, lossfunc, inputs, targets = setup(model_name, batch, device)
     times, iters = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    routes: dict[str, dict[str, str]] = defaultdict(dict)
     for r in range(warmup + repeats):
         for method in METHODS:
             sync(device)
@@ -120,14 +192,14 @@ def time_methods(model_name: str, batch: int, device: str, repeats: int, warmup:
             if r >= warmup:
                 times[method].append(1e3 * (time.perf_counter() - start))
                 for i, rec in enumerate(getattr(ext, "solve_log", [])):
-                    iters[method][f"{i}:{rec.module}{list(rec.weight_shape)}"].append(
-                        rec.iterations
-                    )
+                    layer = f"{i}:{rec.module}{list(rec.weight_shape)}"
+                    iters[method][layer].append(rec.iterations)
+                    routes[method][layer] = getattr(rec, "route", "")
     medians = {m: statistics.median(t) for m, t in times.items()}
     mean_iters = {
         m: {layer: statistics.mean(v) for layer, v in per.items()} for m, per in iters.items()
     }
-    return medians, mean_iters
+    return medians, mean_iters, dict(routes)
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -206,12 +278,14 @@ def op_count(model_name: str, batch: int, device: str, method: str, accelerator:
     return counter.count
 
 
-def run(device: str, batch_sizes, repeats: int, warmup: int, models) -> list[dict]:
-    """All records of the benchmark."""
+def run(
+    device: str, batch_sizes, repeats: int, warmup: int, models, count_ops: bool = True
+) -> list[dict]:
+    """All records of the benchmark (``ops`` are ``None`` unless ``count_ops``)."""
     records = []
     jobs = [(m, b) for m in models for b in batch_sizes]
     for model_name, batch in tqdm(jobs, desc="benchmark", unit="config"):
-        medians, iters = time_methods(model_name, batch, device, repeats, warmup)
+        medians, iters, routes = time_methods(model_name, batch, device, repeats, warmup)
         for method, median in medians.items():
             records.append(
                 {
@@ -222,8 +296,13 @@ def run(device: str, batch_sizes, repeats: int, warmup: int, models) -> list[dic
                     "median_ms": round(median, 3),
                     "peak_mem_mb": round(peak_memory_mb(model_name, batch, device, method), 2),
                     "iterations_per_layer": iters.get(method, {}),
-                    "ops": op_count(model_name, batch, device, method, False),
-                    "ops_accelerator_routes": op_count(model_name, batch, device, method, True),
+                    "ops": op_count(model_name, batch, device, method, False)
+                    if count_ops
+                    else None,
+                    "ops_accelerator_routes": op_count(model_name, batch, device, method, True)
+                    if count_ops
+                    else None,
+                    "routes": routes.get(method, {}),
                 }
             )
     return records
@@ -252,9 +331,15 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['median_ms']:.1f} | "
             f"{ratio_text} | {r['peak_mem_mb']:.1f} | {mem:.2f} | "
-            f"{r['ops']} ({r['ops_accelerator_routes']}) | {iters} |"
+            f"{_ops(r)} | {iters} |"
         )
     return "\n".join(lines)
+
+
+def _ops(record: dict) -> str:
+    if record["ops"] is None:
+        return "–"
+    return f"{record['ops']} ({record['ops_accelerator_routes']})"
 
 
 def summary(records: list[dict]) -> str:
@@ -281,6 +366,8 @@ def summary(records: list[dict]) -> str:
 
 
 def _ops_ratio(record: dict, base: dict) -> str:
+    if record["ops"] is None or base["ops"] is None:
+        return "–"
     own = record["ops"] / base["ops"]
     acc = record["ops_accelerator_routes"] / base["ops_accelerator_routes"]
     return f"{own:.2f} ({acc:.2f})"
@@ -324,18 +411,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=list(MODELS),
+        default=None,
         choices=list(MODELS),
         metavar="MODEL",
-        help=f"models to time, from: {' '.join(MODELS)}",
+        help=f"models to time, from: {' '.join(MODELS)} (default: {' '.join(DEFAULT_MODELS)}; "
+        f"with --resnet: {' '.join(RESNET_MODELS)})",
     )
     parser.add_argument(
         "--batch-sizes",
         nargs="+",
         type=cli.positive_int,
-        default=list(BATCH_SIZES),
+        default=None,
         metavar="N",
-        help="batch sizes",
+        help=f"batch sizes (default: {' '.join(map(str, BATCH_SIZES))}; with --resnet: "
+        f"{' '.join(map(str, RESNET_BATCH_SIZES))})",
+    )
+    parser.add_argument(
+        "--resnet",
+        action="store_true",
+        help="ResNet-sized rows: one wide convolution per stage of "
+        "ResNet-18 on 32x32 (conv64 ... conv512) and ResNet-18 itself, at batch sizes "
+        f"{' '.join(map(str, RESNET_BATCH_SIZES))} unless --models/--batch-sizes say otherwise",
+    )
+    parser.add_argument(
+        "--skip-ops",
+        action="store_true",
+        help="do not count dispatched operations (saves four steps per method and row)",
     )
     parser.add_argument(
         "--out",
@@ -364,6 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         reason=f"--quick runs batch size {QUICK['batch_sizes'][0]} with {QUICK['repeats']} "
         "repeats; drop --quick to choose them",
     )
+    if args.models is None:
+        args.models = list(RESNET_MODELS if args.resnet else DEFAULT_MODELS)
+    if args.batch_sizes is None:
+        args.batch_sizes = list(RESNET_BATCH_SIZES if args.resnet else BATCH_SIZES)
     cli.reject_duplicates(parser, "--models", args.models)
     cli.reject_duplicates(parser, "--batch-sizes", args.batch_sizes)
     if args.quick:
@@ -376,7 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cli.quiet_library_warnings()
     args = parse_args(argv)
     batch_sizes, repeats = args.batch_sizes, args.repeats
-    records = run(args.device, batch_sizes, repeats, args.warmup, args.models)
+    records = run(args.device, batch_sizes, repeats, args.warmup, args.models, not args.skip_ops)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": torch.cuda.get_device_name(args.device)

@@ -39,7 +39,7 @@ from integration.benchmark import MODELS, setup  # noqa: E402
 from kfoc_backpack.extensions import KFOCTerms  # noqa: E402
 from kfoc_backpack.solver import DEFAULT_TOL, OuterTerms, SolverOptions  # noqa: E402
 from kfoc_backpack.solver._common import accelerator_routes  # noqa: E402
-from kfoc_backpack.solver.kronecker import outer_gram_left  # noqa: E402
+from kfoc_backpack.solver.outer import outer_gram_left  # noqa: E402
 
 MODEL = "mlp784-1000-1000-10"
 

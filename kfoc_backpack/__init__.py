@@ -7,7 +7,8 @@ Layers (dependencies point down the list only):
 2. :mod:`kfoc_backpack.collect` — per-sample quantities of ``Linear``/``Conv`` layers
    (the hook route, and the per-layer maths shared with BackPACK's route);
    :mod:`kfoc_backpack.extensions` — BackPACK extensions ``KFOC``, ``KFOCExact``;
-3. data-set aggregation (``KFOCAccumulator``, ``optimal_factors``);
+3. :mod:`kfoc_backpack.dataset` — aggregation over the batches of a data set and
+   over ``torch.distributed`` ranks (``KFOCAccumulator``, ``optimal_factors``);
 4. :mod:`kfoc_backpack.laplace` — laplace-torch backends and Laplace classes.
 
 ``import kfoc_backpack`` checks the library versions and registers
@@ -39,13 +40,8 @@ if not _MISSING:
 
     check_versions()  # before BackPACK / laplace-torch are imported
 
-    from kfoc_backpack.extensions import (
-        KFOC,
-        KFOCAccumulator,
-        KFOCExact,
-        KFOCTerms,
-        optimal_factors,
-    )
+    from kfoc_backpack.dataset import DistributedFitError, KFOCAccumulator, optimal_factors
+    from kfoc_backpack.extensions import KFOC, KFOCExact, KFOCTerms
     from kfoc_backpack.laplace import (
         KFOCBackend,
         KFOCEFBackend,
@@ -70,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KFOC",
+    "DistributedFitError",
     "KFOCAccumulator",
     "KFOCBackend",
     "KFOCEFBackend",

@@ -26,7 +26,8 @@ from laplace_helpers import (
 )
 
 from kfoc_backpack import KFOCAccumulator, KFOCExact, KFOCLaplace, optimal_factors
-from kfoc_backpack.extensions import BlockAccumulator, KFOCTerms
+from kfoc_backpack.dataset import BlockAccumulator
+from kfoc_backpack.extensions import KFOCTerms
 
 # The paper (docs/conventions.md §7) reports K-FOC_running within about 0.02 of its best value
 # over all batch sizes, and K-FOC_approx up to 0.20 above K-FOC_running (LeNet-5

@@ -75,7 +75,7 @@ def test_samples_random(shape, dtype, device):
 def test_samples_operator_route_is_optimal(shape, dtype, monkeypatch):
     """The accelerator route of Algorithm 2 (squaring the M²×M² matrix of the left map)
     is taken for these shapes and reaches the dense optimum, with the same split."""
-    from kfoc_backpack.solver import kronecker
+    from kfoc_backpack.solver import samples as kronecker
     from kfoc_backpack.solver._common import accelerator_routes
 
     calls = []
@@ -117,7 +117,7 @@ def test_outer_random(shape, cols, method, dtype, device):
 def test_outer_gram_routes_agree(routes, cap, monkeypatch):
     """Every Gram route (explicit blocks, pairs, all pairs at once or in row blocks)
     gives the Gram matrix and the traces of the dense terms ``S_kᵀS_k``."""
-    from kfoc_backpack.solver import kronecker
+    from kfoc_backpack.solver import outer as kronecker
 
     monkeypatch.setattr(kronecker, "_EXPLICIT_GRAM_MAX_ELEMENTS", cap)
     gen = torch.Generator().manual_seed(3)
@@ -442,7 +442,7 @@ def test_squaring_route_matches_stepwise(dtype):
         coefficient_power_iteration,
         coefficient_squaring_iteration,
     )
-    from kfoc_backpack.solver.kronecker import outer_gram_left
+    from kfoc_backpack.solver.outer import outer_gram_left
 
     gen = torch.Generator().manual_seed(17)
     sqrt_out = torch.randn(30, 2, 4, generator=gen, dtype=dtype)

@@ -19,8 +19,16 @@ import torch
 from torch import Tensor
 
 from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms, SolverOptions
-from kfoc_backpack.solver._common import finalize, launch_bound
+from kfoc_backpack.solver._common import launch_bound
+from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route
+from kfoc_backpack.solver.conv_routes import (
+    FactoredConvTerms,
+    FormedConvTerms,
+    GramConvTerms,
+    OperatorConvTerms,
+)
 from kfoc_backpack.solver.factored import FactoredTerms, factored_is_cheaper
+from kfoc_backpack.solver.scale import finalize
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
 """The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""
@@ -157,37 +165,55 @@ def shared_terms(
     return LayerTerms(SampleTerms(samples), input_trace, kfac)
 
 
-def conv_terms(unfolded: Tensor, sqrt: Tensor, with_kfac: bool = False) -> LayerTerms:
+def conv_terms(
+    unfolded: Tensor, sqrt: Tensor, with_kfac: bool = False, route: str | None = None
+) -> LayerTerms:
     """Per-sample quantities of a convolution weight ``[C_out, C_in·Πkernel]``.
 
-    ``X_{m,n} = Ds_{m,n} â_nᵀ`` (sum over the ``T`` output positions). On the CPU kept
-    factored where that costs fewer flops (wide layers on few positions, see
-    :func:`shared_terms`); else, and always on accelerators (whose solver route for
-    formed matrices launches a fixed few dozen kernels), formed by one batched product
-    and stored output-major so the solver needs no copy of it.
+    ``X_{m,n} = Ds_{m,n} â_nᵀ`` (sum over the ``T`` output positions), kept in the form
+    of the solve route of least estimated cost whose memory fits
+    (:func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`, on the CPU and for
+    accelerators): formed, factored, through the position Gram ``â_n â_mᵀ`` or through
+    ``X_a X_bᵀ`` (:mod:`~kfoc_backpack.solver.conv_routes`). Every route gives the same
+    optimal factors; the terms' ``route`` names the one taken.
 
     Args:
         unfolded: ``[N, I, T]`` unfolded inputs (``I = C_in·Πkernel``).
         sqrt: ``[M, N, O, T]`` output-side vectors at the output positions.
         with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
+        route: Force a route (one of
+            :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice.
 
     Returns:
         The weight's :class:`LayerTerms`.
     """
-    columns, _, out_features, positions = sqrt.shape
+    columns, num, out_features, positions = sqrt.shape
     input_trace = unfolded.square().sum() / unfolded.shape[0]
     kfac = kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2)) if with_kfac else None
-    cheaper = factored_is_cheaper(columns, positions, out_features, unfolded.shape[1])
-    if cheaper and not launch_bound(sqrt.device):
+    if route is None:
+        route = choose_conv_route(
+            columns,
+            num,
+            positions,
+            out_features,
+            unfolded.shape[1],
+            itemsize=max(sqrt.element_size(), 4),
+            accelerator=launch_bound(sqrt.device),
+        )
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
+    if route in ("factored", "gram"):
         grads, inputs = sqrt.transpose(2, 3), unfolded.transpose(1, 2)
-        return LayerTerms(FactoredTerms(grads, inputs), input_trace, kfac)
+        kind = FactoredConvTerms if route == "factored" else GramConvTerms
+        return LayerTerms(kind(grads, inputs), input_trace, kfac)
     if sqrt.shape[0] == 1:  # one column: a single batched product
         prods = torch.bmm(sqrt[0], unfolded.mT).unsqueeze(0)  # [1, N, O, I]
         out_major = prods.permute(2, 0, 1, 3).contiguous()
     else:  # einsum contracts batched over N with M·O rows, no copy of the input
         out_major = torch.einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
     samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
-    return LayerTerms(SampleTerms(samples), input_trace, kfac)
+    kind = FormedConvTerms if route == "formed" else OperatorConvTerms
+    return LayerTerms(kind(samples), input_trace, kfac)
 
 
 def bias_block(sqrt: Tensor) -> Tensor:

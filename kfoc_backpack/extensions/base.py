@@ -2,6 +2,9 @@
 
 The per-layer maths (per-sample terms, scale split, bias block) lives in
 :mod:`kfoc_backpack.collect.layers`, shared with the hook route.
+
+Index conventions (BackPACK's): ``M`` columns per input (Monte-Carlo samples or
+classes), ``N`` inputs, ``C_out`` output channels or features.
 """
 
 from __future__ import annotations

@@ -40,14 +40,19 @@ class SolveRecord(NamedTuple):
     Attributes:
         module: Class name of the layer.
         weight_shape: Shape of the layer's weight.
-        iterations: Power steps the solver took.
+        iterations: Power steps the solver took (Lanczos steps on the convolution
+            routes: applications of the left power map).
         converged: Whether the tolerance was reached.
+        route: How the solve ran: for convolutions the route of
+            :mod:`~kfoc_backpack.solver.conv_routes` (``formed``, ``factored``,
+            ``gram``, ``operator``); empty for other layers.
     """
 
     module: str
     weight_shape: tuple[int, ...]
     iterations: int
     converged: bool
+    route: str = ""
 
 
 class KFOCBase(SqrtGGN):
@@ -121,6 +126,7 @@ class KFOCBase(SqrtGGN):
             self, savefield=savefield, module_exts=module_exts, fail_mode=fail_mode
         )
         self.solve_log: deque[SolveRecord] = deque(maxlen=4096)
+        self._routes: dict[int, str] = {}
 
     def get_num_mc_samples(self) -> int:
         """Return the number of Monte-Carlo samples per input."""
@@ -141,14 +147,19 @@ class KFOCBase(SqrtGGN):
             return
         super().__call__(module, g_inp, g_out)
 
+    def note_route(self, module: Module, route: str) -> None:
+        """Remember the solve route of ``module``'s weight for its :class:`SolveRecord`."""
+        self._routes[id(module)] = route
+
     def log_solve(self, module: Module, factors: KroneckerFactors) -> None:
-        """Record one weight solve in :attr:`solve_log`."""
+        """Record one weight solve in :attr:`solve_log` (with the noted route, if any)."""
         self.solve_log.append(
             SolveRecord(
                 module.__class__.__name__,
                 tuple(module.weight.shape),
                 factors.iterations,
                 factors.converged,
+                self._routes.pop(id(module), ""),
             )
         )
 

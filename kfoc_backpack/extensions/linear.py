@@ -1,4 +1,8 @@
-"""K-FOC module extension for ``torch.nn.Linear``."""
+"""K-FOC module extension for ``torch.nn.Linear``.
+
+Index conventions (BackPACK's): ``M`` columns per input (Monte-Carlo samples or
+classes), ``N`` inputs, ``T`` extra positions, ``out``/``in`` the layer's features.
+"""
 
 from __future__ import annotations
 

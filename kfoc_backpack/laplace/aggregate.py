@@ -3,30 +3,53 @@
 Everything here works on "raw" blocks: the GGN (or MC Fisher) of the *summed* loss,
 without laplace-torch's likelihood ``factor``; weights as ``[L_out, R_in]`` with
 ``tr(R_in) = (1/N) Σ_n ‖â_n‖²`` over all ``N`` inputs seen (K-FAC's split), biases as
-``[B]``. The caller applies the factor.
+``[B]``. The caller applies the factor. Under ``torch.distributed`` the ranks' shards
+are combined (docs/conventions.md §8).
+
+Index conventions: ``N`` inputs of the data set (all ranks), ``L_out``/``R_in`` a
+weight's output-side and input-side factors, ``B`` a bias block.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import tqdm
 from torch import Tensor
 
-from kfoc_backpack.extensions.accumulate import (
-    DEFAULT_MAX_MEMORY,
+from kfoc_backpack.dataset import (
+    AGGREGATIONS,
     BlockAccumulator,
-    check_choice,
+    Communication,
+    OptimalOptions,
     solve_optimal,
 )
+from kfoc_backpack.dataset.distributed import Reducer, combine_blocks
+from kfoc_backpack.dataset.options import check_choice
 from kfoc_backpack.laplace.backend import KFOCKronMixin, batch_inputs, zero_block
-
-AGGREGATIONS = ("approx", "running", "optimal")
-"""Aggregations over batches: K-FOC_approx, K-FOC_running, the data-set optimum."""
 
 Prior = dict[str, tuple[list[Tensor], int]]
 """Earlier raw blocks per parameter name with their number of inputs (online fit)."""
+
+
+class RawFit(NamedTuple):
+    """What :func:`fit_factors` returns.
+
+    Attributes:
+        loss: The summed loss over all batches (of all ranks), without ``factor``.
+        blocks: Per trainable parameter of the backend (laplace-torch's order),
+            ``[L_out, R_in]`` or ``[B]``.
+        num_samples: Number of inputs seen (by all ranks).
+        communication: Collectives and bytes this rank sent (zero in one process).
+    """
+
+    loss: Tensor
+    blocks: list[list[Tensor]]
+    num_samples: int
+    communication: Communication
 
 
 def check_aggregation(aggregation: str) -> str:
@@ -51,33 +74,29 @@ def fit_factors(
     prior: Prior | None = None,
     check_batch: Callable[[Tensor, Tensor], None] | None = None,
     progress_bar: bool = False,
-    tol: float = 1e-6,
-    max_passes: int = 50,
-    store_terms: bool | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    options: OptimalOptions | None = None,
     owner: str = "KFOCLaplace",
-) -> tuple[Tensor, list[list[Tensor]], int]:
+    process_group: object | None = None,
+) -> RawFit:
     """Raw data-set K-FOC blocks of the backend's trainable parameters.
 
     Args:
         backend: The curvature backend (its model, likelihood, MC or exact GGN).
         loader: Batches ``(X, y)`` or dict-like batches (``backend.dict_key_y`` holds
-            the targets).
+            the targets); under ``torch.distributed`` this rank's shard.
         aggregation: ``"approx"``, ``"running"`` or ``"optimal"`` (``docs/conventions.md`` §4).
-        prior: Raw blocks of earlier data to include (online fit).
+        prior: Raw blocks of earlier data to include (online fit; the same on every
+            rank, counted once).
         check_batch: Called with every batch before its curvature is computed.
         progress_bar: Show a tqdm progress bar.
-        tol: Power-method tolerance of ``"optimal"``.
-        max_passes: Cap on iterations/passes of ``"optimal"``.
-        store_terms: Keep per-sample terms in memory for ``"optimal"`` (``None``: if
-            they fit into ``max_memory`` bytes).
-        max_memory: Byte budget of the stored terms.
+        options: Options of ``"optimal"`` (tolerance, pass cap, memory policy).
         owner: Name used in error messages.
+        process_group: The ``torch.distributed`` group to combine over (default: the
+            whole world when initialised, else none), or a
+            :class:`~kfoc_backpack.dataset.distributed.Reducer` whose log continues.
 
     Returns:
-        ``(loss, blocks, num_samples)``: the summed loss (no factor), per trainable
-        parameter of the backend (in laplace-torch's order) ``[L_out, R_in]`` or
-        ``[B]``, and the number of inputs in the loader.
+        The raw blocks, summed loss, number of inputs and communication log.
     """
     check_aggregation(aggregation)
     params = backend.named_trainable
@@ -100,31 +119,40 @@ def fit_factors(
             stochastic=backend.stochastic,
             reduction="sum",
             prior=prior,
-            tol=tol,
-            max_passes=max_passes,
-            store_terms=store_terms,
-            max_memory=max_memory,
+            options=options,
             progress_bar=progress_bar,
+            process_group=process_group,
         )
         blocks = [result.factors.get(name) or zero_block(p) for name, p in params.items()]
-        return result.loss, blocks, result.num_samples
+        return RawFit(result.loss, blocks, result.num_samples, result.communication)
 
+    reducer = process_group if isinstance(process_group, Reducer) else Reducer(process_group)
+    reducer.check_same_params(params, owner)
+    seed = reducer.shared_seed(None) if reducer.active and backend.stochastic else None
     accumulators = {name: BlockAccumulator(aggregation) for name in params}
-    for name, (block, num) in prior.items():
-        if name in accumulators and num > 0:
-            accumulators[name].update(block, num, 1.0)
+    if reducer.rank == 0:  # an online fit's earlier factors count once
+        for name, (block, num) in prior.items():
+            if name in accumulators and num > 0:
+                accumulators[name].update(block, num, 1.0)
     loss: Tensor | float = 0.0
     num_samples = 0
     pbar = tqdm.tqdm(loader, disable=not progress_bar)
     pbar.set_description("[Computing Hessian]")
-    for batch in pbar:
-        batch_loss, blocks, num = backend.kfoc(*prepared(batch))
-        loss = loss + batch_loss
-        num_samples += num
-        for name, block in zip(params, blocks):
-            accumulators[name].update(block, num, 1.0)
-    results = []
-    for name, param in params.items():
-        acc = accumulators[name]
-        results.append(zero_block(param) if acc.empty else acc.factors())
-    return torch.as_tensor(loss), results, num_samples
+    with reducer.guard("the pass over the data"):
+        for index, batch in enumerate(pbar):
+            seeded = contextlib.nullcontext() if seed is None else reducer.seeded(seed, index)
+            with seeded:
+                batch_loss, blocks, num = backend.kfoc(*prepared(batch))
+            loss = loss + batch_loss
+            num_samples += num
+            for name, block in zip(params, blocks):
+                accumulators[name].update(block, num, 1.0)
+    combined = combine_blocks(accumulators, params, reducer)
+    if reducer.active:
+        total_loss, num_samples = reducer.sum_scalars([loss, num_samples])
+        like = next(iter(params.values()))
+        loss, num_samples = torch.tensor(total_loss, dtype=like.dtype), int(num_samples)
+    results = [
+        combined[name][0] if name in combined else zero_block(p) for name, p in params.items()
+    ]
+    return RawFit(torch.as_tensor(loss), results, num_samples, reducer.log)

@@ -3,7 +3,7 @@
 ``kron()`` returns, per trainable parameter, K-FOC's Frobenius-optimal ``[L_out, R_in]``
 for weights and the exact block ``[B]`` for biases, in laplace-torch's ``Kron`` layout
 and scaling (the same as its default backend's: the loss is summed over the batch,
-the input-side factor is rescaled by ``M/N`` so that factor-wise sums over batches
+the input-side factor is rescaled by ``n/N`` so that factor-wise sums over batches
 approximate the data set, and the likelihood ``factor`` is spread over both
 factors). The per-sample quantities come from the hook route
 (:class:`~kfoc_backpack.collect.route.TermCollector`), so every model laplace-torch's
@@ -14,6 +14,9 @@ frozen attention weights, frozen BatchNorm, dict inputs. The other methods
 
 Only trainable parameters count, so frozen parameters (a last-layer Laplace on a
 frozen backbone, a frozen feature extractor) are fine; ``.grad`` is left untouched.
+
+Index conventions: ``n`` inputs of a batch, ``N`` inputs of the data set (laplace-torch's
+argument name), ``L_out``/``R_in`` a weight's output-side and input-side factors.
 """
 
 from __future__ import annotations
@@ -132,14 +135,14 @@ class KFOCKronMixin:
         """K-FOC factors of one batch for the summed loss, without rescaling.
 
         Args:
-            x: ``[M, *]`` inputs (or a dict-like batch).
+            x: ``[n, *]`` inputs (or a dict-like batch).
             y: Targets.
 
         Returns:
-            ``(loss, blocks, M)``: the summed loss, per trainable parameter
+            ``(loss, blocks, n)``: the summed loss, per trainable parameter
             ``[L_out, R_in]`` with ``L_out ⊗ R_in`` optimal for the batch's block of
-            the curvature of the *summed* loss and ``tr(R_in) = (1/M) Σ_m ‖â_m‖²``
-            (K-FAC's split), or ``[B]``; and the number of inputs ``M``.
+            the curvature of the *summed* loss and ``tr(R_in) = (1/n) Σ_i ‖â_i‖²``
+            (K-FAC's split), or ``[B]``; and the number of inputs ``n``.
             laplace-torch's ``factor`` is not applied.
         """
         batch = self.collect(x, y)
@@ -169,13 +172,13 @@ class KFOCKronMixin:
         """K-FOC factors of one batch in laplace-torch's ``Kron`` layout and scaling.
 
         Args:
-            x: ``[M, *]`` inputs (or a dict-like batch).
+            x: ``[n, *]`` inputs (or a dict-like batch).
             y: Targets.
             N: Number of data points of the whole data set.
             **kwargs: Ignored (laplace-torch passes backend-specific options).
 
         Returns:
-            ``(factor · loss, factor · Kron)``; weights' ``R_in`` carry ``M/N`` like
+            ``(factor · loss, factor · Kron)``; weights' ``R_in`` carry ``n/N`` like
             laplace-torch's default backend, so that factor-wise sums over the batches
             give K-FOC_approx of the data set.
         """

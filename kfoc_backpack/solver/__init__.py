@@ -2,6 +2,32 @@
 
 Pure tensor maths on any device and floating dtype; knows nothing of BackPACK or
 laplace-torch.
+
+Every solver returns :class:`KroneckerFactors` ``(left, right, iterations, converged)``
+with ``left ⊗ right ≈ F`` optimal in the Frobenius norm, and follows the same
+conventions (see :func:`~kfoc_backpack.solver.scale.finalize`): symmetric factors, sign
+fixed by ``tr(left) ≥ 0`` (both factors positive semi-definite when ``F`` is), scale
+split evenly (``‖left‖_F = ‖right‖_F``), the input's device and dtype, all-zero input
+giving all-zero factors. Vectorisation is PyTorch's row-major one, so
+``torch.kron(left, right)`` is directly comparable with ``F``.
+
+Modules, by structure of ``F``:
+
+* ``sum`` — ``F = Σ_k w_k L_k ⊗ R_k`` (paper Algorithm 1) and the two-term merge;
+* ``samples`` — ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (paper Algorithm 2; convolutions);
+* ``outer`` — ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)`` (``Linear`` layers);
+* ``factored`` — ``X_{j,k} = G_{j,k}ᵀ A_k`` over shared positions, never formed;
+* ``terms`` — the per-sample terms as objects, and blocks of them summed;
+* ``aggregation`` — Kronecker factors aggregated over batches;
+
+and the pieces they share: ``gram`` (coefficient-space power method), ``power``
+(factor-space power method and half-steps), ``routes`` (which route is cheaper),
+``scale`` (sign and scale split), ``error`` (Frobenius error), ``_common`` (options,
+result type, device, starts).
+
+Index conventions of this package: ``K`` terms (samples), ``J`` columns per sample,
+``T`` shared positions, ``M`` output features (left factor ``[M, M]``), ``N`` input
+features (right factor ``[N, N]``).
 """
 
 from kfoc_backpack.solver._common import (
@@ -14,12 +40,9 @@ from kfoc_backpack.solver._common import (
 from kfoc_backpack.solver.aggregation import AGGREGATIONS, KroneckerAccumulator
 from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
 from kfoc_backpack.solver.factored import FactoredTerms, nearest_kronecker_factored
-from kfoc_backpack.solver.kronecker import (
-    merge_kronecker,
-    nearest_kronecker_outer,
-    nearest_kronecker_samples,
-    nearest_kronecker_sum,
-)
+from kfoc_backpack.solver.outer import nearest_kronecker_outer
+from kfoc_backpack.solver.samples import nearest_kronecker_samples
+from kfoc_backpack.solver.sum import merge_kronecker, nearest_kronecker_sum
 from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecker_terms
 
 __all__ = [

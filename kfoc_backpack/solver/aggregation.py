@@ -12,9 +12,12 @@ data-set mean; with ``sum`` reduction ``w_p = 1`` gives the data-set sum.
   running estimate of ``Σ_{q<p} w_q F_q``.
 
 Both keep K-FAC's scale split: the right factor has the weighted mean trace of the
-batch right factors (see :func:`kfoc_backpack.solver._common.scale_split`).
+batch right factors (see :func:`kfoc_backpack.solver.scale.scale_split`).
 The data-set optimum (``"optimal"``) needs the per-sample terms, see
 :func:`kfoc_backpack.solver.nearest_kronecker_terms`.
+
+Index conventions of this module: ``p`` batches (blocks), ``M`` output features (left
+factor ``[M, M]``), ``N`` input features (right factor ``[N, N]``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kfoc_backpack.solver._common import finalize
-from kfoc_backpack.solver.kronecker import merge_kronecker
+from kfoc_backpack.solver.scale import finalize
+from kfoc_backpack.solver.sum import merge_kronecker
 
 AGGREGATIONS = ("approx", "running")
 

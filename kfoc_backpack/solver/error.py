@@ -8,12 +8,18 @@ For ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (docs/conventions.md §1)
 
 The expansion loses accuracy to cancellation when the error is tiny compared with
 ``‖F‖``; computing in ``float64`` resolves relative errors down to about ``1e-7``.
+
+Index conventions of this module: ``K`` terms (samples), ``J`` columns per sample,
+``M`` output features (left factor ``[M, M]``), ``N`` input features (right factor
+``[N, N]``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kfoc_backpack.solver.outer import outer_gram_left
 
 
 def _finish(norm_sq: Tensor, cross: Tensor, left: Tensor, right: Tensor, relative: bool):
@@ -60,8 +66,6 @@ def kron_error_outer(
     Returns:
         Scalar error.
     """
-    from kfoc_backpack.solver.kronecker import outer_gram_left
-
     if sqrt_out.dim() == 2:
         sqrt_out = sqrt_out.unsqueeze(1)
     norm_sq = (outer_gram_left(sqrt_out) * (inputs @ inputs.T).square()).sum()

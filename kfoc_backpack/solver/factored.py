@@ -31,12 +31,12 @@ from torch import Tensor
 from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
-    finalize,
     launch_bound,
     working_dtype,
 )
 from kfoc_backpack.solver.error import _finish
 from kfoc_backpack.solver.power import factor_power_iteration
+from kfoc_backpack.solver.scale import finalize
 
 
 @dataclass(frozen=True)

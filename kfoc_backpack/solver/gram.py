@@ -14,6 +14,9 @@ One power step is ``β ← G_L α`` (``R̄ = Aᵀ vec L``) and ``α ← G_R β``
 ``‖L‖²_F = αᵀ G_L α``. For positive semi-definite terms both Gram matrices are
 entry-wise non-negative, so a non-negative start keeps ``α, β ≥ 0`` and both factors
 positive semi-definite, also when the top singular value is tied.
+
+Index conventions of this module: ``K`` terms (samples): coefficient vectors ``α, β``
+are ``[K]``, Gram matrices ``[K, K]``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Both half-steps are expressed as a few large matrix products over all terms at
 once (no Python loop over terms), so they run as well on a GPU as on the CPU.
+
+Index conventions of this module: ``K`` terms (samples), ``J`` columns per sample,
+``M`` output features (left factor ``[M, M]``), ``N`` input features (right factor
+``[N, N]``).
 """
 
 from __future__ import annotations

@@ -20,18 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kfoc_backpack.solver._common import KroneckerFactors, SolverOptions, finalize
+from kfoc_backpack.solver._common import KroneckerFactors, SolverOptions
 from kfoc_backpack.solver.error import kron_error_outer, kron_error_samples
-from kfoc_backpack.solver.kronecker import (
-    nearest_kronecker_outer,
-    nearest_kronecker_samples,
-    outer_gram_left,
-)
+from kfoc_backpack.solver.outer import nearest_kronecker_outer, outer_gram_left
 from kfoc_backpack.solver.power import (
     factor_power_iteration,
     outer_half_steps,
     samples_half_steps,
 )
+from kfoc_backpack.solver.samples import nearest_kronecker_samples
+from kfoc_backpack.solver.scale import finalize
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,72 @@
+"""Names and options of the data-set level, in one place (docs/conventions.md §4).
+
+Index conventions of the data-set level: ``p`` batches, ``n_p`` inputs of batch ``p``,
+``N = Σ_p n_p`` inputs in all, ``s_p`` the scale of batch ``p``'s block in the target
+(``1`` for a loss with ``reduction="sum"``, ``n_p`` for ``"mean"``), ``M``/``N_in``
+sizes of a weight's left (output) and right (input) factors, ``W`` ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kfoc_backpack.solver import AGGREGATIONS as BATCH_AGGREGATIONS
+
+REDUCTIONS = ("mean", "sum")
+"""Loss reductions a data-set target supports."""
+
+AGGREGATIONS = (*BATCH_AGGREGATIONS, "optimal")
+"""All aggregations over batches: the solver's aggregations of per-batch factors
+(``"approx"``, ``"running"``: the paper's K-FOC_approx and K-FOC_running) and the
+data-set optimum ``"optimal"``, which needs the per-sample terms."""
+
+DEFAULT_MAX_MEMORY = 1 << 30
+"""Bytes of per-sample terms ``"optimal"`` keeps in memory by default."""
+
+
+def check_choice(value: str, name: str, choices: Sequence[str], hint: str = "") -> str:
+    """Return ``value`` if it is one of ``choices``, else raise naming the argument.
+
+    Raises:
+        ValueError: For a value not in ``choices``.
+    """
+    if value not in choices:
+        supported = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Unknown {name} {value!r}; supported: {supported}.{hint}")
+    return value
+
+
+@dataclass(frozen=True)
+class OptimalOptions:
+    """Options of the data-set optimum (``aggregation="optimal"``).
+
+    Attributes:
+        tol: Stop once the unit-norm left factor changes by less than ``tol``
+            (Frobenius norm) in an iteration.
+        max_passes: Cap on iterations over stored terms, or on passes over the data
+            (the first one included) when streaming.
+        store_terms: Keep the per-sample terms in memory (``True``), stream over the
+            data (``False``), or keep them while they fit into ``max_memory`` bytes
+            (``None``).
+        max_memory: Byte budget of the stored terms when ``store_terms`` is ``None``
+            (per process).
+
+    Raises:
+        ValueError: For a non-positive ``tol`` or ``max_passes``, or a negative
+            ``max_memory``.
+    """
+
+    tol: float = 1e-6
+    max_passes: int = 50
+    store_terms: bool | None = None
+    max_memory: int = DEFAULT_MAX_MEMORY
+
+    def __post_init__(self) -> None:
+        if not self.tol > 0:
+            raise ValueError(f"tol must be positive, got {self.tol!r}.")
+        if int(self.max_passes) != self.max_passes or self.max_passes < 1:
+            raise ValueError(f"max_passes must be a positive integer, got {self.max_passes!r}.")
+        if self.max_memory < 0:
+            raise ValueError(f"max_memory must be non-negative, got {self.max_memory!r}.")
+        object.__setattr__(self, "max_passes", int(self.max_passes))

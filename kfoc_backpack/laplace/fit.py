@@ -1,0 +1,231 @@
+"""``KFOCKronFit``: what K-FOC changes in laplace-torch's ``KronLaplace``.
+
+Both K-FOC Laplace classes (all weights, last layer) put this class in front of
+laplace-torch's ``KronLaplace`` in their method resolution order. It overrides:
+
+* ``fit`` — the curvature comes from K-FOC's aggregation over batches (and over
+  ``torch.distributed`` ranks) instead of laplace-torch's per-batch ``kron`` sums;
+* ``_init_H`` — a zero ``Kron`` for weights of any dimension (``Conv3d``);
+* ``posterior_precision`` — keeps ``damping``, which laplace-torch's arithmetic drops;
+* ``state_dict``/``load_state_dict`` — carry the aggregation.
+
+It has no ``__init__``: the concrete classes call laplace-torch's constructors, then
+:meth:`KFOCKronFit._set_kfoc_options`.
+
+Index conventions: ``N`` (``n_data``) inputs of the data set (all ranks), ``L_out``/``R_in``
+a weight's factors, ``δ`` the damping.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from laplace.baselaplace import KronLaplace
+from laplace.utils import Kron, KronDecomposed
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from kfoc_backpack.dataset import OptimalOptions
+from kfoc_backpack.dataset.distributed import Reducer
+from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
+from kfoc_backpack.laplace.backend import batch_inputs, check_supported_layers, zero_block
+
+
+def kfoc_zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) -> Kron:
+    """Zero ``Kron`` for ``params`` (any weight dimension, e.g. ``Conv3d``)."""
+    return Kron([[b.to(device, dtype) for b in zero_block(p)] for p in params])
+
+
+class KFOCKronFit(KronLaplace):
+    """``KronLaplace`` fitted with K-FOC's factors (see the module docstring)."""
+
+    def _set_kfoc_options(
+        self,
+        aggregation: str,
+        options: OptimalOptions,
+        process_group: object | None,
+    ) -> None:
+        self.aggregation = check_aggregation(aggregation)
+        self.optimal_options = options
+        self.process_group = process_group
+        self.communication = None
+
+    @property
+    def tol(self) -> float:
+        """Power-method tolerance of ``"optimal"``."""
+        return self.optimal_options.tol
+
+    @property
+    def max_passes(self) -> int:
+        """Cap on iterations/passes of ``"optimal"``."""
+        return self.optimal_options.max_passes
+
+    def _check_supported(self) -> None:
+        """Reject trainable layers without K-FOC factors, before any work."""
+        check_supported_layers(self.model, type(self).__name__)
+
+    def _check_dtype(self) -> None:
+        """Reject half precisions, which laplace-torch's eigendecomposition cannot take.
+
+        laplace-torch's ``KronDecomposed`` calls ``torch.linalg.eigh``, which has no
+        float16/bfloat16 kernels, and on failure ends the process; this raises first.
+        """
+        if self._dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"{type(self).__name__}: the model's parameters are {self._dtype}; "
+                "laplace-torch's Kronecker eigendecomposition needs float32 or float64. "
+                "Fit on a float32 copy (model.float()) and cast the inputs alike."
+            )
+
+    def _init_H(self) -> None:
+        self.H = kfoc_zero_kron(self.params, self._device, self._dtype)
+
+    def _check_batch(self, X: Tensor, y: Tensor) -> None:
+        if self.likelihood == "regression" and y.ndim != self._out_ndim:
+            raise ValueError(
+                f"The model's output has {self._out_ndim} dims but the target has {y.ndim} dims."
+            )
+
+    def _raw_prior(self, names: list[str]) -> Prior:
+        """Return the fitted factors without the likelihood factor (online update)."""
+        factor = float(self.backend.factor)
+        prior = {}
+        for name, block in zip(names, self.H_facs.kfacs):
+            scale = factor ** (1 / len(block))
+            prior[name] = ([b / scale for b in block], self.n_data)
+        return prior
+
+    def _first_output_shape(self, train_loader: DataLoader) -> tuple[int, int]:
+        """Return ``(outputs, ndim)`` of the output on the first batch, ``(0, 0)`` if none."""
+        first = next(iter(train_loader), None)
+        if first is None:
+            return 0, 0
+        X0, _ = batch_inputs(first, self.dict_key_x, self.dict_key_y, type(self).__name__)
+        with torch.no_grad():
+            if not isinstance(X0, Tensor):
+                out = self.model(X0)
+            else:
+                try:
+                    out = self.model(X0[:1].to(self._device))
+                except (TypeError, AttributeError):
+                    out = self.model(X0.to(self._device))
+        return out.shape[-1], out.ndim
+
+    def _set_output_shape(self, shape: tuple[int, int], reducer: Reducer) -> None:
+        """Set ``n_outputs``; in a distributed fit ranks with an empty shard are told."""
+        if reducer.active:  # all ranks with data agree
+            outputs, ndim, count = reducer.sum_scalars([*shape, shape[0] > 0])
+            shape = (int(outputs / count), int(ndim / count)) if count else (0, 0)
+        if shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}.fit: the train_loader yielded no batches.")
+        self.n_outputs, self._out_ndim = shape
+        self.model.output_size = self.n_outputs
+        if self.likelihood == "classification" and self.n_outputs == 1:
+            raise ValueError(
+                f"{type(self).__name__}: likelihood='classification' with a single output "
+                "unit: the softmax over one class is 1 for every input, so the likelihood "
+                "has no curvature. Give the model one output per class (two for a binary "
+                "problem) or use likelihood='regression'."
+            )
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Fit the K-FOC Laplace approximation at the current parameters.
+
+        Under ``torch.distributed`` (or with ``process_group``), each rank passes its
+        shard of the data; every rank ends with the same factors, loss and ``n_data``
+        (the inputs of all shards), see docs/conventions.md §8.
+
+        Args:
+            train_loader: Batches ``(X, y)`` or dict-like batches (the whole mapping
+                is the model input, ``batch[dict_key_y]`` the targets);
+                ``len(train_loader.dataset)`` (or, without a ``dataset``, the number
+                of inputs seen; in a distributed fit the inputs of all ranks) is ``N``.
+            override: Start afresh (``True``) or add the data to the current fit
+                (online learning): the earlier factors enter the aggregation as one
+                more Kronecker term (``"running"``/``"optimal"``: optimally merged;
+                ``"approx"``: factor-wise sums, as ``KronLaplace`` does).
+            progress_bar: Show a tqdm progress bar.
+
+        Raises:
+            ValueError: For malformed batches, an empty loader or a one-output
+                classifier (before any curvature is computed).
+            TypeError: For a float16/bfloat16 model.
+            NotImplementedError: For a trainable layer without K-FOC factors.
+            FloatingPointError: For NaN/Inf in the input, the output or a layer.
+            DistributedFitError: On every rank, when one rank failed.
+        """
+        reducer = Reducer(self.process_group)
+        with reducer.guard(f"{type(self).__name__}.fit's checks"):
+            self._check_supported()
+            self._check_dtype()
+            shape = self._first_output_shape(train_loader)
+        self._set_output_shape(shape, reducer)
+        online = not override and self.H_facs is not None
+        if not online:
+            self.H_facs = None
+            self._init_H()
+            self.loss, self.n_data = 0, 0
+        self.model.eval()
+        self.mean = parameters_to_vector(self.params)
+        if not self.enable_backprop:
+            self.mean = self.mean.detach()
+        backend = self.backend
+        fitted = fit_factors(
+            backend,
+            train_loader,
+            self.aggregation,
+            prior=self._raw_prior(list(backend.named_trainable)) if online else None,
+            check_batch=self._check_batch,
+            progress_bar=progress_bar or getattr(self, "_progress_bar", False),
+            options=self.optimal_options,
+            owner=type(self).__name__,
+            process_group=reducer,
+        )
+        self.communication = reducer.log
+        self.loss = self.loss + backend.factor * fitted.loss
+        dataset = getattr(train_loader, "dataset", None)
+        use_len = dataset is not None and not reducer.active
+        self.n_data += len(dataset) if use_len else fitted.num_samples
+        blocks = [[b.to(self._dtype) for b in block] for block in fitted.blocks]
+        self.H_facs = Kron(blocks) * float(backend.factor)
+        self.H = self.H_facs.decompose(damping=self.damping)
+
+    @property
+    def posterior_precision(self) -> KronDecomposed:
+        """Kronecker-factored posterior precision ``H · factor + P₀``, damping kept.
+
+        laplace-torch's ``KronDecomposed`` arithmetic (``*``, ``+``) returns objects
+        without ``damping``, so ``KronLaplace(damping=True)`` is undamped in practice;
+        here the flag is carried over.
+        """
+        self._check_H_init()
+        precision = self.H * self._H_factor + self.prior_precision
+        precision.damping = self.damping
+        return precision
+
+    def state_dict(self) -> dict[str, Any]:
+        """``KronLaplace``'s state dict plus the aggregation."""
+        state = super().state_dict()
+        state["aggregation"] = self.aggregation
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by the same class (warns on another aggregation)."""
+        saved = state_dict.get("aggregation", self.aggregation)
+        if saved != self.aggregation:
+            warnings.warn(
+                f"Loading factors aggregated with {saved!r} into a {type(self).__name__} "
+                f"with aggregation={self.aggregation!r}; online fits continue with "
+                f"{self.aggregation!r}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().load_state_dict(state_dict)

@@ -1,0 +1,351 @@
+r"""Solve routes for weights shared over positions (convolutions), one terms class each.
+
+Per-sample matrices ``X_{j,k} = G_{j,k}ᵀ A_k`` (docs/conventions.md §1). Every route
+finds the same Frobenius-optimal ``L ⊗ R`` — the top eigenvector of the left power map
+``S(L) = Σ_{jk} X_{jk} (Σ_{il} X_{il}ᵀ L X_{il}) X_{jk}ᵀ``, by the Lanczos iteration of
+:mod:`~kfoc_backpack.solver.krylov`, then ``R = Σ X_{jk}ᵀ L X_{jk}`` once and the
+conventions of ``finalize`` — and differs only in how ``S`` is applied:
+
+* ``formed`` (:class:`FormedConvTerms`): ``X`` formed, ``[J·K, M, N]``; a step costs
+  ``2·J·K·M·N·(M + N)``.
+* ``factored`` (:class:`FactoredConvTerms`): through ``G`` and ``A``; a step costs
+  ``2·(J·K·T·M·(M + T) + K·T·N·(N + T))``.
+* ``gram`` (:class:`GramConvTerms`): through the position Gram ``Q_{km} = A_k A_mᵀ``
+  (``[K·T, K·T]``, one product of ``(K·T)²·N``): ``R = Σ_k A_kᵀ W_k A_k`` is carried
+  by its coefficients ``W_k = Σ_j G_{jk} L G_{jk}ᵀ`` (``T × T``), and
+  ``A_k R A_kᵀ = Σ_m Q_{km} W_m Q_{km}ᵀ``: a step costs
+  ``2·K²·T³ + 2·J·K·T·M·(M + T)``, whatever ``N``. The ``N × N`` factor is formed once
+  at the end (``K·T·N·(N + T)``, as K-FAC forms its own).
+* ``operator`` (:class:`OperatorConvTerms`): the same with the formed ``X`` as the
+  "positions" (``T → M``, ``G = I``): ``P_{ab} = X_a X_bᵀ`` formed once
+  (``(J·K·M)²·N``), a step ``L ↦ Σ_{ab} P_{ab} L P_{ab}ᵀ`` costs ``2·(J·K)²·M³``.
+
+Each class keeps its parent's half-steps ``to_right``/``to_left`` (a data-set level fit
+streams over them) and the rest of the terms protocol; only ``solve`` takes the route.
+The route is chosen by :func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`.
+
+Index conventions: ``J`` columns per sample, ``K`` samples, ``T`` positions, ``M``
+output features (left factor ``[M, M]``), ``N`` input features (right ``[N, N]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.solver._common import (
+    KroneckerFactors,
+    SolverOptions,
+    launch_bound,
+    working_dtype,
+)
+from kfoc_backpack.solver.factored import FactoredTerms
+from kfoc_backpack.solver.krylov import lanczos_top
+from kfoc_backpack.solver.power import output_major, samples_half_steps
+from kfoc_backpack.solver.scale import finalize
+from kfoc_backpack.solver.symmetric import congruence_sum, sym_gram
+from kfoc_backpack.solver.terms import SampleTerms
+
+
+def _check_every(like: Tensor) -> int:
+    return 4 if launch_bound(like.device) else 1
+
+
+def _start(
+    default: Callable[[], Tensor], m: int, like: Tensor, opts: SolverOptions, init: Tensor | None
+) -> Tensor:
+    """Start of the left factor: random (``random_init``), ``init``, or ``default()``."""
+    if opts.random_init:
+        mat = torch.randn(m, m, generator=opts.generator, dtype=like.dtype, device="cpu")
+        return mat.to(like.device)
+    if init is not None:
+        return init.to(like)
+    return default()
+
+
+def krylov_solve(
+    apply: Callable[[Tensor], Tensor],
+    to_right: Callable[[Tensor], Tensor],
+    start: Tensor,
+    opts: SolverOptions,
+    out_dtype: torch.dtype,
+    right_trace: Tensor | float | None,
+    what: str,
+    symmetric_right: bool = False,
+) -> KroneckerFactors:
+    """Lanczos on ``S = apply``, ``R = to_right(L)`` once, then the shared conventions.
+
+    ``L`` is symmetrised here; ``to_right`` of a symmetric ``L`` must return an exactly
+    symmetric ``R`` when ``symmetric_right`` (then ``finalize`` skips its ``R + Rᵀ``,
+    which costs as much as forming ``R`` for wide layers), else ``finalize`` symmetrises.
+
+    Args:
+        apply: ``[M, M] → [M, M]``, the left power map ``S``.
+        to_right: ``[M, M] → [N, N]``, ``L ↦ Σ_k X_kᵀ L X_k``.
+        start: ``[M, M]`` start of the left factor.
+        opts: Solver options (``tol``, ``max_iter``).
+        out_dtype: Dtype of the returned factors.
+        right_trace: Target trace of the right factor, or ``None`` (even split).
+        what: Name for error messages.
+
+    Returns:
+        The optimal factors; ``iterations`` counts applications of ``S``.
+    """
+    left, steps, converged = lanczos_top(apply, start, opts.tol, opts.max_iter, _check_every(start))
+    if symmetric_right:
+        left = (left + left.T) / 2
+        right = to_right(left)
+    else:
+        right = to_right(left)
+    left, right = finalize(
+        left, right, out_dtype, symmetric=not symmetric_right, right_trace=right_trace, what=what
+    )
+    return KroneckerFactors(left, right, steps, converged)
+
+
+def _empty(m: int, n: int, like: Tensor, out_dtype: torch.dtype) -> KroneckerFactors:
+    zeros = like.new_zeros(m, m, dtype=out_dtype), like.new_zeros(n, n, dtype=out_dtype)
+    return KroneckerFactors(*zeros, 0, True)
+
+
+@dataclass(frozen=True)
+class FormedConvTerms(SampleTerms):
+    """:class:`~kfoc_backpack.solver.SampleTerms` solved by Lanczos (route ``formed``).
+
+    Attributes:
+        samples: ``[J·K, M, N]`` per-sample matrices.
+    """
+
+    route = "formed"
+
+    def detach(self) -> FormedConvTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return FormedConvTerms(self.samples.detach())
+
+    def solve(
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
+    ) -> KroneckerFactors:
+        """Optimal factors; on accelerators the formed route of ``SampleTerms``."""
+        if launch_bound(self.samples.device):
+            return super().solve(options, init, right_trace)
+        opts = SolverOptions() if options is None else options
+        out_dtype = self.samples.dtype
+        samples = self.samples.to(working_dtype(out_dtype))
+        num, m, n = samples.shape
+        if num == 0:
+            return _empty(m, n, samples, out_dtype)
+        to_right, to_left = samples_half_steps(samples, output_major(samples))
+        start = _start(lambda: to_left(torch.eye(n).to(samples)), m, samples, opts, init)
+        return krylov_solve(
+            lambda mat: to_left(to_right(mat)),
+            lambda left: congruence_sum(left, samples),
+            start,
+            opts,
+            out_dtype,
+            right_trace,
+            "formed convolution route",
+            symmetric_right=True,
+        )
+
+
+@dataclass(frozen=True)
+class FactoredConvTerms(FactoredTerms):
+    """:class:`~kfoc_backpack.solver.factored.FactoredTerms` solved by Lanczos (``factored``).
+
+    Attributes:
+        grads: ``[J, K, T, M]`` output-side vectors.
+        inputs: ``[K, T, N]`` input-side vectors.
+    """
+
+    route = "factored"
+
+    def detach(self) -> FactoredConvTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return type(self)(self.grads.detach(), self.inputs.detach())
+
+    def solve(
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
+    ) -> KroneckerFactors:
+        """Optimal factors by Lanczos on the factored half-steps."""
+        opts = SolverOptions() if options is None else options
+        out_dtype = self.grads.dtype
+        work = working_dtype(out_dtype)
+        terms = FactoredTerms(self.grads.to(work), self.inputs.to(work))
+        m, n = terms.shape
+        if terms.num_terms == 0 or terms.grads.shape[2] == 0:
+            return _empty(m, n, terms.grads, out_dtype)
+        start = _start(lambda: kfac_left(terms.grads), m, terms.grads, opts, init)
+        return krylov_solve(
+            lambda mat: terms.to_left(terms.to_right(mat)),
+            terms.to_right,
+            start,
+            opts,
+            out_dtype,
+            right_trace,
+            "factored convolution route",
+        )
+
+
+def kfac_left(grads: Tensor) -> Tensor:
+    """K-FAC's left factor ``Σ_{j,k,t} g gᵀ`` (``[M, M]``) of ``grads`` ``[J, K, T, M]``."""
+    flat = grads.reshape(-1, grads.shape[-1])
+    return flat.T @ flat
+
+
+GRAM_CHUNK_ELEMENTS = 1 << 22
+"""Above this many Gram entries the map runs in :data:`GRAM_CHUNKS` blocks of samples."""
+
+GRAM_CHUNKS = 4
+"""Blocks of the map of a large Gram: its intermediate is a quarter of the Gram."""
+
+
+class PositionGram:
+    """The position Gram ``Q_{km} = A_k A_mᵀ`` of ``inputs`` ``[K, T, N]`` and its map.
+
+    Stored once as the symmetric ``[K·T, K·T]`` matrix (``(K·T)²·N`` flops, the lower
+    blocks only, :func:`~kfoc_backpack.solver.symmetric.sym_gram`), it applies
+    ``W ↦ V``, ``V_k = Σ_m Q_{km} W_m Q_{km}ᵀ`` (``[K, T, T]`` both) in ``2·K²·T³``
+    flops by two batched products per block of samples, without copies of ``Q``.
+    """
+
+    def __init__(self, inputs: Tensor):
+        num, pos, _ = inputs.shape
+        flat = inputs.reshape(num * pos, -1)
+        self.num, self.pos = num, pos
+        self.full = sym_gram(flat.T)  # [(k, t), (m, s)]
+        self.by_row = self.full.view(num, pos, num * pos)  # [m, s, (k, t)]
+        self.by_col = self.full.view(num * pos, num, pos).permute(1, 0, 2)  # [k, (m,s), t]
+        self.chunks = GRAM_CHUNKS if self.full.numel() > GRAM_CHUNK_ELEMENTS else 1
+
+    def apply(self, coef: Tensor) -> Tensor:
+        """``V_k = Σ_m Q_{km} W_m Q_{km}ᵀ`` for ``coef`` ``W`` ``[K, T, T]`` (or ``[T, T]``)."""
+        num, pos = self.num, self.pos
+        out = self.full.new_empty(num, pos, pos)
+        width = -(-num // self.chunks)
+        for lo in range(0, num, width):
+            hi = min(num, lo + width)
+            # mixed[m, s', (k, t)] = (Q_{km} W_m)[t, s'] for the samples k in [lo, hi)
+            mixed = torch.matmul(coef.mT, self.by_row[:, :, lo * pos : hi * pos])
+            by_k = mixed.view(num * pos, hi - lo, pos).permute(1, 2, 0)  # [k, t, (m, s')]
+            out[lo:hi] = torch.bmm(by_k, self.by_col[lo:hi])
+        return out
+
+
+@dataclass(frozen=True)
+class GramConvTerms(FactoredTerms):
+    """Factored terms solved through the position Gram (route ``gram``).
+
+    Wins where ``K·T`` is small against ``N`` (wide late layers on few positions): a
+    step never touches the ``N``-dimensional input side. Half-steps and the rest of
+    the protocol are those of :class:`~kfoc_backpack.solver.factored.FactoredTerms`.
+
+    Attributes:
+        grads: ``[J, K, T, M]`` output-side vectors.
+        inputs: ``[K, T, N]`` input-side vectors.
+    """
+
+    route = "gram"
+
+    def detach(self) -> GramConvTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return GramConvTerms(self.grads.detach(), self.inputs.detach())
+
+    def solve(
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
+    ) -> KroneckerFactors:
+        """Optimal factors: Lanczos in the coefficient space of the position Gram."""
+        opts = SolverOptions() if options is None else options
+        out_dtype = self.grads.dtype
+        work = working_dtype(out_dtype)
+        grads, inputs = self.grads.to(work), self.inputs.to(work)
+        cols, num, pos, m = grads.shape
+        n = inputs.shape[-1]
+        if cols * num * pos == 0:
+            return _empty(m, n, grads, out_dtype)
+        gram = PositionGram(inputs)
+        flat_grads = grads.reshape(-1, m)
+
+        def to_coef(left: Tensor) -> Tensor:  # W_k = Σ_j G_jk L G_jkᵀ, [K, T, T]
+            return (grads @ left @ grads.mT).sum(0)
+
+        def apply(left: Tensor) -> Tensor:  # L ↦ Σ_jk G_jkᵀ V_k G_jk
+            moved = gram.apply(to_coef(left)) @ grads  # [J, K, T, M]
+            return flat_grads.T @ moved.reshape(-1, m)
+
+        def to_right(left: Tensor) -> Tensor:  # R = Σ_k A_kᵀ W_k A_k, formed once
+            return congruence_sum(to_coef(left), inputs)
+
+        start = _start(lambda: kfac_left(grads), m, grads, opts, init)
+        return krylov_solve(
+            apply, to_right, start, opts, out_dtype, right_trace, "gram convolution route", True
+        )
+
+
+@dataclass(frozen=True)
+class OperatorConvTerms(SampleTerms):
+    """Formed terms solved through ``P_{ab} = X_a X_bᵀ`` (route ``operator``).
+
+    Wins where ``J·K·M`` is small against ``N`` and ``M`` small against ``T`` (early
+    layers with few output channels on many positions, one column per sample): a step
+    ``L ↦ Σ_{ab} P_{ab} L P_{ab}ᵀ`` costs ``2·(J·K)²·M³`` and never touches ``N``.
+
+    Attributes:
+        samples: ``[J·K, M, N]`` per-sample matrices.
+    """
+
+    route = "operator"
+
+    def detach(self) -> OperatorConvTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return OperatorConvTerms(self.samples.detach())
+
+    def solve(
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
+    ) -> KroneckerFactors:
+        """Optimal factors: Lanczos through the ``P_{ab}`` blocks."""
+        opts = SolverOptions() if options is None else options
+        out_dtype = self.samples.dtype
+        samples = self.samples.to(working_dtype(out_dtype))
+        num, m, n = samples.shape
+        if num == 0:
+            return _empty(m, n, samples, out_dtype)
+        gram = PositionGram(samples)  # "positions" are the M rows of each X_a
+
+        def to_right(left: Tensor) -> Tensor:  # Σ_a X_aᵀ L X_a, formed once
+            return congruence_sum(left, samples)
+
+        def apply(left: Tensor) -> Tensor:  # Σ_ab P_ab L P_abᵀ
+            return gram.apply(left).sum(0)
+
+        def default() -> Tensor:  # Σ_a X_a X_aᵀ: one half-step from R = I
+            return torch.diagonal(gram.full.view(num, m, num, m), dim1=0, dim2=2).sum(-1)
+
+        start = _start(default, m, samples, opts, init)
+        return krylov_solve(
+            apply, to_right, start, opts, out_dtype, right_trace, "operator convolution route", True
+        )
+
+
+def route_of(terms: object) -> str:
+    """Name of the route a terms object solves by (``formed`` for plain ``SampleTerms``)."""
+    name = getattr(terms, "route", None)
+    if name is not None:
+        return name
+    return {"SampleTerms": "formed", "FactoredTerms": "factored"}.get(
+        type(terms).__name__, type(terms).__name__
+    )

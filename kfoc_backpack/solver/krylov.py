@@ -1,0 +1,107 @@
+r"""Lanczos iteration for the optimal Kronecker product: fewer steps than the power method.
+
+The left factor of the optimum is the top eigenvector of the left power map
+
+.. math::
+    S(L) = Σ_k X_k \Big(Σ_l X_lᵀ L X_l\Big) X_kᵀ
+         = \mathrm{mat}(\mathcal R \mathcal Rᵀ \mathrm{vec} L),
+
+a symmetric positive semi-definite operator on ``M × M`` matrices (Frobenius inner
+product); the power method applies it once per step and converges at the rate
+``(σ₂/σ₁)²``. The Lanczos iteration applies it once per step as well, but converges at
+the rate of a Chebyshev polynomial: where the power method needs ``n`` steps (``n ≈ 50``
+for Monte-Carlo Fisher blocks of wide convolutions, ``σ₂/σ₁ ≈ 0.9``) it needs about
+``√n``–``n/3``. The basis is kept and re-orthogonalised in full (at most
+:data:`RESTART` matrices; then a restart from the current Ritz vector).
+
+Stopping test: the relative Ritz residual ``‖S(u) − θu‖_F / θ < tol``. It is the change
+``‖S(u)/‖S(u)‖ − u‖_F`` (to first order) that one more power step would make, i.e. the
+stopping test of :func:`~kfoc_backpack.solver.power.factor_power_iteration` evaluated at
+the Ritz vector.
+
+Index conventions: ``M`` output features (left factor ``[M, M]``), ``k`` Lanczos steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.solver._common import unit
+
+RESTART = 48
+"""Basis size at which the iteration restarts from its current Ritz vector."""
+
+
+def _top_ritz(alphas: list[Tensor], betas: list[Tensor]) -> tuple[float, Tensor, float]:
+    """Top Ritz pair of the tridiagonal ``T_k`` (host, float64): ``(θ, y, |y_k|)``."""
+    diag = torch.stack(alphas).double().cpu()
+    tri = torch.diag(diag)
+    if len(betas):
+        off = torch.stack(betas).double().cpu()
+        tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tri)
+    top = vectors[:, -1]
+    return float(values[-1]), top, float(top[-1].abs())
+
+
+def lanczos_top(
+    apply: Callable[[Tensor], Tensor],
+    start: Tensor,
+    tol: float,
+    max_iter: int,
+    check_every: int = 1,
+) -> tuple[Tensor, int, bool]:
+    """Top eigenvector of a symmetric PSD operator on ``[M, M]`` matrices.
+
+    Args:
+        apply: ``L ↦ S(L)``, symmetric positive semi-definite in the Frobenius product.
+        start: ``[M, M]`` start (not orthogonal to the top eigenvector; K-FAC's left
+            factor or the identity for PSD problems).
+        tol: Stop once the relative Ritz residual is below ``tol`` (module docstring).
+        max_iter: Maximal number of applications of ``S`` (power-step equivalents).
+        check_every: Evaluate the stopping test every this many steps (each test is
+            one host transfer of the tridiagonal coefficients).
+
+    Returns:
+        ``(left, steps, converged)``: the unit-norm Ritz vector ``[M, M]``, the number
+        of applications of ``S`` and whether the test was met. A zero operator or start
+        gives a zero ``left`` (counted as converged).
+    """
+    shape = start.shape
+    vec = unit(start.reshape(-1))
+    if not bool(vec.abs().sum() > 0):
+        return torch.zeros_like(start), 0, True
+    store = vec.new_empty(min(RESTART, max_iter) + 1, vec.numel())
+    store[0] = vec
+    size = 1  # basis vectors in store[:size]
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    steps = 0
+    while True:
+        current = store[size - 1]
+        out = apply(current.view(shape)).reshape(-1)
+        steps += 1
+        alphas.append(out @ current)
+        stacked = store[:size]
+        out = out - stacked.T @ (stacked @ out)  # full re-orthogonalisation, twice
+        out = out - stacked.T @ (stacked @ out)
+        norm = torch.linalg.vector_norm(out)
+        done = steps >= max_iter or size >= RESTART
+        if steps % check_every == 0 or done:
+            theta, coef, last = _top_ritz(alphas, betas)
+            if theta <= 0:  # zero operator on the start's Krylov space
+                return torch.zeros_like(start), steps, True
+            residual = float(norm) * last / theta
+            if residual < tol or done or float(norm) <= 1e-12 * theta:
+                ritz = unit(coef.to(stacked) @ stacked)
+                converged = residual < tol or float(norm) <= 1e-12 * theta
+                if converged or steps >= max_iter:
+                    return ritz.view(shape), steps, converged
+                store[0], size, alphas, betas = ritz, 1, [], []  # restart from the Ritz vector
+                continue
+        betas.append(norm)
+        store[size] = out / norm
+        size += 1

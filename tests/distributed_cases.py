@@ -1,0 +1,63 @@
+"""Shared by tests/test_distributed.py and the ranks it starts (tests/distributed_worker.py).
+
+Small float64 problems whose shards are uneven or empty; batches of 4 (uneven last
+batches). Every rank builds the same data and model from fixed seeds and keeps its
+shard; the test builds the same data to compute the single-process reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+NUM_DATA = 22
+BATCH = 4
+SHARDS = {2: (15, 7), 3: (9, 0, 13)}
+"""Shard sizes per world size: uneven, and an empty shard for three ranks."""
+
+MC_SEED = 7
+"""Base seed of the Monte-Carlo labels of the BackPACK-route fits."""
+
+RANK_SEED_STRIDE = 1 << 32
+
+
+def make_model(arch: str, hidden: int = 7) -> nn.Module:
+    """The same float64 model on every rank (``hidden`` differs only in the fault case)."""
+    torch.manual_seed(0)
+    if arch == "mlp":
+        model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    return model.double()
+
+
+def make_data(arch: str) -> tuple[Tensor, Tensor]:
+    """All ``NUM_DATA`` inputs and class labels."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (NUM_DATA, 5) if arch == "mlp" else (NUM_DATA, 2, 6, 6)
+    X = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (NUM_DATA,), generator=gen)
+    return X, y
+
+
+def batches(X: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Batches of ``BATCH`` (the last one shorter)."""
+    return [(X[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(X), BATCH)]
+
+
+def shard(arch: str, rank: int, world: int) -> list[tuple[Tensor, Tensor]]:
+    """Rank ``rank``'s batches."""
+    X, y = make_data(arch)
+    sizes = SHARDS[world]
+    start = sum(sizes[:rank])
+    return batches(X[start : start + sizes[rank]], y[start : start + sizes[rank]])
+
+
+def all_shards(arch: str, world: int) -> list[list[tuple[Tensor, Tensor]]]:
+    """Every rank's batches, in rank order (their concatenation is the reference data)."""
+    return [shard(arch, r, world) for r in range(world)]
+
+
+def loss_for(arch: str) -> nn.Module:
+    """Mean reduction for the MLP, sum for the CNN: both scalings are covered."""
+    return nn.CrossEntropyLoss(reduction="mean" if arch == "mlp" else "sum")

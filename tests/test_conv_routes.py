@@ -1,0 +1,162 @@
+"""Every convolution route gives the dense optimum (issue 14).
+
+Layers shaped so that the route choice selects each route (``T < M``, ``T > M``,
+``K·T < N``), and each route forced on one small problem; float64 and float32. The
+reference is the dense SVD of the rearranged block (``tests/ground_truth.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ground_truth import optimal_relative_error, relative_error, sum_of_outer
+
+from kfoc_backpack.collect.layers import conv_terms
+from kfoc_backpack.solver import SolverOptions, conv_routes
+from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route, route_flops
+from kfoc_backpack.solver.conv_routes import route_of
+from kfoc_backpack.solver.symmetric import congruence_sum, sym_gram
+
+DTYPES = [torch.float64, torch.float32]
+SLACK = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+
+def _layer(cols, num, pos, m, n, dtype, seed=0):
+    """Random ``unfolded`` ``[K, N, T]`` and ``sqrt`` ``[J, K, M, T]``."""
+    gen = torch.Generator().manual_seed(seed)
+    unfolded = torch.randn(num, n, pos, generator=gen, dtype=torch.float64).to(dtype)
+    sqrt = torch.randn(cols, num, m, pos, generator=gen, dtype=torch.float64).to(dtype)
+    return unfolded, sqrt
+
+
+def _dense(unfolded, sqrt):
+    samples = torch.einsum("jkmt,knt->jkmn", sqrt.double(), unfolded.double())
+    return sum_of_outer(samples.flatten(end_dim=1))
+
+
+def _check_optimal(layer_terms, dense, m, n, dtype):
+    options = SolverOptions(tol=1e-9 if dtype == torch.float64 else 1e-6, max_iter=500)
+    factors = layer_terms.solve(options)
+    assert factors.converged
+    left, right = factors.left, factors.right
+    assert left.dtype == dtype and right.dtype == dtype
+    assert left.shape == (m, m) and right.shape == (n, n)
+    best = optimal_relative_error(dense, m, n)
+    assert relative_error(dense, left, right) <= best + SLACK[dtype]
+    # conventions: symmetric, PSD by trace, tr(R) = input trace (K-FAC's split)
+    assert torch.equal(right, right.T) or torch.allclose(right, right.T, atol=1e-6)
+    assert torch.trace(left) >= 0
+    assert torch.trace(right.double()).item() == pytest.approx(
+        layer_terms.input_trace.item(), rel=1e-4
+    )
+    return left, right
+
+
+# (J, K, T, M, N) chosen so that the route choice takes the named route
+SELECTED = {
+    "operator": (1, 3, 12, 2, 40),  # T > M, one column: X_a X_bᵀ blocks
+    "gram": (2, 2, 3, 5, 700),  # K·T < N (and T < M): position Gram
+    "formed": (3, 5, 2, 3, 4),  # tiny layer: fewest operations
+    "factored": (2, 40, 6, 30, 6),  # T < M and K·T > N: neither Gram pays
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("route", list(SELECTED))
+def test_selected_route_is_optimal(route, dtype):
+    cols, num, pos, m, n = SELECTED[route]
+    assert choose_conv_route(cols, num, pos, m, n) == route
+    unfolded, sqrt = _layer(cols, num, pos, m, n, dtype)
+    layer_terms = conv_terms(unfolded, sqrt)
+    assert route_of(layer_terms.terms) == route
+    _check_optimal(layer_terms, _dense(unfolded, sqrt), m, n, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 7, 4, 9), (3, 2, 4, 6, 5)])
+def test_every_route_forced_on_the_same_problem_agrees(shape, dtype):
+    cols, num, pos, m, n = shape
+    unfolded, sqrt = _layer(cols, num, pos, m, n, dtype, seed=1)
+    dense = _dense(unfolded, sqrt)
+    products = {}
+    for route in ROUTES:
+        layer_terms = conv_terms(unfolded, sqrt, route=route)
+        assert route_of(layer_terms.terms) == route
+        left, right = _check_optimal(layer_terms, dense, m, n, dtype)
+        products[route] = torch.kron(left.double(), right.double())
+    ref = products["factored"]
+    for route, prod in products.items():
+        assert torch.allclose(prod, ref, rtol=0, atol=50 * SLACK[dtype] * ref.abs().max()), route
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_half_steps_stream_as_the_factored_ones(route):
+    """Data-set fits stream over ``to_right``/``to_left``: every route keeps them."""
+    unfolded, sqrt = _layer(2, 3, 4, 5, 6, torch.float64, seed=2)
+    ref = conv_terms(unfolded, sqrt, route="factored").terms
+    terms = conv_terms(unfolded, sqrt, route=route).terms
+    left, right = torch.randn(5, 5, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    assert torch.allclose(terms.to_right(left), ref.to_right(left))
+    assert torch.allclose(terms.to_left(right), ref.to_left(right))
+    assert terms.shape == (5, 6) and terms.nbytes() > 0
+    assert type(terms.detach()) is type(terms)
+    assert torch.allclose(terms.norm_sq(), ref.norm_sq())
+    assert torch.allclose(terms.diagonal(), ref.diagonal())
+
+
+def test_chunked_gram_map_matches(monkeypatch):
+    monkeypatch.setattr(conv_routes, "GRAM_CHUNK_ELEMENTS", 1)
+    unfolded, sqrt = _layer(1, 5, 3, 4, 50, torch.float64, seed=3)
+    gram = conv_routes.PositionGram(unfolded.transpose(1, 2))
+    assert gram.chunks > 1
+    coef = torch.randn(5, 3, 3, dtype=torch.float64)
+    inputs = unfolded.transpose(1, 2)
+    full = inputs @ inputs.reshape(-1, 50).T  # [k, t, (m, s)]
+    blocks = full.view(5, 3, 5, 3).permute(0, 2, 1, 3)  # Q_km
+    expected = (blocks @ coef.unsqueeze(0) @ blocks.mT).sum(1)
+    assert torch.allclose(gram.apply(coef), expected)
+    _check_optimal(
+        conv_terms(unfolded, sqrt, route="gram"), _dense(unfolded, sqrt), 4, 50, torch.float64
+    )
+
+
+def test_symmetric_products_are_exact():
+    rows = torch.randn(30, 500, dtype=torch.float64)
+    out = sym_gram(rows)
+    assert torch.equal(out, out.T)
+    assert torch.allclose(out, rows.T @ rows)
+    coef = torch.randn(3, 4, 4, dtype=torch.float64)
+    coef = coef + coef.mT  # indefinite: both signs of eigenvalues
+    blocks = torch.randn(3, 4, 7, dtype=torch.float64)
+    expected = (blocks.mT @ coef @ blocks).sum(0)
+    assert torch.allclose(congruence_sum(coef, blocks), expected)
+
+
+def test_route_choice_follows_the_flop_model():
+    # the issue's layers at batch 16, one column
+    assert choose_conv_route(1, 16, 64, 256, 2304) == "gram"  # K·T = 1024 < N
+    assert choose_conv_route(1, 16, 16, 512, 4608) == "gram"
+    assert choose_conv_route(1, 16, 1024, 64, 576) == "operator"  # M ≪ T
+    flops = route_flops(1, 16, 64, 256, 2304)
+    assert flops["gram"] < flops["factored"] < flops["formed"]
+    with pytest.raises(ValueError, match="route"):
+        conv_terms(*_layer(1, 2, 3, 4, 5, torch.float64), route="dense")
+
+
+def test_solve_log_records_the_route():
+    from backpack import backpack, extend
+    from torch import nn
+
+    from kfoc_backpack import KFOC
+
+    torch.manual_seed(0)
+    model = extend(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    )
+    lossfunc = extend(nn.CrossEntropyLoss())
+    ext = KFOC()
+    with backpack(ext):
+        lossfunc(model(torch.randn(5, 3, 6, 6)), torch.randint(0, 3, (5,))).backward()
+    routes = {rec.module: rec.route for rec in ext.solve_log}
+    assert routes["Conv2d"] in ROUTES
+    assert routes["Linear"] == ""

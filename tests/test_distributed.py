@@ -1,0 +1,325 @@
+"""Data-parallel K-FOC over ``torch.distributed`` ranks (docs/conventions.md §8).
+
+The ranks are real processes (gloo on the CPU, a free port, a bounded wait) started by
+the module's fixtures; each runs tests/distributed_worker.py on its shard of a small
+float64 problem (uneven shards for two ranks, an empty one for three). The reference is
+the single-process fit over the concatenated shards, computed here; for the
+Monte-Carlo Fisher it is fed the per-batch quantities each rank recorded under the
+labels it drew, and every optimum is also checked against a dense SVD.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import distributed_cases as cases
+import pytest
+import torch
+from ground_truth import optimal_relative_error, relative_error
+from laplace_helpers import dense_ggn_blocks
+
+from kfoc_backpack import KFOCLaplace, KFOCLLLaplace
+from kfoc_backpack.collect.route import BatchQuantities
+from kfoc_backpack.dataset import BlockAccumulator, OptimalOptions, solve_optimal
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+TIME_LIMIT = 420
+"""Seconds the ranks of one launch may take in all (a few tens of seconds on 2 cores)."""
+
+ARCHS = ("mlp", "cnn")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(world: int, scenario: str, out: Path) -> list[dict]:
+    """Start ``world`` ranks, wait at most :data:`TIME_LIMIT`, return their results."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(port), scenario, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for r in range(world)
+    ]
+    deadline = time.monotonic() + TIME_LIMIT
+    logs = []
+    try:
+        for proc in procs:
+            stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            logs.append(stdout.decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"{world} ranks of '{scenario}' did not finish within {TIME_LIMIT} s")
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{log[-3000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=(2, 3), ids=lambda w: f"world{w}")
+def fitted(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    world = request.param
+    return world, launch(world, "fits", tmp_path_factory.mktemp(f"world{world}"))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6) -> bool:
+    return bool((a - b).norm() <= rtol * b.norm() + 1e-300)
+
+
+def assert_same_on_every_rank(per_rank: list[list[list[torch.Tensor]]]) -> None:
+    for other in per_rank[1:]:
+        for block, ref in zip(other, per_rank[0]):
+            assert all(torch.equal(a, b) for a, b in zip(block, ref))
+
+
+# ------------------------------------------------------------------------------------
+# KFOCLaplace (hook route), exact GGN
+# ------------------------------------------------------------------------------------
+
+
+def laplace_reference(arch: str, data: list, aggregation: str, store: bool | None):
+    la = KFOCLaplace(
+        cases.make_model(arch),
+        "classification",
+        aggregation=aggregation,
+        tol=1e-12,
+        max_passes=400,
+        store_terms=store,
+    )
+    la.fit(data)
+    return la
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("key", [("optimal", True), ("optimal", False), ("approx", None)], ids=str)
+def test_laplace_matches_one_process(fitted, arch, key):
+    """``"optimal"`` (stored and streamed) and ``"approx"``: the one-process fit, on every rank."""
+    world, ranks = fitted
+    results = [r[arch]["laplace"][key] for r in ranks]
+    assert_same_on_every_rank([r["kfacs"] for r in results])
+    shards = cases.all_shards(arch, world)
+    ref = laplace_reference(arch, [b for s in shards for b in s], *key)
+    model = cases.make_model(arch)
+    for (name, param), block, ref_block in zip(
+        model.named_parameters(), results[0]["kfacs"], ref.H_facs.kfacs
+    ):
+        rtol = 1e-12 if param.dim() == 1 else 1e-6  # bias blocks are exact sums
+        for factor, ref_factor in zip(block, ref_block):
+            assert close(factor, ref_factor, rtol), name
+    for result in results:
+        assert result["n_data"] == cases.NUM_DATA == ref.n_data
+        assert result["loss"] == pytest.approx(float(ref.loss), rel=1e-12)
+        assert result["communication"].collectives > 0
+
+
+@pytest.mark.parametrize("aggregation", ("optimal", "approx"))
+def test_last_layer_laplace_matches_one_process(fitted, aggregation):
+    """``KFOCLLLaplace``: the same combination, through laplace-torch's last-layer fit."""
+    world, ranks = fitted
+    results = [r["last_layer"][aggregation] for r in ranks]
+    assert_same_on_every_rank([r["kfacs"] for r in results])
+    shards = cases.all_shards("mlp", world)
+    ref = KFOCLLLaplace(
+        cases.make_model("mlp"),
+        "classification",
+        last_layer_name="2",
+        aggregation=aggregation,
+        tol=1e-12,
+        max_passes=400,
+    )
+    ref.fit([b for s in shards for b in s])
+    for block, ref_block in zip(results[0]["kfacs"], ref.H_facs.kfacs):
+        for factor, ref_factor in zip(block, ref_block):
+            assert close(factor, ref_factor, 1e-6)
+    for result in results:
+        assert result["n_data"] == cases.NUM_DATA
+        assert result["loss"] == pytest.approx(float(ref.loss), rel=1e-12)
+
+
+def dense_blocks(arch: str, data: list) -> dict[str, torch.Tensor]:
+    model = cases.make_model(arch)
+    blocks = {}
+    for X, _ in data:
+        for name, block in dense_ggn_blocks(model, X, "classification").items():
+            blocks[name] = blocks.get(name, 0) + block
+    return blocks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_laplace_running_within_bound(fitted, arch):
+    """``"running"``: ``‖F − K‖ ≤ 2 Σ_r ‖F_r − P_r‖ + min ‖F − L ⊗ R‖`` (docs §8)."""
+    world, ranks = fitted
+    results = [r[arch]["laplace"][("running", None)] for r in ranks]
+    assert_same_on_every_rank([r["kfacs"] for r in results])
+    shards = cases.all_shards(arch, world)
+    total = dense_blocks(arch, [b for s in shards for b in s])
+    per_rank = [dense_blocks(arch, s) if s else {} for s in shards]
+    locals_ = [laplace_reference(arch, s, "running", None) if s else None for s in shards]
+    one_process = laplace_reference(arch, [b for s in shards for b in s], "running", None)
+    model = cases.make_model(arch)
+    for index, (name, param) in enumerate(model.named_parameters()):
+        if param.dim() == 1:
+            assert close(results[0]["kfacs"][index][0], one_process.H_facs.kfacs[index][0], 1e-12)
+            continue
+        F = total[name]
+        m, n = param.shape[0], param[0].numel()
+        distance = relative_error(F, *results[0]["kfacs"][index]) * F.norm()
+        rank_errors = sum(
+            (per_rank[r][name] - torch.kron(*locals_[r].H_facs.kfacs[index])).norm()
+            for r in range(world)
+            if locals_[r] is not None
+        )
+        bound = 2 * rank_errors + optimal_relative_error(F, m, n) * F.norm()
+        assert distance <= bound * (1 + 1e-9), name
+
+
+# ------------------------------------------------------------------------------------
+# BackPACK route, Monte-Carlo Fisher: optimal_factors and KFOCAccumulator
+# ------------------------------------------------------------------------------------
+
+
+def replayed(ranks: list[dict], arch: str) -> list[tuple[int, dict]]:
+    """Every rank's recorded batches, in rank order: the concatenated data."""
+    return [batch for r in ranks for batch in r[arch]["backpack"]["replay"]]
+
+
+def dense_target(batches: list[tuple[int, dict]], name: str, reduction: str) -> torch.Tensor:
+    total = sum(num for num, _ in batches)
+    blocks = []
+    for num, quantities in batches:
+        value = quantities[name]
+        scale = num / total if reduction == "mean" else 1.0
+        blocks.append(scale * value.terms.dense())
+    return sum(blocks)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("store", (True, False), ids=("stored", "streamed"))
+def test_optimal_factors_match_one_process(fitted, arch, store):
+    """The data-set optimum of the ranks' union, equal to one process and to a dense SVD."""
+    world, ranks = fitted
+    results = [r[arch]["backpack"][("optimal", store)] for r in ranks]
+    names = list(results[0].factors)
+    assert_same_on_every_rank([[r.factors[n] for n in names] for r in results])
+    batches = replayed(ranks, arch)
+    reduction = cases.loss_for(arch).reduction
+
+    def collect(index, _):
+        num, quantities = batches[index]
+        return BatchQuantities(torch.tensor(0.0), num, quantities)
+
+    model = cases.make_model(arch)
+    params = dict(model.named_parameters())
+    ref = solve_optimal(
+        collect,
+        params,
+        list(range(len(batches))),
+        split=lambda i: (i, None),
+        reduction=reduction,
+        options=OptimalOptions(tol=1e-12, max_passes=400),
+    )
+    for name, param in params.items():
+        for factor, ref_factor in zip(results[0].factors[name], ref.factors[name]):
+            assert close(factor, ref_factor, 1e-12 if param.dim() == 1 else 1e-6), name
+        if param.dim() > 1:
+            F = dense_target(batches, name, reduction)
+            m, n = param.shape[0], param[0].numel()
+            error = relative_error(F, *results[0].factors[name])
+            assert error == pytest.approx(optimal_relative_error(F, m, n), abs=1e-9), name
+    for result in results:
+        assert result.num_samples == cases.NUM_DATA
+        assert result.communication.bytes == results[0].communication.bytes > 0
+
+
+def batch_factors(value):
+    return value.kfoc(value.solve()) if hasattr(value, "solve") else value
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_accumulator_approx_matches_one_process(fitted, arch):
+    """``KFOCAccumulator`` ``"approx"``: factor-wise sums over all ranks' batches."""
+    world, ranks = fitted
+    results = [r[arch]["backpack"][("approx", None)] for r in ranks]
+    batches = replayed(ranks, arch)
+    reduction = cases.loss_for(arch).reduction
+    for name, factors in results[0].items():
+        ref = BlockAccumulator("approx")
+        for num, quantities in batches:
+            ref.update(batch_factors(quantities[name]), num, num if reduction == "mean" else 1.0)
+        expected = ref.factors()
+        if reduction == "mean":
+            expected[0] = expected[0] / cases.NUM_DATA
+        for factor, ref_factor in zip(factors, expected):
+            assert close(factor, ref_factor, 1e-12), name
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(other[name], factors))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_accumulator_running_within_bound(fitted, arch):
+    """``KFOCAccumulator`` ``"running"`` within the bound of docs §8."""
+    world, ranks = fitted
+    result = ranks[0][arch]["backpack"][("running", None)]
+    reduction = cases.loss_for(arch).reduction
+    all_batches = replayed(ranks, arch)
+    scale = 1 / cases.NUM_DATA if reduction == "mean" else 1.0
+    for name, factors in result.items():
+        if len(factors) == 1:
+            continue
+        F = dense_target(all_batches, name, reduction)
+        rank_errors = 0.0
+        for r in range(world):
+            own = ranks[r][arch]["backpack"]["replay"]
+            if not own:
+                continue
+            local = BlockAccumulator("running")
+            for num, quantities in own:
+                local.update(
+                    batch_factors(quantities[name]), num, num if reduction == "mean" else 1.0
+                )
+            F_r = sum(
+                (num * scale if reduction == "mean" else 1.0) * q[name].terms.dense()
+                for num, q in own
+            )
+            left, right = local.factors()
+            rank_errors += (F_r - torch.kron(left * scale, right)).norm()
+        m = factors[0].shape[0]
+        n = factors[1].shape[0]
+        distance = relative_error(F, *factors) * F.norm()
+        bound = 2 * rank_errors + optimal_relative_error(F, m, n) * F.norm()
+        assert distance <= bound * (1 + 1e-9), name
+
+
+# ------------------------------------------------------------------------------------
+# Faults and the one-process default
+# ------------------------------------------------------------------------------------
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path):
+    """Rank 1's loader raises mid-fit: every rank ends, naming rank 1 and its error."""
+    ranks = launch(2, "faults", tmp_path)
+    for result in ranks:
+        for aggregation in ("optimal", "approx", "running"):
+            kind, message = result[("raises", aggregation)]
+            assert kind == "DistributedFitError"
+            assert "rank 1 raised RuntimeError: loader broke on purpose" in message
+        kind, message = result["mismatch"]
+        assert kind == "ValueError" and "rank 1 has trainable parameters" in message
+
+
+def test_process_group_needs_initialised_distributed():
+    """A ``process_group`` without ``torch.distributed`` is an error, not ignored."""
+    with pytest.raises(ValueError, match="not initialised"):
+        solve_optimal(lambda X, y: None, {}, [], process_group=object())
