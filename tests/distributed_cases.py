@@ -58,6 +58,17 @@ def all_shards(arch: str, world: int) -> list[list[tuple[Tensor, Tensor]]]:
     return [shard(arch, r, world) for r in range(world)]
 
 
+def fit_laplace(arch: str, data: list, aggregation: str, store: bool | None = None, **kwargs):
+    """A ``KFOCLaplace`` (or, with ``last_layer_name``, ``KFOCLLLaplace``) fitted on ``data``."""
+    from kfoc_backpack import KFOCLaplace, KFOCLLLaplace
+
+    cls = KFOCLLLaplace if "last_layer_name" in kwargs else KFOCLaplace
+    options = {"tol": 1e-12, "max_passes": 400, "store_terms": store}
+    la = cls(make_model(arch), "classification", aggregation=aggregation, **options, **kwargs)
+    la.fit(data)
+    return la
+
+
 def loss_for(arch: str) -> nn.Module:
     """Mean reduction for the MLP, sum for the CNN: both scalings are covered."""
     return nn.CrossEntropyLoss(reduction="mean" if arch == "mlp" else "sum")

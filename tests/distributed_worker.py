@@ -22,7 +22,6 @@ from backpack import backpack  # noqa: E402
 from kfoc_backpack import (  # noqa: E402
     KFOCAccumulator,
     KFOCLaplace,
-    KFOCLLLaplace,
     optimal_factors,
 )
 from kfoc_backpack.extensions import KFOCTerms, extended  # noqa: E402
@@ -37,15 +36,7 @@ def laplace_fits(arch: str, rank: int, world: int) -> dict:
     data = cases.shard(arch, rank, world)
     for aggregation in AGGREGATIONS:
         for store in (True, False) if aggregation == "optimal" else (None,):
-            la = KFOCLaplace(
-                cases.make_model(arch),
-                "classification",
-                aggregation=aggregation,
-                tol=1e-12,
-                max_passes=400,
-                store_terms=store,
-            )
-            la.fit(data)
+            la = cases.fit_laplace(arch, data, aggregation, store)
             out[(aggregation, store)] = {
                 "kfacs": [[f.clone() for f in block] for block in la.H_facs.kfacs],
                 "loss": float(la.loss),
@@ -60,20 +51,32 @@ def last_layer_fits(rank: int, world: int) -> dict:
     out = {}
     data = cases.shard("mlp", rank, world)
     for aggregation in ("optimal", "approx"):
-        la = KFOCLLLaplace(
-            cases.make_model("mlp"),
-            "classification",
-            last_layer_name="2",
-            aggregation=aggregation,
-            tol=1e-12,
-            max_passes=400,
-        )
-        la.fit(data)
+        la = cases.fit_laplace("mlp", data, aggregation, last_layer_name="2")
         out[aggregation] = {
             "kfacs": [[f.clone() for f in block] for block in la.H_facs.kfacs],
             "loss": float(la.loss),
             "n_data": la.n_data,
         }
+    return out
+
+
+def monte_carlo_fits(rank: int, world: int) -> dict:
+    """KFOCLaplace with the Monte-Carlo Fisher, twice from the same global seed."""
+    out = {}
+    data = cases.shard("mlp", rank, world)
+    for aggregation in AGGREGATIONS:
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(123)
+            la = KFOCLaplace(
+                cases.make_model("mlp"),
+                "classification",
+                aggregation=aggregation,
+                backend_kwargs={"stochastic": True},
+            )
+            la.fit(data)
+            runs.append([[f.clone() for f in block] for block in la.H_facs.kfacs])
+        out[aggregation] = runs
     return out
 
 
@@ -138,6 +141,7 @@ def fits(rank: int, world: int) -> dict:
         for arch in ("mlp", "cnn")
     }
     result["last_layer"] = last_layer_fits(rank, world)
+    result["monte_carlo"] = monte_carlo_fits(rank, world)
     return result
 
 

@@ -160,3 +160,23 @@ def test_solve_log_records_the_route():
     routes = {rec.module: rec.route for rec in ext.solve_log}
     assert routes["Conv2d"] in ROUTES
     assert routes["Linear"] == ""
+
+
+@pytest.mark.parametrize("scale", [2.0**-20, 2.0**-29, 2.0**20])
+@pytest.mark.parametrize("route", ROUTES)
+def test_tiny_blocks_are_solved_not_stopped_at_the_start(route, scale):
+    """Deep layers' blocks are tiny (ResNet-18 at initialisation: ``S(u)`` near 1e-27).
+
+    In float32 the norm of such a vector underflowed: the iteration stopped at its
+    start as "converged" (K-FAC's left factor, not the optimum) or took 50 steps on
+    wrong coefficients. With the output-side vectors scaled by powers of two (exact;
+    ``S`` scales by their fourth power: ``2⁻⁸⁰`` as in ResNet-18, ``2⁻¹¹⁶`` at the
+    edge of float32's normal range, ``2⁸⁰``) the solve must still be optimal.
+    """
+    cols, num, pos, m, n = 2, 3, 5, 4, 30
+    unfolded, sqrt = _layer(cols, num, pos, m, n, torch.float32, seed=4)
+    sqrt = sqrt * scale
+    layer_terms = conv_terms(unfolded, sqrt, route=route)
+    factors = layer_terms.solve(SolverOptions(tol=1e-6, max_iter=500))
+    assert factors.iterations > 1
+    _check_optimal(layer_terms, _dense(unfolded, sqrt), m, n, torch.float32)

@@ -23,7 +23,6 @@ import torch
 from ground_truth import optimal_relative_error, relative_error
 from laplace_helpers import dense_ggn_blocks
 
-from kfoc_backpack import KFOCLaplace, KFOCLLLaplace
 from kfoc_backpack.collect.route import BatchQuantities
 from kfoc_backpack.dataset import BlockAccumulator, OptimalOptions, solve_optimal
 
@@ -89,17 +88,7 @@ def assert_same_on_every_rank(per_rank: list[list[list[torch.Tensor]]]) -> None:
 # ------------------------------------------------------------------------------------
 
 
-def laplace_reference(arch: str, data: list, aggregation: str, store: bool | None):
-    la = KFOCLaplace(
-        cases.make_model(arch),
-        "classification",
-        aggregation=aggregation,
-        tol=1e-12,
-        max_passes=400,
-        store_terms=store,
-    )
-    la.fit(data)
-    return la
+laplace_reference = cases.fit_laplace
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -131,21 +120,24 @@ def test_last_layer_laplace_matches_one_process(fitted, aggregation):
     results = [r["last_layer"][aggregation] for r in ranks]
     assert_same_on_every_rank([r["kfacs"] for r in results])
     shards = cases.all_shards("mlp", world)
-    ref = KFOCLLLaplace(
-        cases.make_model("mlp"),
-        "classification",
-        last_layer_name="2",
-        aggregation=aggregation,
-        tol=1e-12,
-        max_passes=400,
-    )
-    ref.fit([b for s in shards for b in s])
+    ref = cases.fit_laplace("mlp", [b for s in shards for b in s], aggregation, last_layer_name="2")
     for block, ref_block in zip(results[0]["kfacs"], ref.H_facs.kfacs):
         for factor, ref_factor in zip(block, ref_block):
             assert close(factor, ref_factor, 1e-6)
     for result in results:
         assert result["n_data"] == cases.NUM_DATA
         assert result["loss"] == pytest.approx(float(ref.loss), rel=1e-12)
+
+
+@pytest.mark.parametrize("aggregation", ("optimal", "approx", "running"))
+def test_monte_carlo_fit_is_reproducible(fitted, aggregation):
+    """Labels seeded per rank and batch: the same fit twice, the same on every rank."""
+    _, ranks = fitted
+    for result in ranks:
+        first, second = result["monte_carlo"][aggregation]
+        for block, again in zip(first, second):
+            assert all(torch.equal(a, b) for a, b in zip(block, again))
+    assert_same_on_every_rank([r["monte_carlo"][aggregation][0] for r in ranks])
 
 
 def dense_blocks(arch: str, data: list) -> dict[str, torch.Tensor]:

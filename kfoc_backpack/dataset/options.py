@@ -24,6 +24,12 @@ data-set optimum ``"optimal"``, which needs the per-sample terms."""
 DEFAULT_MAX_MEMORY = 1 << 30
 """Bytes of per-sample terms ``"optimal"`` keeps in memory by default."""
 
+DEFAULT_OPTIMAL_TOL = 1e-6
+"""Tolerance of ``"optimal"``'s power method (change of the unit-norm left factor)."""
+
+DEFAULT_MAX_PASSES = 50
+"""Cap on ``"optimal"``'s iterations (stored terms) or passes over the data (streaming)."""
+
 
 def check_choice(value: str, name: str, choices: Sequence[str], hint: str = "") -> str:
     """Return ``value`` if it is one of ``choices``, else raise naming the argument.
@@ -57,8 +63,8 @@ class OptimalOptions:
             ``max_memory``.
     """
 
-    tol: float = 1e-6
-    max_passes: int = 50
+    tol: float = DEFAULT_OPTIMAL_TOL
+    max_passes: int = DEFAULT_MAX_PASSES
     store_terms: bool | None = None
     max_memory: int = DEFAULT_MAX_MEMORY
 

@@ -42,6 +42,10 @@ def kfoc_zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtyp
 class KFOCKronFit(KronLaplace):
     """``KronLaplace`` fitted with K-FOC's factors (see the module docstring)."""
 
+    _key = None
+    """Not a structure of its own: laplace-torch's ``Laplace`` maps ``_key`` to classes, and
+    the inherited ``("all", "kron")`` would compete with ``KronLaplace``."""
+
     def _set_kfoc_options(
         self,
         aggregation: str,

@@ -24,7 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kfoc_backpack._compat import supported_kwargs
-from kfoc_backpack.dataset import DEFAULT_MAX_MEMORY, OptimalOptions
+from kfoc_backpack.dataset.options import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_PASSES,
+    DEFAULT_OPTIMAL_TOL,
+    OptimalOptions,
+)
 from kfoc_backpack.laplace.backend import (
     KFOCBackend,
     KFOCEFBackend,
@@ -129,8 +134,8 @@ class KFOCLaplace(KFOCKronFit):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         aggregation: str = "running",
-        tol: float = 1e-6,
-        max_passes: int = 50,
+        tol: float = DEFAULT_OPTIMAL_TOL,
+        max_passes: int = DEFAULT_MAX_PASSES,
         store_terms: bool | None = None,
         max_memory: int = DEFAULT_MAX_MEMORY,
         process_group: object | None = None,
@@ -208,8 +213,8 @@ class KFOCLLLaplace(KronLLLaplace, KFOCKronFit):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         aggregation: str = "running",
-        tol: float = 1e-6,
-        max_passes: int = 50,
+        tol: float = DEFAULT_OPTIMAL_TOL,
+        max_passes: int = DEFAULT_MAX_PASSES,
         store_terms: bool | None = None,
         max_memory: int = DEFAULT_MAX_MEMORY,
         process_group: object | None = None,

@@ -45,7 +45,7 @@ from kfoc_backpack.solver._common import (
 from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.krylov import lanczos_top
 from kfoc_backpack.solver.power import output_major, samples_half_steps
-from kfoc_backpack.solver.scale import finalize
+from kfoc_backpack.solver.scale import fetched_split, finalize, pair_scalars
 from kfoc_backpack.solver.symmetric import congruence_sum, sym_gram
 from kfoc_backpack.solver.terms import SampleTerms
 
@@ -95,15 +95,19 @@ def krylov_solve(
         The optimal factors; ``iterations`` counts applications of ``S``.
     """
     left, steps, converged = lanczos_top(apply, start, opts.tol, opts.max_iter, _check_every(start))
-    if symmetric_right:
-        left = (left + left.T) / 2
-        right = to_right(left)
-    else:
-        right = to_right(left)
-    left, right = finalize(
-        left, right, out_dtype, symmetric=not symmetric_right, right_trace=right_trace, what=what
+    if not symmetric_right:
+        left, right = finalize(
+            left, to_right(left), out_dtype, right_trace=right_trace, what=what
+        )
+        return KroneckerFactors(left, right, steps, converged)
+    left = (left + left.T) / 2
+    right = to_right(left)
+    # finalize's split, scaling the [N, N] factor in place (no second N × N buffer)
+    _, _, _, scalars = pair_scalars(left, right, symmetric=False, right_trace=right_trace)
+    c_left, c_right = fetched_split(torch.stack(scalars).tolist(), right_trace, what)
+    return KroneckerFactors(
+        (left * c_left).to(out_dtype), right.mul_(c_right).to(out_dtype), steps, converged
     )
-    return KroneckerFactors(left, right, steps, converged)
 
 
 def _empty(m: int, n: int, like: Tensor, out_dtype: torch.dtype) -> KroneckerFactors:
@@ -226,6 +230,10 @@ class PositionGram:
         self.by_col = self.full.view(num * pos, num, pos).permute(1, 0, 2)  # [k, (m,s), t]
         self.chunks = GRAM_CHUNKS if self.full.numel() > GRAM_CHUNK_ELEMENTS else 1
 
+    def release(self) -> None:
+        """Drop the Gram (the map cannot be applied afterwards)."""
+        self.full = self.by_row = self.by_col = None
+
     def apply(self, coef: Tensor) -> Tensor:
         """``V_k = Σ_m Q_{km} W_m Q_{km}ᵀ`` for ``coef`` ``W`` ``[K, T, T]`` (or ``[T, T]``)."""
         num, pos = self.num, self.pos
@@ -275,16 +283,18 @@ class GramConvTerms(FactoredTerms):
         if cols * num * pos == 0:
             return _empty(m, n, grads, out_dtype)
         gram = PositionGram(inputs)
-        flat_grads = grads.reshape(-1, m)
+        flat_grads = [grads.reshape(-1, m)]  # a copy where grads is a transposed view
 
         def to_coef(left: Tensor) -> Tensor:  # W_k = Σ_j G_jk L G_jkᵀ, [K, T, T]
             return (grads @ left @ grads.mT).sum(0)
 
         def apply(left: Tensor) -> Tensor:  # L ↦ Σ_jk G_jkᵀ V_k G_jk
             moved = gram.apply(to_coef(left)) @ grads  # [J, K, T, M]
-            return flat_grads.T @ moved.reshape(-1, m)
+            return flat_grads[0].T @ moved.reshape(-1, m)
 
         def to_right(left: Tensor) -> Tensor:  # R = Σ_k A_kᵀ W_k A_k, formed once
+            gram.release()  # the Gram and the copy of G are done with: free them before R
+            flat_grads.clear()
             return congruence_sum(to_coef(left), inputs)
 
         start = _start(lambda: kfac_left(grads), m, grads, opts, init)
@@ -327,6 +337,7 @@ class OperatorConvTerms(SampleTerms):
         gram = PositionGram(samples)  # "positions" are the M rows of each X_a
 
         def to_right(left: Tensor) -> Tensor:  # Σ_a X_aᵀ L X_a, formed once
+            gram.release()
             return congruence_sum(left, samples)
 
         def apply(left: Tensor) -> Tensor:  # Σ_ab P_ab L P_abᵀ

@@ -1,13 +1,15 @@
 r"""Symmetric products at about half the flops of a general matrix product.
 
 PyTorch has no ``syrk``: ``Bᵀ B`` as ``B.T @ B`` costs ``P·N²`` multiply-adds although
-half of the result is the transpose of the other half. :func:`sym_gram` computes the
-blocks on and below the diagonal only (``P·N²·(b + 1)/(2b)`` for ``b`` column blocks)
-and mirrors them. :func:`congruence_sum` forms ``R = Σ_k A_kᵀ W_k A_k`` for symmetric
+half of the result is the transpose of the other half. :class:`SymAccumulator` computes
+the blocks on and below the diagonal only (``P·N²·(b + 1)/(2b)`` for ``b`` column
+blocks), accumulating ``± BᵀB`` in place into one ``[N, N]`` buffer, and mirrors them
+once at the end. :func:`congruence_sum` forms ``R = Σ_k A_kᵀ W_k A_k`` for symmetric
 ``W_k`` this way, through ``W_k = U_k Λ_k U_kᵀ``: ``R = B₊ᵀB₊ − B₋ᵀB₋`` with the rows
 ``√|λ| uᵀ A_k`` of positive and negative eigenvalues (exact; rows of eigenvalues at
 round-off level, ``|λ| ≤ T·ε·max|λ|``, are dropped, so rank-deficient ``W_k`` cost
-only their rank).
+only their rank). Memory: the ``[N, N]`` result and the rows of a chunk of samples
+(at most :data:`CHUNK_ELEMENTS` numbers, or one sample), no other ``N × N`` buffer.
 
 Index conventions: ``K`` blocks, ``T`` rows per block, ``P`` rows in all, ``N``
 columns (the result is ``[N, N]``).
@@ -19,11 +21,62 @@ import torch
 from torch import Tensor
 
 SYM_BLOCKS = 3
-"""Column blocks of :func:`sym_gram` (``2/3`` of the general product's flops; more blocks
-lose more to the narrower products than they save on two CPU cores)."""
+"""Column blocks of the symmetric product (``2/3`` of the general product's flops; more
+blocks lose more to the narrower products than they save on two CPU cores)."""
 
 SYM_MIN_COLUMNS = 384
-"""Below this many columns :func:`sym_gram` is one general product."""
+"""Below this many columns the symmetric product is one general product."""
+
+MIRROR_TILE = 256
+"""Tile of the in-place mirroring of the diagonal blocks (temporaries of this size)."""
+
+CHUNK_ELEMENTS = 1 << 20
+"""Rows ``√|λ| uᵀ A_k`` of :func:`congruence_sum` are formed for chunks of samples of
+at most this many numbers (4 MiB in float32), not for all samples at once."""
+
+
+class SymAccumulator:
+    """``Σ ± BᵢᵀBᵢ`` (``[N, N]``) in one buffer, from the blocks on and below the diagonal.
+
+    Args:
+        n: ``N``, columns of the ``Bᵢ``.
+        like: Tensor whose dtype and device the result takes.
+        blocks: Column blocks (one general product below :data:`SYM_MIN_COLUMNS`).
+    """
+
+    def __init__(self, n: int, like: Tensor, blocks: int = SYM_BLOCKS):
+        self.out = like.new_zeros(n, n)
+        blocks = 1 if n < SYM_MIN_COLUMNS else max(1, blocks)
+        edges = [round(i * n / blocks) for i in range(blocks + 1)]
+        self.spans = list(zip(edges[:-1], edges[1:], strict=True))
+
+    def add(self, rows: Tensor, sign: float = 1.0) -> None:
+        """Accumulate ``sign · rowsᵀ rows`` (``rows`` ``[P, N]``, any strides), lower blocks."""
+        if rows.shape[0] == 0:
+            return
+        for lo, hi in self.spans:  # block row: the blocks left of and on the diagonal
+            self.out[lo:hi, :hi].addmm_(rows[:, lo:hi].T, rows[:, :hi], alpha=sign)
+
+    def result(self) -> Tensor:
+        """The exactly symmetric sum (lower blocks mirrored in place; no copy)."""
+        out = self.out
+        for row, (lo, hi) in enumerate(self.spans):
+            for lo_c, hi_c in self.spans[:row]:  # strictly lower blocks
+                out[lo_c:hi_c, lo:hi].copy_(out[lo:hi, lo_c:hi_c].T)
+            _mirror_lower(out[lo:hi, lo:hi])
+        return out
+
+
+def _mirror_lower(square: Tensor) -> None:
+    """Copy the lower triangle of ``square`` onto its upper one, in place, by tiles."""
+    size = square.shape[0]
+    edges = list(range(0, size, MIRROR_TILE)) + [size]
+    spans = list(zip(edges[:-1], edges[1:], strict=True))
+    for row, (lo, hi) in enumerate(spans):
+        for lo_c, hi_c in spans[:row]:
+            square[lo_c:hi_c, lo:hi].copy_(square[lo:hi, lo_c:hi_c].T)
+        tile = square[lo:hi, lo:hi]  # a product need not be bitwise symmetric
+        tile.copy_(tile.tril() + tile.tril(-1).T)
 
 
 def sym_gram(rows: Tensor, blocks: int = SYM_BLOCKS) -> Tensor:
@@ -37,21 +90,9 @@ def sym_gram(rows: Tensor, blocks: int = SYM_BLOCKS) -> Tensor:
         The ``[N, N]`` Gram matrix, exactly symmetric (so callers need not symmetrise
         it: ``R + Rᵀ`` of a large ``R`` costs as much as the product on the CPU).
     """
-    n = rows.shape[1]
-    if n < SYM_MIN_COLUMNS or blocks < 2:
-        out = rows.T @ rows
-        return out.triu() + out.triu(1).T
-    edges = [round(i * n / blocks) for i in range(blocks + 1)]
-    spans = list(zip(edges[:-1], edges[1:], strict=True))
-    out = rows.new_empty(n, n)
-    for lo, hi in spans:  # block row: the blocks left of and on the diagonal
-        torch.mm(rows[:, lo:hi].T, rows[:, :hi], out=out[lo:hi, :hi])
-    for row, (lo, hi) in enumerate(spans):  # mirror the strictly lower blocks
-        for lo_c, hi_c in spans[:row]:
-            out[lo_c:hi_c, lo:hi].copy_(out[lo:hi, lo_c:hi_c].T)
-        diag = out[lo:hi, lo:hi]  # a product need not be bitwise symmetric
-        diag.copy_(diag.triu() + diag.triu(1).T)
-    return out
+    acc = SymAccumulator(rows.shape[1], rows, blocks)
+    acc.add(rows)
+    return acc.result()
 
 
 def congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
@@ -64,16 +105,23 @@ def congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
     Returns:
         The symmetric ``[N, N]`` sum (module docstring).
     """
+    num, pos, n = blocks.shape
     values, vectors = torch.linalg.eigh(coef)
-    rows = vectors.mT @ blocks  # [K, T, N]: u_iᵀ A_k
-    pos = rows.shape[-2]
-    values = values.expand(rows.shape[:-1]).reshape(-1)
-    rows = rows.reshape(-1, rows.shape[-1])
     floor = pos * torch.finfo(values.dtype).eps * values.abs().max()
-    keep_pos, keep_neg = values > floor, values < -floor
-    plus = rows[keep_pos] * values[keep_pos].sqrt().unsqueeze(-1)
-    out = sym_gram(plus)
-    if bool(keep_neg.any()):
-        minus = rows[keep_neg] * (-values[keep_neg]).sqrt().unsqueeze(-1)
-        out = out - minus.T @ minus
-    return out
+    values = values.expand(num, pos)
+    if vectors.dim() == 2:
+        vectors = vectors.expand(num, pos, pos)
+    acc = SymAccumulator(n, blocks)
+    width = max(1, CHUNK_ELEMENTS // max(1, pos * n))
+    for lo in range(0, num, width):
+        hi = min(num, lo + width)
+        rows = (vectors[lo:hi].mT @ blocks[lo:hi]).reshape(-1, n)  # u_iᵀ A_k
+        vals = values[lo:hi].reshape(-1)
+        keep_pos, keep_neg = vals > floor, vals < -floor
+        if bool(keep_neg.any()):
+            acc.add(rows[keep_neg].mul_((-vals[keep_neg]).sqrt().unsqueeze(-1)), -1.0)
+        if not bool(keep_pos.all()):
+            rows, vals = rows[keep_pos], vals[keep_pos]  # one copy of the kept rows
+        acc.add(rows.mul_(vals.sqrt().unsqueeze(-1)))
+        del rows
+    return acc.result()

@@ -11,6 +11,10 @@ cover every supported layer:
 Both offer the two half-steps of the power method (so a caller can run it over many
 batches, e.g. the data set-level optimum of docs/conventions.md §4), the optimal solve, K-FAC's
 factors of the same terms, and the Frobenius error of any ``L ⊗ R`` against ``F``.
+
+Index conventions (those of the solver package): ``K`` terms (samples), ``J`` columns per
+sample, ``M`` output features (left factor ``[M, M]``), ``N`` input features (right factor
+``[N, N]``).
 """
 
 from __future__ import annotations
