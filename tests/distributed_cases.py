@@ -53,6 +53,12 @@ def shard(arch: str, rank: int, world: int) -> list[tuple[Tensor, Tensor]]:
     return batches(X[start : start + sizes[rank]], y[start : start + sizes[rank]])
 
 
+def halves(data: list) -> tuple[list, list]:
+    """The first half of a shard's batches (rounded up) and the rest."""
+    cut = (len(data) + 1) // 2
+    return data[:cut], data[cut:]
+
+
 def all_shards(arch: str, world: int) -> list[list[tuple[Tensor, Tensor]]]:
     """Every rank's batches, in rank order (their concatenation is the reference data)."""
     return [shard(arch, r, world) for r in range(world)]

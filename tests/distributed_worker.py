@@ -60,6 +60,20 @@ def last_layer_fits(rank: int, world: int) -> dict:
     return out
 
 
+def online_fits(rank: int, world: int) -> dict:
+    """KFOCLaplace fitted on the first half of each shard, then updated with the rest."""
+    out = {}
+    first, second = cases.halves(cases.shard("mlp", rank, world))
+    for aggregation in ("optimal", "approx"):
+        la = cases.fit_laplace("mlp", first, aggregation)
+        la.fit(second, override=False)
+        out[aggregation] = {
+            "kfacs": [[f.clone() for f in block] for block in la.H_facs.kfacs],
+            "n_data": la.n_data,
+        }
+    return out
+
+
 def monte_carlo_fits(rank: int, world: int) -> dict:
     """KFOCLaplace with the Monte-Carlo Fisher, twice from the same global seed."""
     out = {}
@@ -142,6 +156,7 @@ def fits(rank: int, world: int) -> dict:
     }
     result["last_layer"] = last_layer_fits(rank, world)
     result["monte_carlo"] = monte_carlo_fits(rank, world)
+    result["online"] = online_fits(rank, world)
     return result
 
 

@@ -129,6 +129,21 @@ def test_last_layer_laplace_matches_one_process(fitted, aggregation):
         assert result["loss"] == pytest.approx(float(ref.loss), rel=1e-12)
 
 
+@pytest.mark.parametrize("aggregation", ("optimal", "approx"))
+def test_online_update_counts_the_earlier_fit_once(fitted, aggregation):
+    """``fit(…, override=False)`` over ranks: the one-process online fit of the same halves."""
+    world, ranks = fitted
+    results = [r["online"][aggregation] for r in ranks]
+    assert_same_on_every_rank([r["kfacs"] for r in results])
+    parts = [cases.halves(s) for s in cases.all_shards("mlp", world)]
+    ref = cases.fit_laplace("mlp", [b for first, _ in parts for b in first], aggregation)
+    ref.fit([b for _, second in parts for b in second], override=False)
+    for block, ref_block in zip(results[0]["kfacs"], ref.H_facs.kfacs):
+        for factor, ref_factor in zip(block, ref_block):
+            assert close(factor, ref_factor, 1e-6)
+    assert all(r["n_data"] == ref.n_data == cases.NUM_DATA for r in results)
+
+
 @pytest.mark.parametrize("aggregation", ("optimal", "approx", "running"))
 def test_monte_carlo_fit_is_reproducible(fitted, aggregation):
     """Labels seeded per rank and batch: the same fit twice, the same on every rank."""
