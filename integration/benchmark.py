@@ -142,7 +142,7 @@ INPUT_SHAPES = {
 DEFAULT_MODELS = ["lenet5", "mlp784-1000-1000-10"]
 """What runs without ``--models`` (the README's original table)."""
 RESNET_MODELS = [*(f"conv{c}" for c in CONV_SIDES), "resnet18"]
-"""What ``--resnet`` runs: ResNet-sized convolutions (issue 14), at batch 16 and 128."""
+"""What ``--resnet`` runs: ResNet-sized convolutions, at batch 16 and 128."""
 RESNET_BATCH_SIZES = (16, 128)
 
 

@@ -28,7 +28,7 @@ def test_benchmark_quick_writes_records(tmp_path):
 
 
 def test_benchmark_resnet_row_records_routes(tmp_path):
-    """A ResNet-sized row (issue 14) through the CLI: ``--resnet`` picks the rows, and
+    """A ResNet-sized row through the CLI: ``--resnet`` picks the rows, and
     each K-FOC convolution solve records its route."""
     from kfoc_backpack.solver.conv_cost import ROUTES
 

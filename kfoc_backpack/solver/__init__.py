@@ -17,6 +17,9 @@ Modules, by structure of ``F``:
 * ``samples`` — ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (paper Algorithm 2; convolutions);
 * ``outer`` — ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)`` (``Linear`` layers);
 * ``factored`` — ``X_{j,k} = G_{j,k}ᵀ A_k`` over shared positions, never formed;
+* ``conv_routes`` — a convolution's terms solved along the cheapest of four routes
+  (formed, factored, position Gram, operator), chosen by ``conv_cost``, iterated by
+  ``krylov`` (Lanczos), ``R`` formed by ``symmetric``;
 * ``terms`` — the per-sample terms as objects, and blocks of them summed;
 * ``aggregation`` — Kronecker factors aggregated over batches;
 

@@ -121,6 +121,19 @@ def squaring_fits(samples: int, m: int, n: int) -> bool:
     return pairs <= SQUARING_MAX_PAIRS and 2 * pairs * (n + m * m) <= SQUARING_MAX_FLOPS
 
 
+TINY_STEP_FLOPS = 3 * 10**8
+"""On the CPU, layers whose formed step ``2·J·K·M·N·(M + N)`` is below this many
+multiply-adds (a few milliseconds: LeNet-5's convolutions, ResNet's stem) are bound by
+dispatched operations, not flops: formed, they run ``SampleTerms.solve``, the power
+method of a few operations per step, instead of a Lanczos route with its dozens
+(``integration/benchmark.py``'s operation counts)."""
+
+
+def is_tiny(samples: int, m: int, n: int) -> bool:
+    """Whether a step over ``samples = J·K`` ``[M, N]`` matrices is below the tiny limit."""
+    return 2 * samples * m * n * (m + n) < TINY_STEP_FLOPS
+
+
 def choose_conv_route(
     cols: int,
     num: int,
@@ -138,7 +151,9 @@ def choose_conv_route(
     launches per step at :data:`LAUNCH_FLOPS`. Memory cap (default): the larger of
     :data:`MEMORY_FLOOR` and :data:`MEMORY_RATIO` times the bytes of the layer's own
     inputs and output-side vectors ``K·T·(N + J·M)``, which the collection holds
-    anyway. ``factored`` always fits (``formed`` where it is smaller).
+    anyway. ``factored`` always fits (``formed`` where it is smaller). On the CPU a
+    tiny layer (:func:`is_tiny`) for which ``operator`` wins takes ``formed``
+    (``factored`` and ``gram`` keep the few positions in the smaller stored form).
 
     Args:
         cols: ``J``, columns per sample.
@@ -164,4 +179,7 @@ def choose_conv_route(
     costs = {r: flops[r] + launch * OPS_PER_STEP[r] for r in ROUTES if sizes[r] <= cap}
     if not costs:
         return "factored" if sizes["factored"] <= sizes["formed"] else "formed"
-    return min(costs, key=costs.__getitem__)
+    best = min(costs, key=costs.__getitem__)
+    if best == "operator" and not accelerator and is_tiny(cols * num, m, n):
+        return "formed"  # a tiny layer on many positions: the power method's few operations
+    return best

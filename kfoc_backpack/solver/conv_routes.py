@@ -22,7 +22,8 @@ conventions of ``finalize`` — and differs only in how ``S`` is applied:
 
 Each class keeps its parent's half-steps ``to_right``/``to_left`` (a data-set level fit
 streams over them) and the rest of the terms protocol; only ``solve`` takes the route.
-The route is chosen by :func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`.
+The route is chosen by :func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`;
+tiny formed layers on the CPU keep ``SampleTerms.solve`` on ``X`` scaled by ``2^p``.
 
 Index conventions: ``J`` columns per sample, ``K`` samples, ``T`` positions, ``M``
 output features (left factor ``[M, M]``), ``N`` input features (right ``[N, N]``).
@@ -30,6 +31,7 @@ output features (left factor ``[M, M]``), ``N`` input features (right ``[N, N]``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,11 +44,12 @@ from kfoc_backpack.solver._common import (
     launch_bound,
     working_dtype,
 )
+from kfoc_backpack.solver.conv_cost import is_tiny
 from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.krylov import lanczos_top
 from kfoc_backpack.solver.power import output_major, samples_half_steps
 from kfoc_backpack.solver.scale import fetched_split, finalize, pair_scalars
-from kfoc_backpack.solver.symmetric import congruence_sum, sym_gram
+from kfoc_backpack.solver.symmetric import SYM_MIN_COLUMNS, congruence_sum, sym_gram
 from kfoc_backpack.solver.terms import SampleTerms
 
 
@@ -96,9 +99,7 @@ def krylov_solve(
     """
     left, steps, converged = lanczos_top(apply, start, opts.tol, opts.max_iter, _check_every(start))
     if not symmetric_right:
-        left, right = finalize(
-            left, to_right(left), out_dtype, right_trace=right_trace, what=what
-        )
+        left, right = finalize(left, to_right(left), out_dtype, right_trace=right_trace, what=what)
         return KroneckerFactors(left, right, steps, converged)
     left = (left + left.T) / 2
     right = to_right(left)
@@ -113,6 +114,30 @@ def krylov_solve(
 def _empty(m: int, n: int, like: Tensor, out_dtype: torch.dtype) -> KroneckerFactors:
     zeros = like.new_zeros(m, m, dtype=out_dtype), like.new_zeros(n, n, dtype=out_dtype)
     return KroneckerFactors(*zeros, 0, True)
+
+
+def _scaled_samples_solve(
+    samples: Tensor,
+    options: SolverOptions | None,
+    init: Tensor | None,
+    right_trace: Tensor | float | None,
+) -> KroneckerFactors:
+    """``SampleTerms.solve`` of ``samples`` ``[J·K, M, N]`` scaled by ``2^p`` to ``max|X| ≈ 1``.
+
+    The power method's norms square ``X L Xᵀ``: blocks of deep layers (``|X|`` near
+    ``1e-15``) or huge ones leave float32's range. The scaling is exact; the product
+    ``L ⊗ R`` is scaled back by ``2^{-2p}`` (on ``L`` when ``right_trace`` fixes ``R``).
+    """
+    top = float(samples.abs().max()) if samples.numel() else 0.0
+    scale = math.ldexp(1.0, -round(math.log2(top))) if 0 < top < math.inf else 1.0
+    if scale == 1.0:
+        return SampleTerms(samples).solve(options, init, right_trace)
+    factors = SampleTerms(samples * scale).solve(options, init, right_trace)
+    if right_trace is None:
+        left, right = factors.left / scale, factors.right / scale
+    else:
+        left, right = factors.left / scale**2, factors.right
+    return KroneckerFactors(left, right, factors.iterations, factors.converged)
 
 
 @dataclass(frozen=True)
@@ -135,20 +160,28 @@ class FormedConvTerms(SampleTerms):
         init: Tensor | None = None,
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
-        """Optimal factors; on accelerators the formed route of ``SampleTerms``."""
+        """Optimal factors; on accelerators and for tiny layers ``SampleTerms.solve``."""
         if launch_bound(self.samples.device):
             return super().solve(options, init, right_trace)
+        if is_tiny(*self.samples.shape):
+            return _scaled_samples_solve(self.samples, options, init, right_trace)
         opts = SolverOptions() if options is None else options
         out_dtype = self.samples.dtype
         samples = self.samples.to(working_dtype(out_dtype))
         num, m, n = samples.shape
         if num == 0:
             return _empty(m, n, samples, out_dtype)
-        to_right, to_left = samples_half_steps(samples, output_major(samples))
+        gemm_right, to_left = samples_half_steps(samples, output_major(samples))
         start = _start(lambda: to_left(torch.eye(n).to(samples)), m, samples, opts, init)
+
+        def to_right(left: Tensor) -> Tensor:  # Σ X_aᵀ L X_a, symmetric product (2/3 flops)
+            if n < SYM_MIN_COLUMNS:  # one general product: fewer operations
+                return gemm_right(left)
+            return congruence_sum((left + left.T) / 2, samples)
+
         return krylov_solve(
             lambda mat: to_left(to_right(mat)),
-            lambda left: congruence_sum(left, samples),
+            lambda left: congruence_sum((left + left.T) / 2, samples),
             start,
             opts,
             out_dtype,

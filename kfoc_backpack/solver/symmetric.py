@@ -58,7 +58,7 @@ class SymAccumulator:
             self.out[lo:hi, :hi].addmm_(rows[:, lo:hi].T, rows[:, :hi], alpha=sign)
 
     def result(self) -> Tensor:
-        """The exactly symmetric sum (lower blocks mirrored in place; no copy)."""
+        """Return the exactly symmetric sum (lower blocks mirrored in place; no copy)."""
         out = self.out
         for row, (lo, hi) in enumerate(self.spans):
             for lo_c, hi_c in self.spans[:row]:  # strictly lower blocks
@@ -98,6 +98,12 @@ def sym_gram(rows: Tensor, blocks: int = SYM_BLOCKS) -> Tensor:
 def congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
     """``Σ_k A_kᵀ W_k A_k`` (``[N, N]``) for symmetric ``W_k`` by symmetric products.
 
+    ``eigh`` orders each ``W_k``'s eigenvalues ascending: the negative ones come first,
+    the positive ones last. The rows of both signs are formed from the scaled columns
+    ``√|λ| u`` of the first ``n₋`` and last ``n₊`` eigenvectors (the largest counts
+    over the samples; columns of dropped eigenvalues are scaled by zero), so no
+    gather or scaling touches the ``N``-wide rows.
+
     Args:
         coef: ``[K, T, T]`` symmetric ``W_k`` (or ``[T, T]``, the same for every ``k``).
         blocks: ``[K, T, N]`` matrices ``A_k``.
@@ -108,20 +114,21 @@ def congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
     num, pos, n = blocks.shape
     values, vectors = torch.linalg.eigh(coef)
     floor = pos * torch.finfo(values.dtype).eps * values.abs().max()
-    values = values.expand(num, pos)
-    if vectors.dim() == 2:
-        vectors = vectors.expand(num, pos, pos)
+    counts = torch.stack([(values < -floor).sum(-1).max(), (values > floor).sum(-1).max()])
+    n_neg, n_pos = (int(c) for c in counts.tolist())
     acc = SymAccumulator(n, blocks)
-    width = max(1, CHUNK_ELEMENTS // max(1, pos * n))
-    for lo in range(0, num, width):
-        hi = min(num, lo + width)
-        rows = (vectors[lo:hi].mT @ blocks[lo:hi]).reshape(-1, n)  # u_iᵀ A_k
-        vals = values[lo:hi].reshape(-1)
-        keep_pos, keep_neg = vals > floor, vals < -floor
-        if bool(keep_neg.any()):
-            acc.add(rows[keep_neg].mul_((-vals[keep_neg]).sqrt().unsqueeze(-1)), -1.0)
-        if not bool(keep_pos.all()):
-            rows, vals = rows[keep_pos], vals[keep_pos]  # one copy of the kept rows
-        acc.add(rows.mul_(vals.sqrt().unsqueeze(-1)))
-        del rows
+    for sign, cols in ((-1.0, slice(0, n_neg)), (1.0, slice(pos - n_pos, pos))):
+        if cols.stop <= cols.start:
+            continue
+        vals = values[..., cols]
+        weight = (vals * sign).clamp_min(0).masked_fill((vals * sign) <= floor, 0).sqrt()
+        scaled = vectors[..., cols] * weight.unsqueeze(-2)  # [(K,) T, n±]: √|λ| u
+        if scaled.dim() == 2:
+            scaled = scaled.expand(num, pos, cols.stop - cols.start)
+        width = max(1, CHUNK_ELEMENTS // max(1, scaled.shape[-1] * n))
+        for lo in range(0, num, width):
+            hi = min(num, lo + width)
+            rows = scaled[lo:hi].mT @ blocks[lo:hi]  # [k, n±, N]: √|λ| uᵀ A_k
+            acc.add(rows.reshape(-1, n), sign)
+            del rows
     return acc.result()
