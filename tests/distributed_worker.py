@@ -74,6 +74,24 @@ def online_fits(rank: int, world: int) -> dict:
     return out
 
 
+def subgroup_fit(rank: int, world: int) -> dict | None:
+    """optimal_factors over the group of the last two ranks only (exact GGN)."""
+    members = [world - 2, world - 1]
+    group = dist.new_group(members)  # every rank takes part in creating it
+    if rank not in members:
+        return None
+    data = cases.shard("mlp", rank, world)
+    result = optimal_factors(
+        cases.make_model("mlp"),
+        cases.loss_for("mlp"),
+        data,
+        tol=1e-12,
+        max_passes=400,
+        process_group=group,
+    )
+    return {"factors": result.factors, "num_samples": result.num_samples}
+
+
 def monte_carlo_fits(rank: int, world: int) -> dict:
     """KFOCLaplace with the Monte-Carlo Fisher, twice from the same global seed."""
     out = {}
@@ -157,6 +175,7 @@ def fits(rank: int, world: int) -> dict:
     result["last_layer"] = last_layer_fits(rank, world)
     result["monte_carlo"] = monte_carlo_fits(rank, world)
     result["online"] = online_fits(rank, world)
+    result["subgroup"] = subgroup_fit(rank, world)
     return result
 
 

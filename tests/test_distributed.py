@@ -23,6 +23,7 @@ import torch
 from ground_truth import optimal_relative_error, relative_error
 from laplace_helpers import dense_ggn_blocks
 
+from kfoc_backpack import optimal_factors
 from kfoc_backpack.collect.route import BatchQuantities
 from kfoc_backpack.dataset import BlockAccumulator, OptimalOptions, solve_optimal
 
@@ -142,6 +143,29 @@ def test_online_update_counts_the_earlier_fit_once(fitted, aggregation):
         for factor, ref_factor in zip(block, ref_block):
             assert close(factor, ref_factor, 1e-6)
     assert all(r["n_data"] == ref.n_data == cases.NUM_DATA for r in results)
+
+
+def test_process_group_selects_the_ranks(fitted):
+    """``process_group=`` of the last two ranks: their shards only (for three ranks one
+    of them empty), on both."""
+    world, ranks = fitted
+    members = [world - 2, world - 1]
+    assert all(ranks[r]["subgroup"] is None for r in range(world) if r not in members)
+    shards = cases.all_shards("mlp", world)
+    ref = optimal_factors(
+        cases.make_model("mlp"),
+        cases.loss_for("mlp"),
+        [b for r in members for b in shards[r]],
+        tol=1e-12,
+        max_passes=400,
+    )
+    for r in members:
+        result = ranks[r]["subgroup"]
+        sizes = sum(cases.SHARDS[world][r] for r in members)
+        assert result["num_samples"] == ref.num_samples == sizes
+        for name, factors in ref.factors.items():
+            for factor, ref_factor in zip(result["factors"][name], factors):
+                assert close(factor, ref_factor, 1e-6), name
 
 
 @pytest.mark.parametrize("aggregation", ("optimal", "approx", "running"))
