@@ -185,3 +185,36 @@ def test_tiny_blocks_are_solved_not_stopped_at_the_start(route, scale):
     factors = layer_terms.solve(SolverOptions(tol=1e-6, max_iter=500))
     assert factors.iterations > 1
     _check_optimal(layer_terms, _dense(unfolded, sqrt), m, n, torch.float32)
+
+
+@pytest.mark.parametrize("top_exponent", [-40, -9, -8, 0, 8, 9, 40])
+def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_exponent, monkeypatch):
+    """Formed float32 blocks with ``max|X| = 2^p``: unscaled inside ``|p| ≤ 8``, scaled outside.
+
+    At the window's edges (``p = ±8``) the unscaled power method must still be optimal
+    in float32 (its squared norms are of order ``|X|⁸ = 2^∓64``); outside it the
+    solve scales. Against the dense optimum of the same samples in float64.
+    """
+    from kfoc_backpack.solver import samples as samples_module
+
+    seen = []
+    solve = samples_module.nearest_kronecker_samples
+
+    def recording(mats, **kwargs):
+        seen.append(float(mats.abs().max()))
+        return solve(mats, **kwargs)
+
+    monkeypatch.setattr(samples_module, "nearest_kronecker_samples", recording)
+    gen = torch.Generator().manual_seed(11)
+    num, m, n = 7, 5, 6
+    samples = torch.randn(num, m, n, generator=gen, dtype=torch.float64)
+    samples = samples / samples.abs().max() * 2.0**top_exponent
+    options = SolverOptions(tol=1e-6, max_iter=500)
+    factors = samples_module.nearest_kronecker_samples_scaled(samples.float(), options, None, None)
+    assert factors.converged and factors.iterations > 1
+    assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
+    dense = sum_of_outer(samples)
+    best = optimal_relative_error(dense, m, n)
+    assert relative_error(dense, factors.left.double(), factors.right.double()) <= best + 2e-4
+    inside = abs(top_exponent) <= samples_module.SAFE_EXPONENT
+    assert seen == [2.0**top_exponent if inside else 1.0]

@@ -23,7 +23,8 @@ conventions of ``finalize`` — and differs only in how ``S`` is applied:
 Each class keeps its parent's half-steps ``to_right``/``to_left`` (a data-set level fit
 streams over them) and the rest of the terms protocol; only ``solve`` takes the route.
 The route is chosen by :func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`;
-tiny formed layers on the CPU keep ``SampleTerms.solve`` on ``X`` scaled by ``2^p``.
+tiny formed layers on the CPU keep the power method
+(:func:`~kfoc_backpack.solver.samples.nearest_kronecker_samples_scaled`).
 
 Index conventions: ``J`` columns per sample, ``K`` samples, ``T`` positions, ``M``
 output features (left factor ``[M, M]``), ``N`` input features (right ``[N, N]``).
@@ -31,7 +32,6 @@ output features (left factor ``[M, M]``), ``N`` input features (right ``[N, N]``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +48,7 @@ from kfoc_backpack.solver.conv_cost import is_tiny
 from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.krylov import lanczos_top
 from kfoc_backpack.solver.power import output_major, samples_half_steps
+from kfoc_backpack.solver.samples import nearest_kronecker_samples_scaled
 from kfoc_backpack.solver.scale import fetched_split, finalize, pair_scalars
 from kfoc_backpack.solver.symmetric import SYM_MIN_COLUMNS, congruence_sum, sym_gram
 from kfoc_backpack.solver.terms import SampleTerms
@@ -111,33 +112,18 @@ def krylov_solve(
     )
 
 
+def _working(
+    options: SolverOptions | None, *tensors: Tensor
+) -> tuple[SolverOptions, torch.dtype, list[Tensor]]:
+    """``(options, dtype of the result, tensors in the working dtype)`` of a route's solve."""
+    out_dtype = tensors[0].dtype
+    work = working_dtype(out_dtype)
+    return SolverOptions() if options is None else options, out_dtype, [t.to(work) for t in tensors]
+
+
 def _empty(m: int, n: int, like: Tensor, out_dtype: torch.dtype) -> KroneckerFactors:
     zeros = like.new_zeros(m, m, dtype=out_dtype), like.new_zeros(n, n, dtype=out_dtype)
     return KroneckerFactors(*zeros, 0, True)
-
-
-def _scaled_samples_solve(
-    samples: Tensor,
-    options: SolverOptions | None,
-    init: Tensor | None,
-    right_trace: Tensor | float | None,
-) -> KroneckerFactors:
-    """``SampleTerms.solve`` of ``samples`` ``[J·K, M, N]`` scaled by ``2^p`` to ``max|X| ≈ 1``.
-
-    The power method's norms square ``X L Xᵀ``: blocks of deep layers (``|X|`` near
-    ``1e-15``) or huge ones leave float32's range. The scaling is exact; the product
-    ``L ⊗ R`` is scaled back by ``2^{-2p}`` (on ``L`` when ``right_trace`` fixes ``R``).
-    """
-    top = float(samples.abs().max()) if samples.numel() else 0.0
-    scale = math.ldexp(1.0, -round(math.log2(top))) if 0 < top < math.inf else 1.0
-    if scale == 1.0:
-        return SampleTerms(samples).solve(options, init, right_trace)
-    factors = SampleTerms(samples * scale).solve(options, init, right_trace)
-    if right_trace is None:
-        left, right = factors.left / scale, factors.right / scale
-    else:
-        left, right = factors.left / scale**2, factors.right
-    return KroneckerFactors(left, right, factors.iterations, factors.converged)
 
 
 @dataclass(frozen=True)
@@ -164,10 +150,8 @@ class FormedConvTerms(SampleTerms):
         if launch_bound(self.samples.device):
             return super().solve(options, init, right_trace)
         if is_tiny(*self.samples.shape):
-            return _scaled_samples_solve(self.samples, options, init, right_trace)
-        opts = SolverOptions() if options is None else options
-        out_dtype = self.samples.dtype
-        samples = self.samples.to(working_dtype(out_dtype))
+            return nearest_kronecker_samples_scaled(self.samples, options, init, right_trace)
+        opts, out_dtype, (samples,) = _working(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
             return _empty(m, n, samples, out_dtype)
@@ -213,10 +197,8 @@ class FactoredConvTerms(FactoredTerms):
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors by Lanczos on the factored half-steps."""
-        opts = SolverOptions() if options is None else options
-        out_dtype = self.grads.dtype
-        work = working_dtype(out_dtype)
-        terms = FactoredTerms(self.grads.to(work), self.inputs.to(work))
+        opts, out_dtype, tensors = _working(options, self.grads, self.inputs)
+        terms = FactoredTerms(*tensors)
         m, n = terms.shape
         if terms.num_terms == 0 or terms.grads.shape[2] == 0:
             return _empty(m, n, terms.grads, out_dtype)
@@ -307,10 +289,7 @@ class GramConvTerms(FactoredTerms):
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors: Lanczos in the coefficient space of the position Gram."""
-        opts = SolverOptions() if options is None else options
-        out_dtype = self.grads.dtype
-        work = working_dtype(out_dtype)
-        grads, inputs = self.grads.to(work), self.inputs.to(work)
+        opts, out_dtype, (grads, inputs) = _working(options, self.grads, self.inputs)
         cols, num, pos, m = grads.shape
         n = inputs.shape[-1]
         if cols * num * pos == 0:
@@ -361,9 +340,7 @@ class OperatorConvTerms(SampleTerms):
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors: Lanczos through the ``P_{ab}`` blocks."""
-        opts = SolverOptions() if options is None else options
-        out_dtype = self.samples.dtype
-        samples = self.samples.to(working_dtype(out_dtype))
+        opts, out_dtype, (samples,) = _working(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
             return _empty(m, n, samples, out_dtype)
