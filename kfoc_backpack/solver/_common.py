@@ -9,16 +9,13 @@ factor ``[M, M]``), ``N`` input features (right factor ``[N, N]``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-# Re-export for code that imports the scale split from its former home here (the new
-# kfoc_backpack/dataset/power.py): defined, and to be imported, in solver/scale.py.
 
 DEFAULT_TOL = 1e-5
 """Stopping precision ``δ`` of the paper: stop once ``‖L⁽ⁿ⁾ − L⁽ⁿ⁻¹⁾‖_F < δ``."""
@@ -178,3 +175,28 @@ def random_matrix(dim: int, like: Tensor, options: SolverOptions) -> Tensor:
     """Draw a standard normal ``[dim, dim]`` start (``options.generator``, on the CPU)."""
     mat = torch.randn(dim, dim, generator=options.generator, dtype=like.dtype, device="cpu")
     return mat.to(like.device)
+
+
+def left_start(
+    m: int,
+    like: Tensor,
+    options: SolverOptions,
+    init: Tensor | None,
+    default: Callable[[], Tensor],
+) -> Tensor:
+    """Start ``[M, M]`` of the left factor: random (``random_init``), ``init``, or ``default()``.
+
+    ``init`` is moved to ``like``'s dtype and device; the random start is
+    :func:`random_matrix`.
+    """
+    if options.random_init:
+        return random_matrix(m, like, options)
+    if init is not None:
+        return init.to(like)
+    return default()
+
+
+def zero_solution(m: int, n: int, like: Tensor, out_dtype: torch.dtype) -> KroneckerFactors:
+    """``0 ⊗ 0`` (``[M, M]``, ``[N, N]``) of a problem without terms, counted as converged."""
+    zeros = like.new_zeros(m, m, dtype=out_dtype), like.new_zeros(n, n, dtype=out_dtype)
+    return KroneckerFactors(*zeros, 0, True)

@@ -42,32 +42,20 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     launch_bound,
+    left_start,
+    resolve_options,
     working_dtype,
+    zero_solution,
 )
 from kfoc_backpack.solver.conv_cost import is_tiny
 from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.krylov import lanczos_top
 from kfoc_backpack.solver.power import output_major, samples_half_steps
+from kfoc_backpack.solver.routes import check_every
 from kfoc_backpack.solver.samples import nearest_kronecker_samples_scaled
 from kfoc_backpack.solver.scale import fetched_split, finalize, pair_scalars
 from kfoc_backpack.solver.symmetric import SYM_MIN_COLUMNS, congruence_sum, sym_gram
 from kfoc_backpack.solver.terms import SampleTerms
-
-
-def _check_every(like: Tensor) -> int:
-    return 4 if launch_bound(like.device) else 1
-
-
-def _start(
-    default: Callable[[], Tensor], m: int, like: Tensor, opts: SolverOptions, init: Tensor | None
-) -> Tensor:
-    """Start of the left factor: random (``random_init``), ``init``, or ``default()``."""
-    if opts.random_init:
-        mat = torch.randn(m, m, generator=opts.generator, dtype=like.dtype, device="cpu")
-        return mat.to(like.device)
-    if init is not None:
-        return init.to(like)
-    return default()
 
 
 def krylov_solve(
@@ -98,7 +86,9 @@ def krylov_solve(
     Returns:
         The optimal factors; ``iterations`` counts applications of ``S``.
     """
-    left, steps, converged = lanczos_top(apply, start, opts.tol, opts.max_iter, _check_every(start))
+    left, steps, converged = lanczos_top(
+        apply, start, opts.tol, opts.max_iter, check_every(start.device)
+    )
     if not symmetric_right:
         left, right = finalize(left, to_right(left), out_dtype, right_trace=right_trace, what=what)
         return KroneckerFactors(left, right, steps, converged)
@@ -118,12 +108,7 @@ def _working(
     """``(options, dtype of the result, tensors in the working dtype)`` of a route's solve."""
     out_dtype = tensors[0].dtype
     work = working_dtype(out_dtype)
-    return SolverOptions() if options is None else options, out_dtype, [t.to(work) for t in tensors]
-
-
-def _empty(m: int, n: int, like: Tensor, out_dtype: torch.dtype) -> KroneckerFactors:
-    zeros = like.new_zeros(m, m, dtype=out_dtype), like.new_zeros(n, n, dtype=out_dtype)
-    return KroneckerFactors(*zeros, 0, True)
+    return resolve_options(options), out_dtype, [t.to(work) for t in tensors]
 
 
 @dataclass(frozen=True)
@@ -154,9 +139,9 @@ class FormedConvTerms(SampleTerms):
         opts, out_dtype, (samples,) = _working(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
-            return _empty(m, n, samples, out_dtype)
+            return zero_solution(m, n, samples, out_dtype)
         gemm_right, to_left = samples_half_steps(samples, output_major(samples))
-        start = _start(lambda: to_left(torch.eye(n).to(samples)), m, samples, opts, init)
+        start = left_start(m, samples, opts, init, lambda: to_left(torch.eye(n).to(samples)))
 
         def to_right(left: Tensor) -> Tensor:  # Σ X_aᵀ L X_a, symmetric product (2/3 flops)
             if n < SYM_MIN_COLUMNS:  # one general product: fewer operations
@@ -201,8 +186,8 @@ class FactoredConvTerms(FactoredTerms):
         terms = FactoredTerms(*tensors)
         m, n = terms.shape
         if terms.num_terms == 0 or terms.grads.shape[2] == 0:
-            return _empty(m, n, terms.grads, out_dtype)
-        start = _start(lambda: kfac_left(terms.grads), m, terms.grads, opts, init)
+            return zero_solution(m, n, terms.grads, out_dtype)
+        start = left_start(m, terms.grads, opts, init, lambda: kfac_left(terms.grads))
         return krylov_solve(
             lambda mat: terms.to_left(terms.to_right(mat)),
             terms.to_right,
@@ -293,7 +278,7 @@ class GramConvTerms(FactoredTerms):
         cols, num, pos, m = grads.shape
         n = inputs.shape[-1]
         if cols * num * pos == 0:
-            return _empty(m, n, grads, out_dtype)
+            return zero_solution(m, n, grads, out_dtype)
         gram = PositionGram(inputs)
         flat_grads = [grads.reshape(-1, m)]  # a copy where grads is a transposed view
 
@@ -309,7 +294,7 @@ class GramConvTerms(FactoredTerms):
             flat_grads.clear()
             return congruence_sum(to_coef(left), inputs)
 
-        start = _start(lambda: kfac_left(grads), m, grads, opts, init)
+        start = left_start(m, grads, opts, init, lambda: kfac_left(grads))
         return krylov_solve(
             apply, to_right, start, opts, out_dtype, right_trace, "gram convolution route", True
         )
@@ -343,7 +328,7 @@ class OperatorConvTerms(SampleTerms):
         opts, out_dtype, (samples,) = _working(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
-            return _empty(m, n, samples, out_dtype)
+            return zero_solution(m, n, samples, out_dtype)
         gram = PositionGram(samples)  # "positions" are the M rows of each X_a
 
         def to_right(left: Tensor) -> Tensor:  # Σ_a X_aᵀ L X_a, formed once
@@ -356,7 +341,7 @@ class OperatorConvTerms(SampleTerms):
         def default() -> Tensor:  # Σ_a X_a X_aᵀ: one half-step from R = I
             return torch.diagonal(gram.full.view(num, m, num, m), dim1=0, dim2=2).sum(-1)
 
-        start = _start(default, m, samples, opts, init)
+        start = left_start(m, samples, opts, init, default)
         return krylov_solve(
             apply, to_right, start, opts, out_dtype, right_trace, "operator convolution route", True
         )

@@ -31,11 +31,14 @@ from torch import Tensor
 from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
-    launch_bound,
+    left_start,
+    resolve_options,
     working_dtype,
+    zero_solution,
 )
 from kfoc_backpack.solver.error import _finish
 from kfoc_backpack.solver.power import factor_power_iteration
+from kfoc_backpack.solver.routes import check_every
 from kfoc_backpack.solver.scale import finalize
 
 
@@ -183,28 +186,22 @@ def nearest_kronecker_factored(
     Returns:
         The optimal factors (conventions of the solver package).
     """
-    opts = SolverOptions() if options is None else options
+    opts = resolve_options(options)
     out_dtype = terms.grads.dtype
     work = working_dtype(out_dtype)
     terms = FactoredTerms(terms.grads.to(work), terms.inputs.to(work))
     m, n = terms.shape
     like = terms.grads
     if terms.num_terms == 0:
-        zeros = like.new_zeros(m, m).to(out_dtype), like.new_zeros(n, n).to(out_dtype)
-        return KroneckerFactors(*zeros, 0, True)
-    if opts.random_init:
-        start = torch.randn(m, m, generator=opts.generator, dtype=work).to(like.device)
-    elif init is not None:
-        start = init.to(work)
-    else:
-        start = torch.eye(m, dtype=work, device=like.device)
+        return zero_solution(m, n, like, out_dtype)
+    start = left_start(m, like, opts, init, lambda: torch.eye(m, dtype=work, device=like.device))
     left, right, iters, converged = factor_power_iteration(
         terms.to_right,
         terms.to_left,
         start,
         opts.tol,
         opts.max_iter,
-        4 if launch_bound(like.device) else 1,
+        check_every(like.device),
     )
     left, right = finalize(
         left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_factored"

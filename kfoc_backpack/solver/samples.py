@@ -23,9 +23,10 @@ from torch import Tensor
 from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
-    random_matrix,
+    left_start,
     resolve_options,
     working_dtype,
+    zero_solution,
 )
 from kfoc_backpack.solver.power import factor_power_iteration, output_major, samples_half_steps
 from kfoc_backpack.solver.routes import check_every, coefficient_solve, samples_operator_fits
@@ -69,14 +70,10 @@ def nearest_kronecker_samples(
     samples = samples.to(working_dtype(out_dtype))
     num, m, n = samples.shape
     if num == 0:
-        zeros = samples.new_zeros(m, m), samples.new_zeros(n, n)
-        return KroneckerFactors(zeros[0].to(out_dtype), zeros[1].to(out_dtype), 0, True)
-    if opts.random_init:
-        start = random_matrix(m, samples, opts)
-    elif init is not None:
-        start = init.to(samples.dtype)
-    else:
-        start = torch.eye(m, dtype=samples.dtype, device=samples.device)
+        return zero_solution(m, n, samples, out_dtype)
+    start = left_start(
+        m, samples, opts, init, lambda: torch.eye(m, dtype=samples.dtype, device=samples.device)
+    )
     wide = output_major(samples)
     to_right, to_left = samples_half_steps(samples, wide)
     if samples_operator_fits(num, m, n, samples.device):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kfoc_backpack.solver._common import KroneckerFactors, SolverOptions
+from kfoc_backpack.solver._common import KroneckerFactors, SolverOptions, resolve_options
 from kfoc_backpack.solver.error import kron_error_outer, kron_error_samples
 from kfoc_backpack.solver.outer import nearest_kronecker_outer, outer_gram_left
 from kfoc_backpack.solver.power import (
@@ -207,7 +207,7 @@ def nearest_kronecker_terms(
     weights = [1.0] * len(terms) if weights is None else list(weights)
     if len(weights) != len(terms):
         raise ValueError(f"Got {len(weights)} weights for {len(terms)} blocks.")
-    opts = SolverOptions() if options is None else options
+    opts = resolve_options(options)
     m = terms[0].shape[0]
     like = terms[0].like
     start = torch.eye(m, dtype=like.dtype, device=like.device) if init is None else init
