@@ -17,6 +17,18 @@ from kfoc_backpack.dataset.options import BATCH_AGGREGATIONS, check_choice
 from kfoc_backpack.solver import KroneckerAccumulator
 
 
+def factor_shapes(param: Tensor) -> tuple[int, ...]:
+    """``(M, N_in)`` of a weight (``param.dim() ≥ 2``), ``(M,)`` of a bias."""
+    if param.dim() >= 2:
+        return (param.shape[0], param[0].numel())
+    return (param.numel(),)
+
+
+def zero_block(param: Tensor) -> list[Tensor]:
+    """All-zero ``[L, R]`` (weights) or ``[B]`` (biases) of a parameter, on its device and dtype."""
+    return [param.new_zeros(size, size) for size in factor_shapes(param)]
+
+
 class BlockAccumulator:
     """Aggregate of one parameter's per-batch blocks, ``Σ_p s_p F_p``.
 

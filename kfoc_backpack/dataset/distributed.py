@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
-from kfoc_backpack.dataset.blocks import BlockAccumulator
+from kfoc_backpack.dataset.blocks import BlockAccumulator, zero_block
 from kfoc_backpack.solver import nearest_kronecker_sum
 
 RANK_SEED_STRIDE = 1 << 32
@@ -73,18 +73,6 @@ def resolve_group(process_group: object | None) -> object | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def factor_shapes(param: Tensor) -> tuple[int, ...]:
-    """``(M, N_in)`` of a weight (``param.dim() ≥ 2``), ``(M,)`` of a bias."""
-    if param.dim() >= 2:
-        return (param.shape[0], param[0].numel())
-    return (param.numel(),)
-
-
-def zero_factors(param: Tensor) -> list[Tensor]:
-    """All-zero ``[L, R]`` or ``[B]`` of a parameter, on its device and dtype."""
-    return [param.new_zeros(size, size) for size in factor_shapes(param)]
-
-
 class Reducer:
     """The collectives of one fit over the ranks of a group; a no-op in one process.
 
@@ -97,6 +85,11 @@ class Reducer:
         self.rank = dist.get_rank(self.group) if self.group is not None else 0
         self.world = dist.get_world_size(self.group) if self.group is not None else 1
         self.log = Communication()
+
+    @classmethod
+    def of(cls, process_group: object | None) -> Reducer:
+        """Return the given :class:`Reducer` (its log continues), or one over ``process_group``."""
+        return process_group if isinstance(process_group, Reducer) else cls(process_group)
 
     @property
     def active(self) -> bool:
@@ -212,9 +205,17 @@ class Reducer:
         return seed + index + self.rank * RANK_SEED_STRIDE
 
     @contextmanager
-    def seeded(self, seed: int, index: int, devices: Sequence[int] = ()) -> Iterator[None]:
-        """Draw this rank's batch ``index`` under its own seed; the global RNG is untouched."""
-        with torch.random.fork_rng(devices=list(devices)):
+    def seeded(self, seed: int, index: int, params: Iterable[Tensor] = ()) -> Iterator[None]:
+        """Draw this rank's batch ``index`` under its own seed; the global RNG is untouched.
+
+        Args:
+            seed: The fit's shared base seed.
+            index: The batch's index in this rank's loader.
+            params: The model's parameters: the CUDA devices they live on have their
+                generators saved and restored as well as the CPU's.
+        """
+        devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.batch_seed(seed, index))
             yield
 
@@ -260,7 +261,7 @@ def combine_blocks(
     present = torch.stack([g[1] for g in gathered]).sum(0) > 0
     biases = [n for n in names if params[n].dim() < 2]
     weights = [n for n in names if params[n].dim() >= 2]
-    filled = {n: local[n] or zero_factors(params[n]) for n in names}
+    filled = {n: local[n] or zero_block(params[n]) for n in names}
     summed = reducer.all_reduce([filled[n][0] for n in biases])
     result = {n: ([b], int(all_counts[:, names.index(n)].sum())) for n, b in zip(biases, summed)}
     if aggregation == "approx":

@@ -25,14 +25,15 @@ from kfoc_backpack.dataset.power import (
 __all__ = ["BatchCollector", "BatchSplitter", "OptimalFactors", "solve_optimal", "split_batch"]
 
 
+BATCH_FORMAT = "K-FOC needs batches (X, y) of tensors (BackPACK does not support dict-like inputs)"
+"""What the BackPACK route accepts as a batch, the start of its error messages."""
+
+
 def batch_size(X: object) -> int:
     """Return the number of inputs of a batch; only tensor inputs are supported."""
     if isinstance(X, Tensor):
         return int(X.shape[0])
-    raise ValueError(
-        "K-FOC needs batches (X, y) of tensors (BackPACK does not support dict-like "
-        f"inputs), got X of type {type(X).__name__}."
-    )
+    raise ValueError(f"{BATCH_FORMAT}, got X of type {type(X).__name__}.")
 
 
 def split_batch(batch: object) -> tuple[Tensor, Tensor]:
@@ -45,10 +46,7 @@ def split_batch(batch: object) -> tuple[Tensor, Tensor]:
         X, y = batch
         batch_size(X)
         return X, y
-    raise ValueError(
-        "K-FOC needs batches (X, y) of tensors (BackPACK does not support dict-like "
-        f"inputs), got a batch of type {type(batch).__name__}."
-    )
+    raise ValueError(f"{BATCH_FORMAT}, got a batch of type {type(batch).__name__}.")
 
 
 def solve_optimal(
@@ -125,6 +123,6 @@ def solve_optimal(
         options=OptimalOptions() if options is None else options,
         seed=seed,
         progress_bar=progress_bar,
-        reducer=process_group if isinstance(process_group, Reducer) else Reducer(process_group),
+        reducer=Reducer.of(process_group),
     )
     return solver.solve(init, dict(prior or {}))

@@ -25,13 +25,14 @@ from torch.utils.data import RandomSampler
 
 from kfoc_backpack.collect.layers import LayerTerms
 from kfoc_backpack.collect.route import BatchQuantities
-from kfoc_backpack.dataset.blocks import BlockAccumulator, KroneckerTerm, normalized
-from kfoc_backpack.dataset.distributed import (
-    Communication,
-    Reducer,
-    combine_blocks,
-    zero_factors,
+from kfoc_backpack.dataset.blocks import (
+    BlockAccumulator,
+    KroneckerTerm,
+    factor_shapes,
+    normalized,
+    zero_block,
 )
+from kfoc_backpack.dataset.distributed import Communication, Reducer, combine_blocks
 from kfoc_backpack.dataset.options import OptimalOptions
 from kfoc_backpack.solver import SolverOptions, nearest_kronecker_terms
 from kfoc_backpack.solver.scale import finalize
@@ -133,14 +134,13 @@ class OptimalSolver:
         """One pass over the data; ``visit(num, loss, quantities)`` per batch."""
         self.passes += 1
         desc = f"[K-FOC optimal: pass {self.passes}]"
-        devices = sorted({p.device.index or 0 for p in self.params.values() if p.is_cuda})
         batches = tqdm.tqdm(self.loader, desc=desc, disable=not self.progress_bar)
         for index, batch in enumerate(batches):
             X, y = self.split(batch)
             if not self.stochastic:
                 result = self.collect(X, y)
             else:  # the same labels in every pass: a per-batch seed
-                with self.reducer.seeded(self.seed, index, devices):
+                with self.reducer.seeded(self.seed, index, self.params.values()):
                     result = self.collect(X, y)
             visit(result.num_samples, result.loss, result.quantities)
 
@@ -193,7 +193,7 @@ class OptimalSolver:
         if not self.reducer.active:
             return None
         param = self.params[name]
-        size = param[0].numel() if right else param.shape[0]
+        size = factor_shapes(param)[1 if right else 0]
         return param.new_zeros(size, size)
 
     def _combine(self, init: dict[str, Tensor]) -> None:
@@ -220,7 +220,7 @@ class OptimalSolver:
                 state.trace_sum = torch.tensor(trace, dtype=like.dtype)
         # every bucket lists the weights in the parameters' order, the same on every rank
         self.weights = {n: self.weights[n] for n in self.params if n in self.weights}
-        blocks = [self.biases.get(n, zero_factors(self.params[n])[0]) for n in bias_names]
+        blocks = [self.biases.get(n, zero_block(self.params[n])[0]) for n in bias_names]
         summed = reducer.all_reduce(blocks)
         self.biases = {n: b for n, b, c in zip(bias_names, summed, seen_biases) if c > 0}
         running = {n: s.running for n, s in self.weights.items() if s.running is not None}

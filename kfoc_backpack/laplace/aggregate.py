@@ -27,9 +27,10 @@ from kfoc_backpack.dataset import (
     OptimalOptions,
     solve_optimal,
 )
+from kfoc_backpack.dataset.blocks import zero_block
 from kfoc_backpack.dataset.distributed import Reducer, combine_blocks
 from kfoc_backpack.dataset.options import check_choice
-from kfoc_backpack.laplace.backend import KFOCKronMixin, batch_inputs, zero_block
+from kfoc_backpack.laplace.backend import KFOCKronMixin, batch_inputs
 
 Prior = dict[str, tuple[list[Tensor], int]]
 """Earlier raw blocks per parameter name with their number of inputs (online fit)."""
@@ -126,7 +127,7 @@ def fit_factors(
         blocks = [result.factors.get(name) or zero_block(p) for name, p in params.items()]
         return RawFit(result.loss, blocks, result.num_samples, result.communication)
 
-    reducer = process_group if isinstance(process_group, Reducer) else Reducer(process_group)
+    reducer = Reducer.of(process_group)
     reducer.check_same_params(params, owner)
     seed = reducer.shared_seed(None) if reducer.active and backend.stochastic else None
     accumulators = {name: BlockAccumulator(aggregation) for name in params}
@@ -140,7 +141,11 @@ def fit_factors(
     pbar.set_description("[Computing Hessian]")
     with reducer.guard("the pass over the data"):
         for index, batch in enumerate(pbar):
-            seeded = contextlib.nullcontext() if seed is None else reducer.seeded(seed, index)
+            seeded = (
+                contextlib.nullcontext()
+                if seed is None
+                else reducer.seeded(seed, index, params.values())
+            )
             with seeded:
                 batch_loss, blocks, num = backend.kfoc(*prepared(batch))
             loss = loss + batch_loss

@@ -35,6 +35,7 @@ from kfoc_backpack._compat import supported_kwargs
 from kfoc_backpack.collect.layers import LayerTerms
 from kfoc_backpack.collect.registry import trainable_layers
 from kfoc_backpack.collect.route import BatchQuantities, TermCollector
+from kfoc_backpack.dataset.blocks import zero_block
 from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, SolverOptions
 
 
@@ -69,15 +70,6 @@ def batch_inputs(batch: object, dict_key_x: str, dict_key_y: str, owner: str) ->
     raise ValueError(
         f"{owner} needs batches (X, y) or dict-like batches, got {type(batch).__name__}."
     )
-
-
-def zero_block(param: Tensor) -> list[Tensor]:
-    """Zero ``[L_out, R_in]`` (weights, ``ndim ≥ 2``) or ``[B]`` (biases) of a parameter."""
-    kw = {"dtype": param.dtype, "device": param.device}
-    if param.dim() == 1:
-        return [torch.zeros(param.numel(), param.numel(), **kw)]
-    out, fan_in = param.shape[0], param[0].numel()
-    return [torch.zeros(out, out, **kw), torch.zeros(fan_in, fan_in, **kw)]
 
 
 class KFOCKronMixin:

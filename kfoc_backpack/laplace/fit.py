@@ -29,9 +29,10 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from kfoc_backpack.dataset import OptimalOptions
+from kfoc_backpack.dataset.blocks import zero_block
 from kfoc_backpack.dataset.distributed import Reducer
 from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
-from kfoc_backpack.laplace.backend import batch_inputs, check_supported_layers, zero_block
+from kfoc_backpack.laplace.backend import batch_inputs, check_supported_layers
 
 
 def kfoc_zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) -> Kron:
