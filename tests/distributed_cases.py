@@ -7,8 +7,11 @@ shard; the test builds the same data to compute the single-process reference.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 NUM_DATA = 22
 BATCH = 4
@@ -21,11 +24,33 @@ MC_SEED = 7
 RANK_SEED_STRIDE = 1 << 32
 
 
+class ResidualNet(nn.Module):
+    """A model as users write it: a residual sum, GELU, frozen BatchNorm, dict batches."""
+
+    def __init__(self, hidden: int = 7):
+        super().__init__()
+        self.inp = nn.Linear(5, hidden)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.block = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, 3)
+        self.norm.running_mean.uniform_(-0.5, 0.5)
+        self.norm.running_var.uniform_(0.5, 2.0)
+        self.norm.requires_grad_(False)
+
+    def forward(self, batch: Mapping[str, Tensor] | Tensor) -> Tensor:
+        x = batch["input_ids"] if isinstance(batch, Mapping) else batch
+        h = F.gelu(self.inp(x))
+        h = h + F.gelu(self.block(self.norm(h)))
+        return self.out(h)
+
+
 def make_model(arch: str, hidden: int = 7) -> nn.Module:
     """The same float64 model on every rank (``hidden`` differs only in the fault case)."""
     torch.manual_seed(0)
     if arch == "mlp":
         model = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+    elif arch == "residual":
+        model = ResidualNet(hidden).eval()
     else:
         model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
     return model.double()
@@ -34,7 +59,7 @@ def make_model(arch: str, hidden: int = 7) -> nn.Module:
 def make_data(arch: str) -> tuple[Tensor, Tensor]:
     """All ``NUM_DATA`` inputs and class labels."""
     gen = torch.Generator().manual_seed(1)
-    shape = (NUM_DATA, 5) if arch == "mlp" else (NUM_DATA, 2, 6, 6)
+    shape = (NUM_DATA, 2, 6, 6) if arch == "cnn" else (NUM_DATA, 5)
     X = torch.randn(*shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (NUM_DATA,), generator=gen)
     return X, y
@@ -50,7 +75,10 @@ def shard(arch: str, rank: int, world: int) -> list[tuple[Tensor, Tensor]]:
     X, y = make_data(arch)
     sizes = SHARDS[world]
     start = sum(sizes[:rank])
-    return batches(X[start : start + sizes[rank]], y[start : start + sizes[rank]])
+    data = batches(X[start : start + sizes[rank]], y[start : start + sizes[rank]])
+    if arch == "residual":  # dict batches, as laplace-torch takes them from tokenisers
+        return [{"input_ids": X, "labels": y} for X, y in data]
+    return data
 
 
 def halves(data: list) -> tuple[list, list]:

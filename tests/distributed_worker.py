@@ -172,6 +172,7 @@ def fits(rank: int, world: int) -> dict:
         }
         for arch in ("mlp", "cnn")
     }
+    result["residual"] = {"laplace": laplace_fits("residual", rank, world)}
     result["last_layer"] = last_layer_fits(rank, world)
     result["monte_carlo"] = monte_carlo_fits(rank, world)
     result["online"] = online_fits(rank, world)
