@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 from integration import cli  # noqa: E402
 from integration.data import load_mnist  # noqa: E402
 from integration.models import lenet5  # noqa: E402
+from integration.precision import product_difference  # noqa: E402
 from kfoc_backpack import KFOCLaplace  # noqa: E402
 
 AGGREGATIONS = ("optimal", "approx", "running")
@@ -71,19 +72,6 @@ def setup(device: str) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
-
-
-def product_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Return ``‖⊗a − ⊗b‖_F / ‖⊗a‖_F`` from factor inner products (no product formed)."""
-
-    def inner(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
-        value = 1.0
-        for p, q in zip(x, y):
-            value *= float((p.double() * q.double()).sum())
-        return value
-
-    aa, bb, ab = inner(a, a), inner(b, b), inner(a, b)
-    return max(aa + bb - 2 * ab, 0.0) ** 0.5 / aa**0.5 if aa > 0 else 0.0
 
 
 def fit(model, loader, aggregation: str, group) -> tuple[KFOCLaplace, float]:
