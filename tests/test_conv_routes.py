@@ -11,7 +11,7 @@ import pytest
 import torch
 from ground_truth import optimal_relative_error, relative_error, sum_of_outer
 
-from kfoc_backpack.collect.layers import conv_terms
+from kfoc_backpack.collect.layers import conv_terms, sum_of_squares
 from kfoc_backpack.solver import SolverOptions, conv_cost, conv_routes
 from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route, route_flops
 from kfoc_backpack.solver.conv_routes import route_of
@@ -218,3 +218,32 @@ def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_expon
     assert relative_error(dense, factors.left.double(), factors.right.double()) <= best + 2e-4
     inside = abs(top_exponent) <= samples_module.SAFE_EXPONENT
     assert seen == [2.0**top_exponent if inside else 1.0]
+
+
+def test_summed_gram_map_of_one_coefficient_matches():
+    """The operator route's map ``Σ_{k,m} Q_km W Q_kmᵀ`` equals the per-sample map, summed."""
+    unfolded, _ = _layer(1, 4, 3, 2, 7, torch.float64, seed=5)
+    gram = conv_routes.PositionGram(unfolded.transpose(1, 2))
+    coef = torch.randn(3, 3, dtype=torch.float64)  # not symmetric: the map is linear in W
+    inputs = unfolded.transpose(1, 2)
+    blocks = (inputs @ inputs.reshape(-1, 7).T).view(4, 3, 4, 3).permute(0, 2, 1, 3)
+    expected = (blocks @ coef @ blocks.mT).sum((0, 1))
+    assert torch.allclose(gram.apply_summed(coef), expected)
+    assert torch.allclose(gram.apply_summed(coef), gram.apply(coef).sum(0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [0, 5, 4096, 3 * 4096 + 17])
+def test_input_trace_is_the_sum_of_squares(numel, dtype):
+    """``sum_of_squares`` (the input trace) against a float64 sum, on strided views too."""
+    gen = torch.Generator().manual_seed(numel)
+    values = torch.randn(2 * numel, generator=gen, dtype=torch.float64)
+    strided = values.to(dtype)[::2]  # every other entry: not viewable flat, copied
+    assert not strided.is_contiguous() or numel <= 1
+    expected = values[::2].square().sum().item()
+    for tensor in (strided, strided.contiguous().reshape(1, -1, 1)):
+        total = sum_of_squares(tensor)
+        assert total.dtype == dtype and total.shape == ()
+        assert total.item() == pytest.approx(expected, rel=SLACK[dtype] / 10, abs=1e-12)
+    half = sum_of_squares(strided.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16

@@ -38,6 +38,7 @@ from kfoc_backpack.collect.layers import (
     conv_terms,
     linear_terms,
     shared_terms,
+    sum_of_squares,
 )
 from kfoc_backpack.collect.loss import CURVATURES, check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.registry import describe, trainable_layers
@@ -340,7 +341,7 @@ class TermCollector:
                 flat_g = torch.cat(
                     [g.flatten(2, -2) if g.dim() > 3 else g[:, :, None] for g in grads], 2
                 )
-                trace = flat_in.square().sum() / num
+                trace = sum_of_squares(flat_in) / num
                 weight = shared_terms(flat_g, flat_in, trace, self.with_kfac)
             bias_sqrt = sum(g.flatten(2, -2).sum(2) if g.dim() > 3 else g for g in grads)
         else:

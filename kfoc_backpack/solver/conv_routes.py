@@ -247,6 +247,17 @@ class PositionGram:
             out[lo:hi] = torch.bmm(by_k, self.by_col[lo:hi])
         return out
 
+    def apply_summed(self, coef: Tensor) -> Tensor:
+        """``Σ_k V_k = Σ_{k,m} Q_{km} W Q_{km}ᵀ`` for one ``W`` ``[T, T]`` shared by all ``m``.
+
+        Two products at full GEMM speed (``K²·T³`` multiply-adds each): ``Q (I ⊗ W)``
+        over all ``(k, t, m)`` rows at once, then one batched product over ``k`` with
+        inner size ``K·T``. Holds one temporary of the Gram's size.
+        """
+        num, pos = self.num, self.pos
+        mixed = torch.mm(self.full.view(-1, pos), coef)  # [(k, t, m), s'] = (Q_km W)[t, s']
+        return torch.bmm(mixed.view(num, pos, num * pos), self.by_row.mT).sum(0)
+
 
 @dataclass(frozen=True)
 class GramConvTerms(FactoredTerms):
@@ -280,19 +291,25 @@ class GramConvTerms(FactoredTerms):
         if cols * num * pos == 0:
             return zero_solution(m, n, grads, out_dtype)
         gram = PositionGram(inputs)
-        flat_grads = [grads.reshape(-1, m)]  # a copy where grads is a transposed view
+        # G by sample and position, [K, T, J·M] (one copy): the output side of a step is
+        # two GEMMs over all rows and two batched products with inner size J·M
+        held = [grads.permute(1, 2, 0, 3).reshape(num, pos, cols * m).contiguous()]
 
         def to_coef(left: Tensor) -> Tensor:  # W_k = Σ_j G_jk L G_jkᵀ, [K, T, T]
-            return (grads @ left @ grads.mT).sum(0)
+            by_pos = held[0]
+            mixed = (by_pos.view(-1, m) @ left).view(num, pos, cols * m)  # G_jk L
+            return torch.bmm(mixed, by_pos.mT)
 
         def apply(left: Tensor) -> Tensor:  # L ↦ Σ_jk G_jkᵀ V_k G_jk
-            moved = gram.apply(to_coef(left)) @ grads  # [J, K, T, M]
-            return flat_grads[0].T @ moved.reshape(-1, m)
+            by_pos = held[0]
+            moved = torch.bmm(gram.apply(to_coef(left)), by_pos)  # V_k G_jk, [K, T, J·M]
+            return by_pos.view(-1, m).T @ moved.view(-1, m)
 
         def to_right(left: Tensor) -> Tensor:  # R = Σ_k A_kᵀ W_k A_k, formed once
+            coef = to_coef(left)
             gram.release()  # the Gram and the copy of G are done with: free them before R
-            flat_grads.clear()
-            return congruence_sum(to_coef(left), inputs)
+            held.clear()
+            return congruence_sum(coef, inputs)
 
         start = left_start(m, grads, opts, init, lambda: kfac_left(grads))
         return krylov_solve(
@@ -336,7 +353,7 @@ class OperatorConvTerms(SampleTerms):
             return congruence_sum(left, samples)
 
         def apply(left: Tensor) -> Tensor:  # Σ_ab P_ab L P_abᵀ
-            return gram.apply(left).sum(0)
+            return gram.apply_summed(left)
 
         def default() -> Tensor:  # Σ_a X_a X_aᵀ: one half-step from R = I
             return torch.diagonal(gram.full.view(num, m, num, m), dim1=0, dim2=2).sum(-1)
