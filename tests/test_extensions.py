@@ -242,6 +242,38 @@ def test_terms_extension_matches_dense_and_kfac():
             torch.testing.assert_close(value.kfac[1], kflr[name][1])
 
 
+@pytest.mark.parametrize("classes", [2, 3, 5])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_cross_entropy_backpropagates_classes_minus_one_columns(classes, reduction):
+    """Cross-entropy's exact GGN starts with ``C − 1`` columns, BackPACK's with ``C``.
+
+    The per-sample blocks (dense GGN from ``torch.func``), BackPACK's ``KFLR`` factors and
+    the hook route's terms are unchanged; ``MSELoss`` keeps one column per output.
+    """
+    model, lossfunc, inputs, targets = problem(
+        cnn, nn.CrossEntropyLoss, reduction, batch=3, out=classes
+    )
+    sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
+    terms = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCTerms(exact=True))
+    kflr = run(copy.deepcopy(model), lossfunc, inputs, targets, KFLR())
+    head = terms["7.weight"].terms
+    assert isinstance(head, OuterTerms) and head.sqrt_out.shape[:2] == (3, classes - 1)
+    for name, value in terms.items():
+        if name.endswith("weight"):
+            torch.testing.assert_close(value.terms.dense(), dense_ggn_block(sqrt[name]))
+            if name == "7.weight":  # Linear: K-FAC's factors of the C − 1 columns are KFLR's
+                torch.testing.assert_close(value.kfac[0], kflr[name][0])
+                torch.testing.assert_close(value.kfac[1], kflr[name][1])
+        else:
+            torch.testing.assert_close(value[0], dense_ggn_block(sqrt[name]))
+    hooked = TermCollector(copy.deepcopy(model), lossfunc)(inputs, targets).quantities
+    assert hooked["7.weight"].terms.sqrt_out.shape[:2] == (3, classes - 1)
+    torch.testing.assert_close(hooked["7.weight"].terms.dense(), head.dense())
+    mse = problem(cnn, nn.MSELoss, reduction, batch=3, out=classes)
+    head_mse = run(*mse, KFOCTerms(exact=True))["7.weight"].terms
+    assert head_mse.sqrt_out.shape[:2] == (3, classes)
+
+
 # ------------------------------------------------------------------------ bad input
 
 

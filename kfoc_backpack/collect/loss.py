@@ -139,11 +139,8 @@ def _cross_entropy(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -
 def _cross_entropy_sqrt(probs: Tensor) -> Tensor:
     """``C − 1`` vectors ``s_c`` per row with ``Σ_c s_c s_cᵀ = diag(p) − ppᵀ``.
 
-    The columns ``√p_c (e_c − p)`` of ``S = diag(√p) − p√pᵀ`` span at most ``C − 1``
-    dimensions: ``S √p = 0``. The Householder reflection ``H`` with ``H √p = e_C``
-    rotates that null direction into the last column, ``(S H) e_C = S √p = 0``, so the
-    first ``C − 1`` columns of ``S H`` carry the whole Hessian (``S H Hᵀ Sᵀ = S Sᵀ``):
-    one backward vector fewer per output row (half of them for binary problems).
+    The columns ``√p_c (e_c − p)`` of ``S = diag(√p) − p√pᵀ``, less their null direction
+    (:func:`drop_null_direction`).
 
     Args:
         probs: ``[..., C]`` softmax probabilities.
@@ -156,6 +153,27 @@ def _cross_entropy_sqrt(probs: Tensor) -> Tensor:
     cols = root.unsqueeze(-1) * (
         torch.eye(classes, dtype=probs.dtype, device=probs.device) - probs.unsqueeze(-2)
     )
+    return drop_null_direction(cols, root)
+
+
+def drop_null_direction(cols: Tensor, root: Tensor) -> Tensor:
+    """Cross-entropy's ``C`` Hessian-root vectors per row as ``C − 1`` with the same sum.
+
+    The vectors ``s_v = √p_v (e_v − p)`` (rows of ``cols``; BackPACK's ``sqrt_hessian``
+    has the same, scaled by the reduction) satisfy ``Σ_v √p_v s_v = 0``: they span at most
+    ``C − 1`` dimensions. The Householder reflection ``H`` with ``H √p = e_C`` mixes them
+    orthogonally (``Σ_v s_v s_vᵀ`` unchanged) so that the last mixed vector is
+    ``Σ_v √p_v s_v = 0``; the first ``C − 1`` carry the whole Hessian: one backward vector
+    fewer per output row (half of them for binary problems), and every per-sample block
+    ``Σ_v x_v x_vᵀ`` of the exact GGN is unchanged.
+
+    Args:
+        cols: ``[..., C, C]`` the vectors ``s_v`` as rows (any common scale).
+        root: ``[..., C]`` square roots ``√p`` of the softmax probabilities.
+
+    Returns:
+        ``[..., C − 1, C]``: the mixed vectors, one per row.
+    """
     last = torch.zeros_like(root)
     last[..., -1] = 1
     direction = root - last

@@ -1,7 +1,8 @@
 """Which BackPACK ``SqrtGGN`` module extensions K-FOC backpropagates through.
 
-The one place that names BackPACK's module-extension classes, so a BackPACK release
-that renames one breaks here, loudly, and nowhere else.
+The one place that names BackPACK's module-extension classes (besides
+:mod:`~kfoc_backpack.extensions.crossentropy`, which subclasses the cross-entropy one),
+so a BackPACK release that renames one breaks here, loudly, and nowhere else.
 """
 
 from __future__ import annotations
@@ -28,16 +29,21 @@ from backpack.extensions.secondorder.sqrt_ggn import (
 )
 from torch import nn
 
+from kfoc_backpack.extensions.crossentropy import KFOCCrossEntropyLoss
+
 
 def sqrt_ggn_module_extensions() -> dict[type[nn.Module], MatToJacMat]:
     """Parameter-free layers and losses: BackPACK's ``SqrtGGN`` extensions as they are.
+
+    Except cross-entropy: :class:`~kfoc_backpack.extensions.crossentropy.KFOCCrossEntropyLoss`
+    starts the exact GGN with ``C − 1`` columns instead of ``C``.
 
     Returns:
         Map from layer class to a fresh module extension instance.
     """
     return {
         nn.MSELoss: losses.SqrtGGNMSELoss(),
-        nn.CrossEntropyLoss: losses.SqrtGGNCrossEntropyLoss(),
+        nn.CrossEntropyLoss: KFOCCrossEntropyLoss(),
         nn.BCEWithLogitsLoss: losses.SqrtGGNBCEWithLogithsLoss(),
         nn.MaxPool1d: pooling.SqrtGGNMaxPool1d(),
         nn.MaxPool2d: pooling.SqrtGGNMaxPool2d(),
