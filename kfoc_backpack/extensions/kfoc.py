@@ -213,9 +213,10 @@ class KFOCExact(KFOCBase):
     """K-FOC of the exact GGN, savefield ``kfoc_exact`` (counterpart of ``KFLR``).
 
     Uses the exact loss-Hessian square root (``C`` columns per input for ``C``
-    classes or outputs) and stores the Frobenius-optimal ``L_out ⊗ R_in`` of the GGN
-    block in ``weight.kfoc_exact`` and the exact bias block ``[B]`` in
-    ``bias.kfoc_exact``.
+    outputs; ``C − 1`` for ``C``-class cross-entropy on ``[N, C]`` outputs, whose
+    Hessian has rank ``C − 1``: :mod:`~kfoc_backpack.extensions.crossentropy`) and
+    stores the Frobenius-optimal ``L_out ⊗ R_in`` of the GGN block in
+    ``weight.kfoc_exact`` and the exact bias block ``[B]`` in ``bias.kfoc_exact``.
 
     Args:
         tol: Solver stopping precision (paper default ``1e-5``).
