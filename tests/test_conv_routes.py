@@ -11,6 +11,7 @@ import pytest
 import torch
 from ground_truth import optimal_relative_error, relative_error, sum_of_outer
 
+from kfoc_backpack.collect import layers
 from kfoc_backpack.collect.layers import conv_terms, sum_of_squares
 from kfoc_backpack.solver import SolverOptions, conv_cost, conv_routes
 from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route, route_flops
@@ -234,8 +235,9 @@ def test_summed_gram_map_of_one_coefficient_matches():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numel", [0, 5, 4096, 3 * 4096 + 17])
-def test_input_trace_is_the_sum_of_squares(numel, dtype):
+def test_input_trace_is_the_sum_of_squares(numel, dtype, monkeypatch):
     """``sum_of_squares`` (the input trace) against a float64 sum, on strided views too."""
+    monkeypatch.setattr(layers, "SQUARES_MIN", 0)  # the batched-dot path at any size
     gen = torch.Generator().manual_seed(numel)
     values = torch.randn(2 * numel, generator=gen, dtype=torch.float64)
     strided = values.to(dtype)[::2]  # every other entry: not viewable flat, copied

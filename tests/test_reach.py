@@ -543,3 +543,28 @@ def test_model_returning_a_tuple_is_named():
     X, y = data("mlp")
     with pytest.raises(TypeError, match="must return a tensor"):
         TermCollector(Pair().to(DTYPE), nn.CrossEntropyLoss())(X, y)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_null_direction_is_dropped_whatever_the_probabilities(classes):
+    """``C − 1`` mixed vectors keep ``Σ s sᵀ = diag(p) − ppᵀ``: uniform, one-hot, random."""
+    from kfoc_backpack.collect.loss import drop_null_direction
+
+    gen = torch.Generator().manual_seed(classes)
+    eye = torch.eye(classes, dtype=DTYPE)
+    probs = torch.stack(
+        [
+            torch.full((classes,), 1.0 / classes, dtype=DTYPE),
+            eye[0],  # the pivot class certain
+            eye[-1],
+            (torch.randn(classes, generator=gen, dtype=DTYPE) * 30).softmax(-1),  # saturated
+            torch.rand(classes, generator=gen, dtype=DTYPE).softmax(-1),
+        ]
+    )
+    root = probs.sqrt()
+    cols = root.unsqueeze(-1) * (eye - probs.unsqueeze(-2))  # rows s_v = √p_v (e_v − p)
+    mixed = drop_null_direction(cols.movedim(-2, 0), root).movedim(0, -2)
+    assert mixed.shape == (5, classes - 1, classes)
+    hessian = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+    torch.testing.assert_close(mixed.mT @ mixed, hessian, rtol=0, atol=1e-14)
+    assert torch.isfinite(mixed).all()

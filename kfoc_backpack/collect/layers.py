@@ -100,6 +100,10 @@ def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Ten
 SQUARES_ROW = 4096
 """Length of the rows whose squares :func:`sum_of_squares` sums by one batched dot each."""
 
+SQUARES_MIN = 1 << 22
+"""Below this many entries :func:`sum_of_squares` is ``square().sum()`` (two operations:
+small layers are bound by dispatched operations, not by the copy)."""
+
 
 def sum_of_squares(tensor: Tensor) -> Tensor:
     """``Σ x²`` over all entries of ``tensor`` (a 0-d tensor), without a squared copy.
@@ -112,12 +116,13 @@ def sum_of_squares(tensor: Tensor) -> Tensor:
 
     Args:
         tensor: Floating tensor (a copy is made only if it cannot be viewed flat; half
-            precisions take ``square().sum()``).
+            precisions and tensors below :data:`SQUARES_MIN` entries take
+            ``square().sum()``).
 
     Returns:
         The sum of squares, in ``tensor``'s dtype.
     """
-    if tensor.dtype not in (torch.float32, torch.float64):
+    if tensor.numel() < SQUARES_MIN or tensor.dtype not in (torch.float32, torch.float64):
         return tensor.square().sum()
     flat = tensor.reshape(-1)
     body = flat.numel() - flat.numel() % SQUARES_ROW

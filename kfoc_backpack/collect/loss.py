@@ -122,9 +122,9 @@ def _cross_entropy(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -
     probs = rows.softmax(-1)
     if curvature == "ggn":
         num, num_rows, _ = rows.shape
-        cols = _cross_entropy_sqrt(probs)  # [N, R, C − 1, C]
+        cols = _cross_entropy_sqrt(probs)  # [C − 1, N, R, C]
         row_eye = torch.eye(num_rows, dtype=f.dtype, device=f.device)
-        vecs = torch.einsum("nrcd,rs->rcnsd", cols, row_eye)  # [R, C − 1, N, R, C]
+        vecs = torch.einsum("cnrd,rs->rcnsd", cols, row_eye)  # [R, C − 1, N, R, C]
         return vecs.reshape(num_rows * (classes - 1), *f.shape)
     if curvature == "mc":
         flat = probs.reshape(-1, classes)
@@ -146,43 +146,39 @@ def _cross_entropy_sqrt(probs: Tensor) -> Tensor:
         probs: ``[..., C]`` softmax probabilities.
 
     Returns:
-        ``[..., C − 1, C]``: the vectors, one per row of the second-to-last dimension.
+        ``[C − 1, ..., C]``: the vectors, first dimension.
     """
     classes = probs.shape[-1]
     root = probs.sqrt()
-    cols = root.unsqueeze(-1) * (
-        torch.eye(classes, dtype=probs.dtype, device=probs.device) - probs.unsqueeze(-2)
-    )
-    return drop_null_direction(cols, root)
+    eye = torch.eye(classes, dtype=probs.dtype, device=probs.device)
+    cols = root.unsqueeze(-1) * (eye - probs.unsqueeze(-2))  # [..., C (vectors), C]
+    return drop_null_direction(cols.movedim(-2, 0), root)
 
 
 def drop_null_direction(cols: Tensor, root: Tensor) -> Tensor:
     """Cross-entropy's ``C`` Hessian-root vectors per row as ``C − 1`` with the same sum.
 
-    The vectors ``s_v = √p_v (e_v − p)`` (rows of ``cols``; BackPACK's ``sqrt_hessian``
-    has the same, scaled by the reduction) satisfy ``Σ_v √p_v s_v = 0``: they span at most
-    ``C − 1`` dimensions. The Householder reflection ``H`` with ``H √p = e_C`` mixes them
-    orthogonally (``Σ_v s_v s_vᵀ`` unchanged) so that the last mixed vector is
-    ``Σ_v √p_v s_v = 0``; the first ``C − 1`` carry the whole Hessian: one backward vector
-    fewer per output row (half of them for binary problems), and every per-sample block
-    ``Σ_v x_v x_vᵀ`` of the exact GGN is unchanged.
+    The vectors ``s_v = √p_v (e_v − p)`` (BackPACK's ``sqrt_hessian`` has the same,
+    scaled by the reduction) satisfy ``Σ_v √p_v s_v = p (1 − Σ_v p_v) = 0``: they span at
+    most ``C − 1`` dimensions. The Householder reflection ``H = I − w wᵀ/(1 + √p_1)``,
+    ``w = √p + e_1``, maps ``√p`` to ``−e_1`` and mixes the vectors orthogonally
+    (``Σ_v s_v s_vᵀ`` unchanged), so that the first mixed vector is ``−Σ_v √p_v s_v = 0``
+    and the other ``C − 1``, ``s_v − √p_v s_1 / (1 + √p_1)``, carry the whole Hessian:
+    one backward vector fewer per output row (half of them for binary problems), and
+    every per-sample block ``Σ_v x_v x_vᵀ`` of the exact GGN is unchanged. The term
+    ``Σ_u √p_u s_u`` of ``wᵀS`` is zero up to the round-off of ``Σ p = 1`` and left out;
+    ``1 + √p_1 ≥ 1``, so no probabilities need care.
 
     Args:
-        cols: ``[..., C, C]`` the vectors ``s_v`` as rows (any common scale).
+        cols: ``[C, ..., C]`` the vectors ``s_v`` along the first dimension (any common
+            scale).
         root: ``[..., C]`` square roots ``√p`` of the softmax probabilities.
 
     Returns:
-        ``[..., C − 1, C]``: the mixed vectors, one per row.
+        ``[C − 1, ..., C]``: the mixed vectors ``v = 2 … C``.
     """
-    last = torch.zeros_like(root)
-    last[..., -1] = 1
-    direction = root - last
-    norm = torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
-    # where √p is (numerically) e_C, S's last column is already zero: no reflection needed
-    unit = torch.where(norm > 1e-12, direction / norm.clamp_min(1e-30), torch.zeros_like(direction))
-    # row j of H·cols is column j of S·H: cols_j − 2 u_j Σ_c u_c cols_c
-    reflected = cols - 2 * unit.unsqueeze(-1) * (unit.unsqueeze(-2) @ cols)
-    return reflected[..., :-1, :]
+    coef = cols[0] / (1 + root[..., :1])  # wᵀS / (1 + √p_1), [..., C]
+    return cols[1:] - root[..., 1:].movedim(-1, 0).unsqueeze(-1) * coef
 
 
 def _mse(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:

@@ -42,4 +42,4 @@ class KFOCCrossEntropyLoss(SqrtGGNCrossEntropyLoss):
         ):
             return sqrt
         root = module.input0.detach().to(sqrt.dtype).softmax(1).sqrt()  # [N, C]
-        return drop_null_direction(sqrt.movedim(0, 1), root).movedim(1, 0).contiguous()
+        return drop_null_direction(sqrt, root)
