@@ -154,6 +154,19 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def working_tensors(
+    options: SolverOptions | None, *tensors: Tensor
+) -> tuple[SolverOptions, torch.dtype, list[Tensor]]:
+    """``(options, dtype of the result, tensors in the working dtype)`` of a solve.
+
+    The result dtype is the first tensor's; every tensor is moved to its
+    :func:`working_dtype`; ``None`` options are the defaults (:func:`resolve_options`).
+    """
+    out_dtype = tensors[0].dtype
+    work = working_dtype(out_dtype)
+    return resolve_options(options), out_dtype, [t.to(work) for t in tensors]
+
+
 def unit(tensor: Tensor) -> Tensor:
     """Return ``tensor / ‖tensor‖`` (Euclidean/Frobenius norm; zero stays zero)."""
     return tensor / torch.linalg.vector_norm(tensor).clamp_min(torch.finfo(tensor.dtype).tiny)

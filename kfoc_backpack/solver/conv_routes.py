@@ -43,8 +43,7 @@ from kfoc_backpack.solver._common import (
     SolverOptions,
     launch_bound,
     left_start,
-    resolve_options,
-    working_dtype,
+    working_tensors,
     zero_solution,
 )
 from kfoc_backpack.solver.conv_cost import is_tiny
@@ -102,15 +101,6 @@ def krylov_solve(
     )
 
 
-def _working(
-    options: SolverOptions | None, *tensors: Tensor
-) -> tuple[SolverOptions, torch.dtype, list[Tensor]]:
-    """``(options, dtype of the result, tensors in the working dtype)`` of a route's solve."""
-    out_dtype = tensors[0].dtype
-    work = working_dtype(out_dtype)
-    return resolve_options(options), out_dtype, [t.to(work) for t in tensors]
-
-
 @dataclass(frozen=True)
 class FormedConvTerms(SampleTerms):
     """:class:`~kfoc_backpack.solver.SampleTerms` solved by Lanczos (route ``formed``).
@@ -136,7 +126,7 @@ class FormedConvTerms(SampleTerms):
             return super().solve(options, init, right_trace)
         if is_tiny(*self.samples.shape):
             return nearest_kronecker_samples_scaled(self.samples, options, init, right_trace)
-        opts, out_dtype, (samples,) = _working(options, self.samples)
+        opts, out_dtype, (samples,) = working_tensors(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
             return zero_solution(m, n, samples, out_dtype)
@@ -182,7 +172,7 @@ class FactoredConvTerms(FactoredTerms):
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors by Lanczos on the factored half-steps."""
-        opts, out_dtype, tensors = _working(options, self.grads, self.inputs)
+        opts, out_dtype, tensors = working_tensors(options, self.grads, self.inputs)
         terms = FactoredTerms(*tensors)
         m, n = terms.shape
         if terms.num_terms == 0 or terms.grads.shape[2] == 0:
@@ -285,7 +275,7 @@ class GramConvTerms(FactoredTerms):
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors: Lanczos in the coefficient space of the position Gram."""
-        opts, out_dtype, (grads, inputs) = _working(options, self.grads, self.inputs)
+        opts, out_dtype, (grads, inputs) = working_tensors(options, self.grads, self.inputs)
         cols, num, pos, m = grads.shape
         n = inputs.shape[-1]
         if cols * num * pos == 0:
@@ -342,7 +332,7 @@ class OperatorConvTerms(SampleTerms):
         right_trace: Tensor | float | None = None,
     ) -> KroneckerFactors:
         """Optimal factors: Lanczos through the ``P_{ab}`` blocks."""
-        opts, out_dtype, (samples,) = _working(options, self.samples)
+        opts, out_dtype, (samples,) = working_tensors(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
             return zero_solution(m, n, samples, out_dtype)

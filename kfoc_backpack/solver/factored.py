@@ -32,8 +32,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     left_start,
-    resolve_options,
-    working_dtype,
+    working_tensors,
     zero_solution,
 )
 from kfoc_backpack.solver.error import _finish
@@ -186,15 +185,15 @@ def nearest_kronecker_factored(
     Returns:
         The optimal factors (conventions of the solver package).
     """
-    opts = resolve_options(options)
-    out_dtype = terms.grads.dtype
-    work = working_dtype(out_dtype)
-    terms = FactoredTerms(terms.grads.to(work), terms.inputs.to(work))
+    opts, out_dtype, tensors = working_tensors(options, terms.grads, terms.inputs)
+    terms = FactoredTerms(*tensors)
     m, n = terms.shape
     like = terms.grads
     if terms.num_terms == 0:
         return zero_solution(m, n, like, out_dtype)
-    start = left_start(m, like, opts, init, lambda: torch.eye(m, dtype=work, device=like.device))
+    start = left_start(
+        m, like, opts, init, lambda: torch.eye(m, dtype=like.dtype, device=like.device)
+    )
     left, right, iters, converged = factor_power_iteration(
         terms.to_right,
         terms.to_left,

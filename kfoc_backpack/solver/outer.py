@@ -26,8 +26,8 @@ from kfoc_backpack.solver._common import (
     launch_bound,
     random_coefficients,
     random_matrix,
-    resolve_options,
-    working_dtype,
+    working_tensors,
+    zero_solution,
 )
 from kfoc_backpack.solver.power import factor_power_iteration, outer_half_steps
 
@@ -153,21 +153,17 @@ def nearest_kronecker_outer(
             "nearest_kronecker_outer expects sqrt_out [K, J, M] (or [K, M]) and inputs "
             f"[K, N], got {tuple(sqrt_out.shape)} and {tuple(inputs.shape)}."
         )
-    opts = resolve_options(options)
-    out_dtype = sqrt_out.dtype
-    dtype = working_dtype(out_dtype)
-    sqrt_out, inputs = sqrt_out.to(dtype), inputs.to(dtype)
+    opts, out_dtype, (sqrt_out, inputs) = working_tensors(options, sqrt_out, inputs)
     num, cols, m = sqrt_out.shape
     n = inputs.shape[1]
     if num == 0:
-        zeros = sqrt_out.new_zeros(m, m).to(out_dtype), inputs.new_zeros(n, n).to(out_dtype)
-        return KroneckerFactors(*zeros, 0, True)
+        return zero_solution(m, n, sqrt_out, out_dtype)
     if method not in ("auto", "gram", "power"):
         raise ValueError(f"Unknown method {method!r}; use 'auto', 'gram' or 'power'.")
     if method == "auto":
         cheaper = outer_power_is_cheaper(num, cols, m, n, launch_bound(inputs.device))
         method = "power" if cheaper else "gram"
-    init = None if init is None else init.to(dtype)
+    init = None if init is None else init.to(sqrt_out.dtype)
     solve = _outer_factors if method == "power" else _outer_coefficients
     return solve(sqrt_out, inputs, opts, init, right_trace, out_dtype)
 

@@ -24,8 +24,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     left_start,
-    resolve_options,
-    working_dtype,
+    working_tensors,
     zero_solution,
 )
 from kfoc_backpack.solver.power import factor_power_iteration, output_major, samples_half_steps
@@ -65,9 +64,7 @@ def nearest_kronecker_samples(
     """
     if samples.dim() != 3:
         raise ValueError(f"samples must have shape [K, M, N], got {tuple(samples.shape)}.")
-    opts = resolve_options(options)
-    out_dtype = samples.dtype
-    samples = samples.to(working_dtype(out_dtype))
+    opts, out_dtype, (samples,) = working_tensors(options, samples)
     num, m, n = samples.shape
     if num == 0:
         return zero_solution(m, n, samples, out_dtype)

@@ -23,8 +23,8 @@ from kfoc_backpack.solver._common import (
     SolverOptions,
     random_coefficients,
     random_matrix,
-    resolve_options,
-    working_dtype,
+    working_tensors,
+    zero_solution,
 )
 from kfoc_backpack.solver.gram import top_eigvec_2x2
 from kfoc_backpack.solver.power import factor_power_iteration, terms_to_left, terms_to_right
@@ -86,15 +86,11 @@ def nearest_kronecker_sum(
         raise ValueError(
             f"Unknown method {method!r}; use 'auto', 'closed_form', 'gram' or 'power'."
         )
-    opts = resolve_options(options)
-    out_dtype = left_terms.dtype
-    dtype = working_dtype(out_dtype)
+    opts, out_dtype, (left_terms, right_terms) = working_tensors(options, left_terms, right_terms)
+    dtype = left_terms.dtype
     m, n = left_terms.shape[-1], right_terms.shape[-1]
     if num == 0:
-        zeros = left_terms.new_zeros(m, m), right_terms.new_zeros(n, n)
-        return KroneckerFactors(*zeros, 0, True)
-    left_terms = left_terms.to(dtype)
-    right_terms = right_terms.to(dtype)
+        return zero_solution(m, n, left_terms, out_dtype)
     if weights is not None:
         if weights.shape != (num,):
             raise ValueError(f"weights must have shape [{num}], got {tuple(weights.shape)}.")
