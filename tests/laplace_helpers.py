@@ -111,6 +111,63 @@ def dense_ggn_blocks(model: nn.Module, X: Tensor, likelihood: str) -> dict[str, 
     return blocks
 
 
+def dense_blocks(model, X, y, likelihood, curvature, draws=None) -> dict[str, torch.Tensor]:
+    """Dense curvature blocks in laplace-torch's scaling (``factor`` included).
+
+    ``draws``: the Monte-Carlo draws (sampled labels, or standard normal noise for
+    regression) for ``curvature="mc"``.
+    """
+    ref = copy.deepcopy(model).eval()
+    params = {k: v.detach() for k, v in ref.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in ref.named_buffers()}
+
+    def forward(p):
+        return torch.func.functional_call(ref, (p, buffers), (X,))
+
+    jac = torch.func.jacrev(forward)(params)
+    f = forward(params).detach()
+    if curvature == "ggn":
+        if likelihood == "regression":
+            hess = torch.eye(f.shape[1], dtype=f.dtype).expand(f.shape[0], -1, -1)
+        else:
+            p = f.softmax(-1)
+            hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    else:
+        if curvature == "ef":  # gradient of the per-sample loss at the true label
+            if likelihood == "regression":
+                vec = 2 * (f - y)
+            else:
+                vec = f.softmax(-1) - nn.functional.one_hot(y, f.shape[1]).to(f.dtype)
+        elif likelihood == "regression":  # ŷ ~ N(f, 1/2): ∇ = −√2 ε
+            vec = -(2**0.5) * draws
+        else:
+            vec = f.softmax(-1) - nn.functional.one_hot(draws, f.shape[1]).to(f.dtype)
+        factor = 0.5 if likelihood == "regression" else 1.0
+        hess = factor * vec[:, :, None] * vec[:, None, :]
+    return {
+        name: torch.einsum("ncp,ncd,ndq->pq", J.flatten(2), hess, J.flatten(2))
+        for name, J in jac.items()
+    }
+
+
+def assert_optimal(blocks, params, kfacs, tol=1e-6):
+    for (name, param), factors in zip(params, kfacs):
+        block = blocks[name]
+        if param.dim() == 1:
+            torch.testing.assert_close(factors[0], block, rtol=1e-8, atol=1e-11)
+            continue
+        best = optimal_error(block, param.shape[0], param[0].numel())
+        assert rel_error(block, *factors) == pytest.approx(best, abs=tol), name
+
+
+def mc_draws(f, likelihood, seed):
+    """Re-draw the route's Monte-Carlo labels/noise (torch's global generator)."""
+    torch.manual_seed(seed)
+    if likelihood == "regression":
+        return torch.randn(1, *f.shape, dtype=f.dtype)[0]
+    return torch.multinomial(f.softmax(-1), 1, replacement=True).T[0]
+
+
 def rel_error(block: Tensor, left: Tensor, right: Tensor) -> float:
     """``‖F − L ⊗ R‖_F / ‖F‖_F``."""
     return ((block - torch.kron(left, right)).norm() / block.norm()).item()

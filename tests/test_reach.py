@@ -15,7 +15,10 @@ import torch
 from laplace import Laplace
 from laplace.curvature import AsdlEF, BackPackEF, CurvlinopsEF
 from laplace_helpers import (
+    assert_optimal,
+    dense_blocks,
     make_problem,
+    mc_draws,
     optimal_error,
     rel_error,
     single_thread,  # noqa: F401 (autouse fixture)
@@ -25,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kfoc_backpack import KFOCBackend, KFOCEFBackend, KFOCExact
+from kfoc_backpack.collect.batch_layout import BatchLayout
 from kfoc_backpack.collect.route import TermCollector
 from kfoc_backpack.solver import FactoredTerms, SolverOptions
 
@@ -67,68 +71,6 @@ def loader(name: str, X, y, sizes=BATCHES):
 
 def finite(out) -> bool:
     return all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
-
-
-# --------------------------------------------------------------------------------------
-# Dense ground truth (torch.func on an untouched copy)
-# --------------------------------------------------------------------------------------
-
-
-def dense_blocks(model, X, y, likelihood, curvature, draws=None) -> dict[str, torch.Tensor]:
-    """Dense curvature blocks in laplace-torch's scaling (``factor`` included).
-
-    ``draws``: the Monte-Carlo draws (sampled labels, or standard normal noise for
-    regression) for ``curvature="mc"``.
-    """
-    ref = copy.deepcopy(model).eval()
-    params = {k: v.detach() for k, v in ref.named_parameters() if v.requires_grad}
-    buffers = {k: v.detach() for k, v in ref.named_buffers()}
-
-    def forward(p):
-        return torch.func.functional_call(ref, (p, buffers), (X,))
-
-    jac = torch.func.jacrev(forward)(params)
-    f = forward(params).detach()
-    if curvature == "ggn":
-        if likelihood == "regression":
-            hess = torch.eye(f.shape[1], dtype=f.dtype).expand(f.shape[0], -1, -1)
-        else:
-            p = f.softmax(-1)
-            hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    else:
-        if curvature == "ef":  # gradient of the per-sample loss at the true label
-            if likelihood == "regression":
-                vec = 2 * (f - y)
-            else:
-                vec = f.softmax(-1) - nn.functional.one_hot(y, f.shape[1]).to(f.dtype)
-        elif likelihood == "regression":  # ŷ ~ N(f, 1/2): ∇ = −√2 ε
-            vec = -(2**0.5) * draws
-        else:
-            vec = f.softmax(-1) - nn.functional.one_hot(draws, f.shape[1]).to(f.dtype)
-        factor = 0.5 if likelihood == "regression" else 1.0
-        hess = factor * vec[:, :, None] * vec[:, None, :]
-    return {
-        name: torch.einsum("ncp,ncd,ndq->pq", J.flatten(2), hess, J.flatten(2))
-        for name, J in jac.items()
-    }
-
-
-def assert_optimal(blocks, params, kfacs, tol=1e-6):
-    for (name, param), factors in zip(params, kfacs):
-        block = blocks[name]
-        if param.dim() == 1:
-            torch.testing.assert_close(factors[0], block, rtol=1e-8, atol=1e-11)
-            continue
-        best = optimal_error(block, param.shape[0], param[0].numel())
-        assert rel_error(block, *factors) == pytest.approx(best, abs=tol), name
-
-
-def mc_draws(f, likelihood, seed):
-    """Re-draw the route's Monte-Carlo labels/noise (torch's global generator)."""
-    torch.manual_seed(seed)
-    if likelihood == "regression":
-        return torch.randn(1, *f.shape, dtype=f.dtype)[0]
-    return torch.multinomial(f.softmax(-1), 1, replacement=True).T[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -394,8 +336,8 @@ def test_dict_model_last_layer_and_batch_dim():
     collect = TermCollector(seq_first, nn.CrossEntropyLoss(reduction="sum"))
     Xs, ys = data("transformer")
     collect(Xs[:5], ys[:5])  # T = N = 5: only the probe can tell the batch dimension
-    assert collect._batch_dims["block.linear1"] == 1
-    assert collect._batch_dims["embed"] == 0
+    assert collect._layouts["block.linear1"] == BatchLayout(dim=1)
+    assert collect._layouts["embed"] == BatchLayout(dim=0)
 
 
 # --------------------------------------------------------------------------------------

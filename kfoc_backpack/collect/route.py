@@ -14,7 +14,9 @@ delivers ``g`` at every layer at once. Nothing of size ``N·out·in`` is formed 
 Requirements, each checked with an error that names the layer: inputs are
 independent samples (BatchNorm in eval mode, as laplace-torch's ``fit`` sets), every
 layer sees the batch in dimension 0 (or 1, e.g. ``TransformerEncoderLayer`` with
-``batch_first=False``), and a supported layer's parameters are used through its own
+``batch_first=False``), or folded into dimension 0 with ``k`` rows per input (a reward
+model's preference pairs, :mod:`kfoc_backpack.collect.batch_layout`), and a supported
+layer's parameters are used through its own
 ``forward`` (``nn.MultiheadAttention`` uses its ``out_proj`` weight directly: freeze
 it).
 
@@ -32,6 +34,7 @@ from backpack.utils.conv import unfold_input
 from torch import Tensor
 from torch.nn import Linear, Module, Parameter
 
+from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
 from kfoc_backpack.collect.layers import (
     LayerTerms,
     bias_block,
@@ -133,7 +136,7 @@ class TermCollector:
         self.forward = model if forward is None else forward
         self.layers = trainable_layers(model, owner, last_layer_hint=last_layer_hint)
         self.param_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-        self._batch_dims: dict[str, int] = {}
+        self._layouts: dict[str, BatchLayout] = {}
         self._clone: set[str] = set()
         self._checked = False
         self._batched_backward = True
@@ -295,29 +298,32 @@ class TermCollector:
             output, [o for _, o in outs], probe, retain_graph=True, allow_unused=True
         )
         for (name, out), grad in zip(outs, grads):
-            self._batch_dims[name] = self._batch_dim(name, out, grad, num)
+            self._layouts[name] = self._layout(name, out, grad, num)
         self._checked = True
 
-    def _batch_dim(self, name: str, out: Tensor, grad: Tensor | None, num: int) -> int:
-        """Dimension of ``out`` that indexes the inputs (sample 0's gradient stays in it)."""
-        candidates = [d for d in (0, 1) if d < out.dim() - 1 and out.shape[d] == num]
-        if not isinstance(self.layers[name], Linear):
-            candidates = [0] if out.shape[0] == num else []
+    def _layout(self, name: str, out: Tensor, grad: Tensor | None, num: int) -> BatchLayout:
+        """Where ``out`` keeps the inputs (sample 0's gradient stays in its rows)."""
         where = describe(name, self.layers[name])
-        if not candidates:
-            raise NotImplementedError(
-                f"{self.owner}: the output {tuple(out.shape)} of {where} has no dimension 0 or "
-                f"1 of the batch size {num}: K-FOC needs each input's activations separate."
+        try:
+            layout = detect_layout(
+                tuple(out.shape),
+                num,
+                grad,
+                any_dim=isinstance(self.layers[name], Linear),
+                default=self._layouts.get(name, PLAIN),
             )
-        if grad is None or not bool(grad.ne(0).any()):
-            return self._batch_dims.get(name, candidates[0])
-        clean = [d for d in candidates if not bool(grad.narrow(d, 1, num - 1).ne(0).any())]
-        if not clean:
+        except ValueError:
             raise NotImplementedError(
                 f"{self.owner}: the output of input 0 depends on other inputs' activations at "
                 f"{where}; K-FOC needs independent inputs (put BatchNorm in eval mode)."
+            ) from None
+        if layout is None:
+            raise NotImplementedError(
+                f"{self.owner}: the output {tuple(out.shape)} of {where} has no dimension 0 or "
+                f"1 of the batch size {num}, nor a dimension 0 that is a multiple of it: "
+                "K-FOC needs each input's activations separate."
             )
-        return clean[0]
+        return layout
 
     def _layer_quantities(
         self,
@@ -328,10 +334,10 @@ class TermCollector:
         num: int,
         quantities: dict[str, Quantity],
     ) -> None:
-        dim = self._batch_dims.get(name, 0)
-        inputs = [x.movedim(dim, 0) for x in record.inputs]
-        grads = [g.movedim(dim + 1, 1) for g in grads]  # [M, N, ...]
+        layout = self._layouts.get(name, PLAIN)
         if isinstance(module, Linear):
+            inputs = [layout.split(x) for x in record.inputs]  # [N, (k,) ..., I]
+            grads = [layout.split(g, lead=1) for g in grads]  # [M, N, (k,) ..., O]
             if len(inputs) == 1:
                 weight = linear_terms(inputs[0], grads[0], self.with_kfac)
             else:  # a layer called several times: its calls are positions of one weight
@@ -345,8 +351,12 @@ class TermCollector:
                 weight = shared_terms(flat_g, flat_in, trace, self.with_kfac)
             bias_sqrt = sum(g.flatten(2, -2).sum(2) if g.dim() > 3 else g for g in grads)
         else:
-            unfolded = torch.cat([unfold_input(module, x) for x in inputs], -1)  # [N, I, T]
-            flat_g = torch.cat([g.flatten(start_dim=3) for g in grads], -1)  # [M, N, O, T]
+            unfolded = torch.cat(  # [N, I, T]
+                [layout.positions(unfold_input(module, x)) for x in record.inputs], -1
+            )
+            flat_g = torch.cat(  # [M, N, O, T]
+                [layout.positions(g.flatten(start_dim=3), lead=1) for g in grads], -1
+            )
             weight = conv_terms(unfolded, flat_g, self.with_kfac)
             bias_sqrt = flat_g.sum(-1)
         for pname, param in module.named_parameters(recurse=False):

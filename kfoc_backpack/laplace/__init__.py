@@ -7,14 +7,17 @@ Importing this package (``import kfoc_backpack`` does) registers
 
 from kfoc_backpack.laplace.aggregate import AGGREGATIONS, fit_factors
 from kfoc_backpack.laplace.backend import KFOCBackend, KFOCEFBackend, check_supported_layers
+from kfoc_backpack.laplace.errors import BatchKeyError, UnsupportedDtypeError
 from kfoc_backpack.laplace.laplace import KFOCLaplace, KFOCLLLaplace
 
 __all__ = [
     "AGGREGATIONS",
+    "BatchKeyError",
     "KFOCBackend",
     "KFOCEFBackend",
     "KFOCLLLaplace",
     "KFOCLaplace",
+    "UnsupportedDtypeError",
     "check_supported_layers",
     "fit_factors",
 ]

@@ -36,6 +36,7 @@ from kfoc_backpack.collect.layers import LayerTerms
 from kfoc_backpack.collect.registry import trainable_layers
 from kfoc_backpack.collect.route import BatchQuantities, TermCollector
 from kfoc_backpack.dataset.blocks import zero_block
+from kfoc_backpack.laplace.errors import BatchKeyError
 from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, SolverOptions
 
 
@@ -56,11 +57,13 @@ def batch_inputs(batch: object, dict_key_x: str, dict_key_y: str, owner: str) ->
     the model input and ``batch[dict_key_y]`` the targets.
 
     Raises:
+        BatchKeyError: A ``KeyError`` (as laplace-torch raises) and ``ValueError``,
+            for a dict-like batch without ``dict_key_y``.
         ValueError: For another kind of batch.
     """
     if isinstance(batch, MutableMapping):
         if dict_key_y not in batch:
-            raise ValueError(
+            raise BatchKeyError(
                 f"{owner}: dict-like batch without the target key {dict_key_y!r} "
                 f"(keys: {list(batch)}); set dict_key_y."
             )

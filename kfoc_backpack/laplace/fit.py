@@ -33,6 +33,7 @@ from kfoc_backpack.dataset.blocks import zero_block
 from kfoc_backpack.dataset.distributed import Reducer
 from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
 from kfoc_backpack.laplace.backend import batch_inputs, check_supported_layers
+from kfoc_backpack.laplace.errors import UnsupportedDtypeError
 
 
 def kfoc_zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) -> Kron:
@@ -76,10 +77,12 @@ class KFOCKronFit(KronLaplace):
         """Reject half precisions, which laplace-torch's eigendecomposition cannot take.
 
         laplace-torch's ``KronDecomposed`` calls ``torch.linalg.eigh``, which has no
-        float16/bfloat16 kernels, and on failure ends the process; this raises first.
+        float16/bfloat16 kernels, and on failure ends the process; this raises first,
+        an :class:`~kfoc_backpack.laplace.errors.UnsupportedDtypeError` (a ``TypeError``
+        and a ``ValueError``, which laplace-torch's callers catch).
         """
         if self._dtype in (torch.float16, torch.bfloat16):
-            raise TypeError(
+            raise UnsupportedDtypeError(
                 f"{type(self).__name__}: the model's parameters are {self._dtype}; "
                 "laplace-torch's Kronecker eigendecomposition needs float32 or float64. "
                 "Fit on a float32 copy (model.float()) and cast the inputs alike."
@@ -162,7 +165,10 @@ class KFOCKronFit(KronLaplace):
         Raises:
             ValueError: For malformed batches, an empty loader or a one-output
                 classifier (before any curvature is computed).
-            TypeError: For a float16/bfloat16 model.
+            BatchKeyError: For a dict-like batch without ``dict_key_y`` (a
+                ``KeyError`` and a ``ValueError``).
+            UnsupportedDtypeError: For a float16/bfloat16 model (a ``TypeError`` and a
+                ``ValueError``).
             NotImplementedError: For a trainable layer without K-FOC factors.
             FloatingPointError: For NaN/Inf in the input, the output or a layer.
             DistributedFitError: On every rank, when one rank failed.
