@@ -40,6 +40,7 @@ if not _MISSING:
 
     check_versions()  # before BackPACK / laplace-torch are imported
 
+    from kfoc_backpack.collect.registry import freeze_unsupported, unsupported_parameters
     from kfoc_backpack.dataset import DistributedFitError, KFOCAccumulator, optimal_factors
     from kfoc_backpack.extensions import KFOC, KFOCExact, KFOCTerms
     from kfoc_backpack.laplace import (
@@ -77,5 +78,7 @@ __all__ = [
     "KroneckerFactors",
     "SolverOptions",
     "__version__",
+    "freeze_unsupported",
     "optimal_factors",
+    "unsupported_parameters",
 ]

@@ -237,6 +237,21 @@ def test_streaming_respects_max_passes(mlp_problem):
         assert all(torch.isfinite(f).all() for f in factors)
 
 
+def test_unconverged_weights_are_named(mlp_problem):
+    problem, _ = mlp_problem
+    with pytest.warns(RuntimeWarning, match=r"for 3 of 3 weights: '0\.weight' \(6, 4\)") as info:
+        optimal_factors(
+            problem.fresh_model(),
+            torch.nn.CrossEntropyLoss(),
+            problem.loader(),
+            tol=1e-300,
+            max_passes=2,
+            store_terms=False,
+        )
+    (message,) = [str(w.message) for w in info if w.category is RuntimeWarning]
+    assert "'2.weight' (5, 6)" in message and "'4.weight'" in message
+
+
 @pytest.mark.parametrize("aggregation", ["approx", "running", "optimal"])
 def test_online_fit_same_data_twice_doubles(aggregation):
     """fit(override=False) merges the earlier factors into the aggregation."""

@@ -323,16 +323,9 @@ def test_frozen_unsupported_layer_is_fine():
     assert len(model[0].weight.kfoc_exact) == 2
 
 
-def test_grouped_convolution_raises():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 2))
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        run(model, nn.CrossEntropyLoss(), torch.randn(2, 2, 4, 4), torch.tensor([0, 1]), KFOC())
-
-
 @pytest.mark.parametrize(
     "conv, problem_text",
     [
-        (nn.Conv2d(2, 4, 3, groups=2, padding=1), "groups=2"),
         (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
         (nn.Conv2d(2, 4, 3, padding="same"), "padding='same'"),
     ],

@@ -27,7 +27,13 @@ from reach_models import MODELS, DictModel, TransformerClassifier, input_shape
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kfoc_backpack import KFOCBackend, KFOCEFBackend, KFOCExact
+from kfoc_backpack import (
+    KFOCBackend,
+    KFOCEFBackend,
+    KFOCExact,
+    freeze_unsupported,
+    unsupported_parameters,
+)
 from kfoc_backpack.collect.batch_layout import BatchLayout
 from kfoc_backpack.collect.route import TermCollector
 from kfoc_backpack.solver import FactoredTerms, SolverOptions
@@ -270,6 +276,70 @@ def test_trainable_attention_named():
         p.requires_grad_(True)
     with pytest.raises(NotImplementedError, match=r"'block.self_attn' \(MultiheadAttention\)"):
         Laplace(model, "classification", "all", "kfoc")
+
+
+class ViTLike(TransformerClassifier):
+    """As constructed by a library: everything trainable, a class token on the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+        return self.head(self.block(h)[:, 0])
+
+
+def test_every_parameter_without_factors_listed_at_once_and_frozen_by_one_call():
+    torch.manual_seed(0)
+    model = ViTLike().to(DTYPE)
+    expected = [  # named_parameters order: the model's own parameter first
+        "cls_token",
+        "block.self_attn.in_proj_weight",
+        "block.self_attn.in_proj_bias",
+        "block.norm1.weight",
+        "block.norm1.bias",
+        "block.norm2.weight",
+        "block.norm2.bias",
+    ]
+    assert list(unsupported_parameters(model)) == expected
+    with pytest.raises(NotImplementedError, match="7 trainable parameter") as info:
+        Laplace(model, "classification", "all", "kfoc")
+    message = str(info.value)
+    for name in expected:
+        assert name in message
+    assert "'block.norm1' (LayerNorm)" in message and "freeze_unsupported" in message
+    assert freeze_unsupported(model) == expected
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in expected)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in expected)
+    assert freeze_unsupported(model) == []  # nothing left to freeze
+    la = Laplace(model, "classification", "all", "kfoc")
+    X, y = data("transformer")
+    # out_proj is a Linear the attention uses outside its forward: named at the first batch
+    with pytest.raises(NotImplementedError, match=r"'block.self_attn.out_proj'.*forward"):
+        la.fit(loader("transformer", X, y))
+    for p in model.block.self_attn.out_proj.parameters():
+        p.requires_grad_(False)
+    la = Laplace(model, "classification", "all", "kfoc")
+    la.fit(loader("transformer", X, y))
+    assert finite(la(X[:2], pred_type="glm"))
+
+
+def test_extra_parameter_of_a_supported_layer_is_listed():
+    class ScaledLinear(nn.Linear):
+        def __init__(self):
+            super().__init__(3, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    model = nn.Sequential(ScaledLinear())
+    problems = unsupported_parameters(model)
+    assert list(problems) == ["0.scale"] and "besides its weight and bias" in problems["0.scale"]
 
 
 def test_weight_used_outside_forward_named():

@@ -2,7 +2,10 @@
 
 * :mod:`~kfoc_backpack.collect.layers` — the per-layer maths shared by both routes;
 * :mod:`~kfoc_backpack.collect.registry` — which layers have K-FOC factors (the one
-  list) and the checks that name an unsupported one;
+  list), the checks that name every unsupported trainable parameter at once, and
+  ``freeze_unsupported``;
+* :mod:`~kfoc_backpack.collect.batch_layout` — where a layer keeps the batch's inputs
+  (dimension 0 or 1, or folded into dimension 0, e.g. a reward model's pairs);
 * :mod:`~kfoc_backpack.collect.loss` — output-side vectors of the three curvature
   targets (exact GGN, Monte-Carlo Fisher, empirical Fisher);
 * :mod:`~kfoc_backpack.collect.route` — the hook route: module hooks plus autograd, on

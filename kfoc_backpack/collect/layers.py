@@ -201,10 +201,40 @@ def shared_terms(
     return LayerTerms(SampleTerms(samples), input_trace, kfac)
 
 
+def grouped_kfc_factors(sqrt: Tensor, unfolded: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """K-FAC/KFC factors of a grouped convolution, its groups counted as positions.
+
+    Group ``γ``'s output channels see only its own input channels, so each position
+    ``t`` of each group is one more position sharing the ``[C_out, C_in/groups·Πkernel]``
+    weight, with an output-side vector that is zero outside the group: the left factor
+    is block-diagonal over the groups, the right factor averages over groups and
+    positions (paper eq. 9 with ``groups·T`` positions).
+
+    Args:
+        sqrt: ``[M, N, O, T]`` output-side vectors (``O = C_out``).
+        unfolded: ``[N, I, T]`` unfolded inputs of all input channels (``I = C_in·Πkernel``).
+        groups: The convolution's ``groups``.
+
+    Returns:
+        ``(blockdiag_γ Σ_{m,n,t} ds_γ ds_γᵀ, (1/(N·groups·T)) Σ_{n,γ,t} â_γ â_γᵀ)``.
+    """
+    columns, num, out_features, positions = sqrt.shape
+    per_group = sqrt.unflatten(2, (groups, -1)).permute(2, 0, 1, 4, 3)  # [g, M, N, T, O/g]
+    flat = per_group.reshape(groups, -1, out_features // groups)
+    left = torch.block_diag(*(flat.mT @ flat))
+    inputs = unfolded.unflatten(1, (groups, -1)).permute(0, 1, 3, 2)  # [N, g, T, I/g]
+    inputs = inputs.reshape(-1, inputs.shape[-1])
+    return left, inputs.T @ inputs / inputs.shape[0]
+
+
 def conv_terms(
-    unfolded: Tensor, sqrt: Tensor, with_kfac: bool = False, route: str | None = None
+    unfolded: Tensor,
+    sqrt: Tensor,
+    with_kfac: bool = False,
+    route: str | None = None,
+    groups: int = 1,
 ) -> LayerTerms:
-    """Per-sample quantities of a convolution weight ``[C_out, C_in·Πkernel]``.
+    """Per-sample quantities of a convolution weight ``[C_out, C_in/groups·Πkernel]``.
 
     ``X_{m,n} = Ds_{m,n} â_nᵀ`` (sum over the ``T`` output positions), kept in the form
     of the solve route of least estimated cost whose memory fits
@@ -213,18 +243,44 @@ def conv_terms(
     ``X_a X_bᵀ`` (:mod:`~kfoc_backpack.solver.conv_routes`). Every route gives the same
     optimal factors; the terms' ``route`` names the one taken.
 
+    A grouped convolution (``groups > 1``; depthwise for ``groups = C_in``) is the
+    ``[C_out, C_in/groups·Πkernel]`` matrix its weight is: group ``γ``'s rows of
+    ``X_{m,n}`` are ``Ds_{m,n,γ} â_{n,γ}ᵀ`` with ``â_{n,γ}`` the unfolded input of the
+    group's own channels. Its per-sample matrices are formed by one batched product
+    (``M·N·C_out·(C_in/groups·Πkernel)·T`` multiply-adds, a ``groups``-th of an ungrouped
+    layer's) and solved on the ``formed`` route; K-FAC's factors are
+    :func:`grouped_kfc_factors`.
+
     Args:
-        unfolded: ``[N, I, T]`` unfolded inputs (``I = C_in·Πkernel``).
+        unfolded: ``[N, I, T]`` unfolded inputs (``I = C_in·Πkernel``, all channels).
         sqrt: ``[M, N, O, T]`` output-side vectors at the output positions.
         with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
         route: Force a route (one of
-            :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice.
+            :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice;
+            grouped convolutions take ``formed`` or ``operator``.
+        groups: The convolution's ``groups``.
 
     Returns:
         The weight's :class:`LayerTerms`.
     """
     columns, num, out_features, positions = sqrt.shape
     input_trace = sum_of_squares(unfolded) / unfolded.shape[0]
+    if groups > 1:
+        kfac = grouped_kfc_factors(sqrt, unfolded, groups) if with_kfac else None
+        route = "formed" if route is None else route
+        if route not in ("formed", "operator"):
+            raise ValueError(
+                f"a grouped convolution (groups={groups}) takes the routes 'formed' and "
+                f"'operator', got {route!r}."
+            )
+        per_group = torch.einsum(  # [g, O/g, M, N, I/g], output-major
+            "mngot,ngit->gomni",
+            sqrt.unflatten(2, (groups, -1)),
+            unfolded.unflatten(1, (groups, -1)),
+        )
+        samples = per_group.reshape(out_features, columns * num, -1).transpose(0, 1)
+        kind = FormedConvTerms if route == "formed" else OperatorConvTerms
+        return LayerTerms(kind(samples), input_trace, kfac)
     kfac = kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2)) if with_kfac else None
     if route is None:
         route = choose_conv_route(

@@ -15,13 +15,14 @@ SUPPORTED_LAYERS: tuple[type[Module], ...] = (Linear, Conv1d, Conv2d, Conv3d)
 
 SUPPORTED_NAMES = ", ".join(layer.__name__ for layer in SUPPORTED_LAYERS)
 
-CONV_SUPPORT = "convolutions with groups=1, integer padding and padding_mode='zeros'"
+CONV_SUPPORT = (
+    f"{SUPPORTED_NAMES} layers; convolutions (any groups) with integer padding and "
+    "padding_mode='zeros'"
+)
 
 
 def conv_problem(module: Module) -> str | None:
     """Name the setting of a convolution K-FOC's unfolding does not represent, if any."""
-    if module.groups != 1:
-        return f"groups={module.groups}"
     if isinstance(module.padding, str):
         return f"padding={module.padding!r}"
     if module.padding_mode != "zeros":
@@ -58,13 +59,73 @@ def unsupported_reason(module: Module, exact_type: bool = False) -> str | None:
     return None
 
 
+WEIGHT_NAMES = ("weight", "bias")
+"""The parameters of a supported layer that get factors (weight) or an exact block (bias)."""
+
+
+def unsupported_parameters(model: Module, exact_type: bool = False) -> dict[str, str]:
+    """Every trainable parameter of ``model`` that gets no K-FOC factors, and why.
+
+    Args:
+        model: Any module.
+        exact_type: Match layer types exactly (BackPACK's route).
+
+    Returns:
+        ``{full parameter name: "layer 'path' (Type) <reason>"}`` in
+        ``named_parameters`` order (``cls_token``, ``blocks.0.norm1.weight``, …); empty
+        when every trainable parameter has factors.
+    """
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        own = [(key, p) for key, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        reason = unsupported_reason(module, exact_type)
+        for key, _ in own:
+            why = reason
+            if why is None and key not in WEIGHT_NAMES:
+                why = f"has a parameter '{key}' besides its weight and bias"
+            if why is not None:
+                found[f"{name}.{key}" if name else key] = f"{describe(name, module)} {why}"
+    order = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    return {name: found[name] for name in order if name in found}
+
+
+def freeze_unsupported(model: Module, exact_type: bool = False) -> list[str]:
+    """Freeze exactly the trainable parameters K-FOC has no factors for.
+
+    Sets ``requires_grad=False`` on each parameter :func:`unsupported_parameters`
+    lists (normalisation layers, embeddings, attention modules, parameters registered
+    on a model itself such as ``cls_token``), so that ``hessian_structure="kfoc"``
+    covers the rest of the model, as one freezes them for laplace-torch's ``kron``. A
+    ``Linear`` whose weight the model uses outside the layer's ``forward``
+    (``nn.MultiheadAttention``'s ``out_proj``) is only seen at the first batch, which
+    names it::
+
+        frozen = kfoc_backpack.freeze_unsupported(model)  # ['cls_token', 'norm.weight', …]
+        la = Laplace(model, "classification", "all", "kfoc")
+
+    Args:
+        model: The model (changed in place).
+        exact_type: Match layer types exactly (BackPACK's route).
+
+    Returns:
+        The full names of the parameters it froze, in ``named_parameters`` order.
+    """
+    names = list(unsupported_parameters(model, exact_type))
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
 def trainable_layers(
     model: Module, owner: str, exact_type: bool = False, last_layer_hint: bool = True
 ) -> dict[str, Module]:
     """Supported layers of ``model`` with trainable parameters, by module path.
 
-    Raises, before any computation, for the first module with trainable parameters
-    K-FOC has no factors for.
+    Raises, before any computation, listing at once every trainable parameter K-FOC
+    has no factors for.
 
     Args:
         model: The module whose trainable parameters get curvature.
@@ -76,18 +137,27 @@ def trainable_layers(
         ``{module path: module}`` in ``named_modules`` order.
 
     Raises:
-        NotImplementedError: Naming the module path and type, what is supported and
-            the ways out.
+        NotImplementedError: Naming every such parameter by its full name, its
+            layer's path and type, what is supported and the ways out.
     """
-    layers = {}
-    for name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        reason = unsupported_reason(module, exact_type)
-        if reason is not None:
-            way_out = "Freeze its parameters (requires_grad=False)"
-            if last_layer_hint:
-                way_out += " or use subset_of_weights='last_layer'"
-            raise NotImplementedError(f"{owner}: {describe(name, module)} {reason}. {way_out}.")
-        layers[name] = module
-    return layers
+    problems = unsupported_parameters(model, exact_type)
+    if problems:
+        by_layer: dict[str, list[str]] = {}
+        for param, why in problems.items():
+            by_layer.setdefault(why, []).append(param)
+        lines = "\n".join(f"  {why}: {', '.join(params)}" for why, params in by_layer.items())
+        way_out = (
+            "Freeze them with kfoc_backpack.freeze_unsupported(model), which returns their "
+            "names, or set requires_grad=False yourself"
+        )
+        if last_layer_hint:
+            way_out += ", or use subset_of_weights='last_layer'"
+        raise NotImplementedError(
+            f"{owner}: {len(problems)} trainable parameter(s) have no K-FOC factors:\n"
+            f"{lines}\n{way_out}."
+        )
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }

@@ -357,7 +357,7 @@ class TermCollector:
             flat_g = torch.cat(  # [M, N, O, T]
                 [layout.positions(g.flatten(start_dim=3), lead=1) for g in grads], -1
             )
-            weight = conv_terms(unfolded, flat_g, self.with_kfac)
+            weight = conv_terms(unfolded, flat_g, self.with_kfac, groups=module.groups)
             bias_sqrt = flat_g.sum(-1)
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad:

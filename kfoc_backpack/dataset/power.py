@@ -375,12 +375,18 @@ class OptimalSolver:
                 factors[name] = [left / divisor, right]
             elif name in self.biases:
                 factors[name] = [self.biases[name] / divisor]
-        converged = all(s.converged for s in self.weights.values())
+        unsettled = [
+            f"'{name}' {tuple(self.params[name].shape)}"
+            for name, state in self.weights.items()
+            if not state.converged
+        ]
+        converged = not unsettled
         iterations = max((s.iterations for s in self.weights.values()), default=0)
         if not converged:
             warnings.warn(
                 f"K-FOC optimal aggregation stopped (max_passes={self.options.max_passes}) "
-                f"before reaching tol={self.options.tol:g} for some weights; the factors "
+                f"before reaching tol={self.options.tol:g} for {len(unsettled)} of "
+                f"{len(self.weights)} weights: {', '.join(unsettled)}; their factors "
                 "are the last iterate. Increase max_passes or store the terms in memory.",
                 RuntimeWarning,
                 stacklevel=3,

@@ -24,10 +24,12 @@ ConvNd = Conv1d | Conv2d | Conv3d
 class KFOCConvNd(KFOCBaseModule):
     """K-FOC factors of an N-d convolution's weight (``[L_out, R_in]``) and bias.
 
-    The weight ``[C_out, C_in, *kernel]`` is treated as the ``C_out × (C_in·Πkernel)``
-    matrix ``Ŵ``; per sample ``X_{m,n} = Ds_{m,n} â_nᵀ`` sums over the output
-    positions (``â_n`` the unfolded input, ``[C_in·Πkernel, T]``) and the factors come
-    from the power method on per-sample matrices (paper Algorithm 2). They match the
+    The weight ``[C_out, C_in/groups, *kernel]`` is treated as the
+    ``C_out × (C_in/groups·Πkernel)`` matrix ``Ŵ`` (grouped and depthwise convolutions
+    included, see :func:`~kfoc_backpack.collect.layers.conv_terms`); per sample
+    ``X_{m,n} = Ds_{m,n} â_nᵀ`` sums over the output positions (``â_n`` the unfolded
+    input, ``[C_in·Πkernel, T]``) and the factors come from the power method on
+    per-sample matrices (paper Algorithm 2). They match the
     dense GGN block — unlike BackPACK's ``KFAC`` for convolutions, whose output-side
     factor is ``T`` times larger (its documented TODO).
     """
@@ -42,7 +44,7 @@ class KFOCConvNd(KFOCBaseModule):
         """Per-sample quantities; ``backproped`` is ``[M, N, C_out, *spatial_out]``."""
         unfolded = unfold_input(module, module.input0)  # [N, C_in·Πkernel, T]
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
-        terms = conv_terms(unfolded, sqrt, with_kfac=not ext.solves)
+        terms = conv_terms(unfolded, sqrt, with_kfac=not ext.solves, groups=module.groups)
         ext.note_route(module, route_of(terms.terms))
         return terms
 

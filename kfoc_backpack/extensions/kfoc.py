@@ -135,7 +135,7 @@ class KFOCBase(SqrtGGN):
     def __call__(self, module: Module, g_inp, g_out) -> None:
         """Run the module extension; apply ``fail_mode`` to unsupported layers.
 
-        A convolution in a setting K-FOC does not support (``groups≠1``, string
+        A convolution in a setting K-FOC does not support (string
         padding, a padding mode other than ``'zeros'``) gets no quantities: it raises
         (``'ERROR'``), or is skipped with a warning (``'WARNING'``) or silently, and
         backpropagated through by autograd (:class:`SkippedConvModule`).

@@ -91,7 +91,7 @@ def sqrt_ggn_conv_extensions() -> dict[type[nn.Module], MatToJacMat]:
     """BackPACK's ``SqrtGGN`` module extensions of the convolutions.
 
     Wrapped by ``SkippedConvModule`` for a convolution whose setting K-FOC does not
-    support (``groups≠1``, string padding, non-zero padding mode) when ``fail_mode``
+    support (string padding, non-zero padding mode) when ``fail_mode``
     skips it.
     """
     return {
