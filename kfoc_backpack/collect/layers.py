@@ -13,6 +13,8 @@ inputs of the batch, ``T`` positions that share the weight (tokens, output pixel
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ from kfoc_backpack.solver.conv_routes import (
     OperatorConvTerms,
 )
 from kfoc_backpack.solver.factored import FactoredTerms, factored_is_cheaper
+from kfoc_backpack.solver.rescale import solve_rescaled
 from kfoc_backpack.solver.scale import finalize
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
@@ -60,7 +63,7 @@ class LayerTerms:
     input_trace: Tensor
     kfac: tuple[Tensor, Tensor] | None
 
-    def solve(self, options: SolverOptions | None = None) -> KroneckerFactors:
+    def solve(self, options: SolverOptions | None = None, what: Naming = None) -> KroneckerFactors:
         """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.
 
         K-FAC's input-side factor is the mean (over the ``N`` inputs of the batch) of
@@ -68,9 +71,21 @@ class LayerTerms:
         output-side factor carries everything else (the batch sum, the loss
         reduction). K-FOC's factors are split so that ``tr(R_in) = tr(R_KFAC)``: they
         are directly comparable with BackPACK's ``KFAC``/``KFLR`` factors and damping
-        (``√δ`` added to each factor) acts as it does for K-FAC.
+        (``√δ`` added to each factor) acts as it does for K-FAC. Terms whose block lies
+        far from unit scale are solved rescaled by powers of two
+        (:func:`~kfoc_backpack.solver.rescale.solve_rescaled`), so that float32 solves
+        neither under- nor overflow.
+
+        Args:
+            options: Solver options.
+            what: The weight, for errors (e.g. ``"KFOCLaplace: 'fc1.weight' (50, 20)"``).
+
+        Raises:
+            FloatingPointError: If the terms contain NaN or infinite values (or a value
+                inside the solve is not finite), prefixed by ``what``.
         """
-        return self.terms.solve(options, right_trace=self.input_trace)
+        with named_failures(what):
+            return solve_rescaled(self.terms, options, right_trace=self.input_trace)
 
     def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
         """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
@@ -80,6 +95,28 @@ class LayerTerms:
         """Return the same quantities, detached from any autograd graph."""
         kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
         return LayerTerms(self.terms.detach(), self.input_trace.detach(), kfac)
+
+
+Naming = str | Callable[[], str] | None
+"""What a solve is of, for its errors: a string, or a function that makes it only when
+an error occurs (BackPACK's module paths cost a scan of the live modules)."""
+
+
+@contextmanager
+def named_failures(what: Naming) -> Iterator[None]:
+    """Re-raise a numerical failure of a solve as ``FloatingPointError`` naming ``what``.
+
+    ``FloatingPointError`` (non-finite terms or factors) and ``torch.linalg``'s
+    ``LinAlgError`` (an eigendecomposition of a non-finite Lanczos matrix) become one
+    ``FloatingPointError("{what}: …")``; without ``what`` they pass unchanged.
+    """
+    try:
+        yield
+    except (FloatingPointError, torch.linalg.LinAlgError) as error:
+        if what is None:
+            raise
+        name = what() if callable(what) else what
+        raise FloatingPointError(f"{name}: {error}") from error
 
 
 def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:

@@ -13,6 +13,7 @@ rank follows the same branch. Index conventions: :mod:`kfoc_backpack.dataset.opt
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.utils.data import RandomSampler
 
-from kfoc_backpack.collect.layers import LayerTerms
+from kfoc_backpack.collect.layers import LayerTerms, named_failures
 from kfoc_backpack.collect.route import BatchQuantities
 from kfoc_backpack.dataset.blocks import (
     BlockAccumulator,
@@ -34,7 +35,8 @@ from kfoc_backpack.dataset.blocks import (
 )
 from kfoc_backpack.dataset.distributed import Communication, Reducer, combine_blocks
 from kfoc_backpack.dataset.options import OptimalOptions
-from kfoc_backpack.solver import SolverOptions, nearest_kronecker_terms
+from kfoc_backpack.solver import KroneckerFactors, SolverOptions, nearest_kronecker_terms
+from kfoc_backpack.solver.rescale import check_representable
 from kfoc_backpack.solver.scale import finalize
 
 
@@ -72,6 +74,10 @@ BatchSplitter = Callable[[object], tuple[object, Tensor]]
 """``split(batch) -> (X, y)``: model input and targets of a batch from the loader."""
 
 
+RESCALE_WINDOW = 10
+"""``|exponent|`` up to which the data-set optimum iterates the terms unscaled."""
+
+
 class _WeightState:
     """Book-keeping of one weight during the data-set optimum."""
 
@@ -86,6 +92,7 @@ class _WeightState:
         self.prior: KroneckerTerm | None = None
         self.converged = False
         self.iterations = 0
+        self.exponents = (0, 0)  # the terms are iterated as G·2^e_out, A·2^e_in
 
     def add(self, term: Tensor) -> None:
         self.acc = term if self.acc is None else self.acc + term
@@ -163,7 +170,7 @@ class OptimalSolver:
                     state = self.weights[name] = _WeightState(init.get(name))
                 state.trace_sum = state.trace_sum + num * value.input_trace
                 if state.running is not None:
-                    batch_optimum = value.terms.solve(self.batch_options)
+                    batch_optimum = value.solve(self.batch_options, what=self._what(name))
                     state.running.update(value.kfoc(batch_optimum), num, scale)
                 else:
                     state.left = state.left.to(value.input_trace)
@@ -256,21 +263,62 @@ class OptimalSolver:
         return num_prior
 
     def _start(self, state: _WeightState) -> None:
-        """Set the start: direction ``left`` (unit norm), ``right`` scaled to match."""
+        """Set the start: direction ``left`` (unit norm), ``right`` scaled to match.
+
+        In the units of the (rescaled, see :meth:`_rescale`) terms.
+        """
+        out_exp, in_exp = state.exponents
         if state.running is not None:
             left, right = state.running.factors()
-            state.left, norm = normalized(left)
-            state.right = right * norm
+            state.left, norm = normalized(left * 2.0 ** (2 * out_exp))
+            state.right = right * (2.0 ** (2 * in_exp) * norm)
         else:
-            state.right = state.take()
+            state.right = state.take() * 2.0 ** (2 * (out_exp + in_exp))
 
-    def _solve_stored(self, state: _WeightState) -> None:
+    def _rescale(self, state: _WeightState) -> None:
+        """Iterate on terms near unit scale where the block is far from it (float32).
+
+        The exponents come from the start, identical on every rank: with a running
+        start ``L ⊗ R`` (K-FAC's split) the output side is scaled by
+        ``2^{-log₂ max|L| / 2}`` and the input side by ``2^{-log₂ max|R| / 2}``; with a
+        given left factor, both sides share the scale of the first right half-step.
+        Inside ``2^{±RESCALE_WINDOW}`` nothing changes; otherwise stored terms are
+        replaced by scaled copies, streamed ones are scaled as they are visited, and
+        :meth:`_result` scales the factors back. Called before :meth:`_start`.
+        """
+        if state.running is not None:
+            left, right = state.running.factors()
+            peaks = torch.stack([left.abs().amax(), right.abs().amax()]).double().tolist()
+        elif state.acc is not None:
+            peak = state.acc.abs().amax().double().item()
+            peaks = [math.sqrt(peak), math.sqrt(peak)]
+        else:
+            return
+        if not all(0 < v < math.inf for v in peaks):
+            return
+        out_exp, in_exp = (-round(math.log2(v) / 2) for v in peaks)
+        if max(abs(out_exp), abs(in_exp)) <= RESCALE_WINDOW:
+            return
+        state.exponents = (out_exp, in_exp)
+        state.terms = [terms.scaled(out_exp, in_exp) for terms in state.terms]
+        if state.prior is not None:
+            prior = state.prior
+            state.prior = KroneckerTerm(
+                prior.left * 2.0 ** (2 * out_exp), prior.right * 2.0 ** (2 * in_exp)
+            )
+
+    def _what(self, name: str) -> str:
+        """Name the weight ``name`` (with its shape) for error messages."""
+        return f"K-FOC optimal aggregation of '{name}' {tuple(self.params[name].shape)}"
+
+    def _solve_stored(self, name: str, state: _WeightState) -> None:
         terms, scales = list(state.terms), list(state.scales)
         if state.prior is not None:
             terms.append(state.prior)
             scales.append(1.0)
         options = SolverOptions(tol=self.options.tol, max_iter=self.options.max_passes)
-        result = nearest_kronecker_terms(terms, scales, options=options, init=state.left)
+        with named_failures(self._what(name)):
+            result = nearest_kronecker_terms(terms, scales, options=options, init=state.left)
         state.left, state.right = result.left, result.right
         state.converged, state.iterations = result.converged, result.iterations
         state.terms.clear()
@@ -282,9 +330,12 @@ class OptimalSolver:
 
     def _sweep_data(self, contribute: Callable[[str, object, float], None]) -> None:
         def visit(num: int, loss: Tensor, quantities: dict) -> None:
-            for name in self.weights:
+            for name, state in self.weights.items():
                 if name in quantities:
-                    contribute(name, quantities[name].terms, self._scale(num))
+                    terms = quantities[name].terms
+                    if state.exponents != (0, 0):
+                        terms = terms.scaled(*state.exponents)
+                    contribute(name, terms, self._scale(num))
 
         self._pass(visit)
 
@@ -346,10 +397,11 @@ class OptimalSolver:
             raise ValueError(f"optimal_factors: {where} yielded no batches.")
         num_prior = self._add_prior(prior)
         for state in self.weights.values():
+            self._rescale(state)
             self._start(state)
         if self.store and not self.reducer.active:
-            for state in self.weights.values():
-                self._solve_stored(state)
+            for name, state in self.weights.items():
+                self._solve_stored(name, state)
         else:
             sampler = getattr(self.loader, "sampler", None)
             if not self.store and self.stochastic and isinstance(sampler, RandomSampler):
@@ -370,8 +422,15 @@ class OptimalSolver:
         for name in self.params:
             if name in self.weights:
                 state = self.weights[name]
+                out_exp, in_exp = state.exponents
                 trace = torch.as_tensor(state.trace_sum).to(state.left) / total_inputs
+                trace = trace * 2.0 ** (2 * in_exp)
                 left, right = finalize(state.left, state.right, state.left.dtype, right_trace=trace)
+                if state.exponents != (0, 0):
+                    scaled = KroneckerFactors(left, right, state.iterations, state.converged)
+                    left, right = left * 2.0 ** (-2 * out_exp), right * 2.0 ** (-2 * in_exp)
+                    with named_failures(self._what(name)):
+                        check_representable(scaled, left, right)
                 factors[name] = [left / divisor, right]
             elif name in self.biases:
                 factors[name] = [self.biases[name] / divisor]

@@ -67,7 +67,14 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         terms = self.layer_terms(ext, module, backproped)
         if not ext.solves:
             return terms
-        factors = terms.solve(ext.solver_options)
+
+        def what() -> str:
+            return (
+                f"{type(ext).__name__}: the K-FOC solve of the weight "
+                f"{tuple(module.weight.shape)} of {module_path(module)}"
+            )
+
+        factors = terms.solve(ext.solver_options, what=what)
         self.record(ext, module, factors)
         return [factors.left, factors.right]
 

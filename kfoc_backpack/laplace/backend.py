@@ -147,7 +147,8 @@ class KFOCKronMixin:
             if value is None:  # not used by the forward pass
                 blocks.append(zero_block(param))
             elif isinstance(value, LayerTerms):
-                factors = value.solve(self.solver_options)
+                what = f"{type(self).__name__}: the K-FOC solve of '{name}' {tuple(param.shape)}"
+                factors = value.solve(self.solver_options, what=what)
                 if not factors.converged:
                     warnings.warn(
                         f"{type(self).__name__}: the power method for '{name}' "

@@ -23,6 +23,7 @@ shared positions, ``M`` output features (left factor ``[M, M]``), ``N`` input fe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from kfoc_backpack.solver._common import (
 )
 from kfoc_backpack.solver.error import _finish
 from kfoc_backpack.solver.power import factor_power_iteration
+from kfoc_backpack.solver.rescale import mean_squares_summary
 from kfoc_backpack.solver.routes import check_every
 from kfoc_backpack.solver.scale import finalize
 
@@ -83,6 +85,19 @@ class FactoredTerms:
     def detach(self) -> FactoredTerms:
         """Return the same terms, detached from any autograd graph."""
         return FactoredTerms(self.grads.detach(), self.inputs.detach())
+
+    def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``[Σ ‖G‖²‖A‖² ≥ tr F, mean g², mean a²]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
+        out = torch.linalg.vector_norm(self.grads, dim=(2, 3), dtype=dtype).double()  # [J, K]
+        inp = torch.linalg.vector_norm(self.inputs, dim=(1, 2), dtype=dtype).double()  # [K]
+        bound = (out.square() @ inp.square()).sum()
+        return mean_squares_summary(bound, out, inp, self.grads, self.inputs)
+
+    def scaled(self, out_exponent: int, in_exponent: int) -> FactoredTerms:
+        """Return the terms with ``G·2^out_exponent``, ``A·2^in_exponent`` (exact; same class)."""
+        return dataclasses.replace(
+            self, grads=self.grads * 2.0**out_exponent, inputs=self.inputs * 2.0**in_exponent
+        )
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_{j,k} X_{j,k}ᵀ L X_{j,k}`` (``[N, N]``) for an ``[M, M]`` ``L``."""

@@ -164,6 +164,28 @@ def pair_scalars(
     return left, right, half, scalars + target_scalars(right_trace, scalars[0])
 
 
+def wide_scalars(values: list[float], left: Tensor, right: Tensor) -> list[float]:
+    """Return the fetched ``[‖left‖_F, ‖right‖_F, tr left, tr right, …]``, widened if needed.
+
+    In float32 a factor with entries below about ``2⁻⁶³`` has a Frobenius norm that
+    underflows to zero (its squares do), and one above ``2⁶⁴`` overflows: the split
+    would return zeros or raise for a valid pair. Only then (a zero or non-finite norm)
+    the four scalars are recomputed in float64 on the device; a genuinely zero or
+    non-finite pair gives the same verdict again.
+    """
+    if values[0] > 0 and values[1] > 0 and all(math.isfinite(v) for v in values[:4]):
+        return values
+    if left.dtype == torch.float64 and right.dtype == torch.float64:
+        return values
+    wide = [
+        torch.linalg.matrix_norm(left, dtype=torch.float64),
+        torch.linalg.matrix_norm(right, dtype=torch.float64),
+        left.double().trace(),
+        right.double().trace(),
+    ]
+    return torch.stack(wide).tolist() + values[4:]
+
+
 def apply_scale_split(
     left: Tensor,
     right: Tensor,
@@ -174,5 +196,6 @@ def apply_scale_split(
     what: str = "solver",
 ) -> tuple[Tensor, Tensor]:
     """Split the scale on the host, from the fetched :func:`pair_scalars`."""
+    values = wide_scalars(values, left, right)
     c_left, c_right = fetched_split(values, right_trace, what, half)
     return (left * (c_left * half)).to(out_dtype), (right * (c_right * half)).to(out_dtype)

@@ -28,6 +28,7 @@ from kfoc_backpack.solver._common import (
 )
 from kfoc_backpack.solver.gram import top_eigvec_2x2
 from kfoc_backpack.solver.power import factor_power_iteration, terms_to_left, terms_to_right
+from kfoc_backpack.solver.rescale import balanced_terms, unscaled
 from kfoc_backpack.solver.routes import GRAM_MAX_TERMS, check_every, coefficient_solve
 from kfoc_backpack.solver.scale import finalize
 
@@ -95,6 +96,19 @@ def nearest_kronecker_sum(
         if weights.shape != (num,):
             raise ValueError(f"weights must have shape [{num}], got {tuple(weights.shape)}.")
         left_terms = left_terms * weights.to(dtype).reshape(num, 1, 1)
+
+    balanced = balanced_terms(left_terms, right_terms)
+    if balanced is not None:  # far from unit scale: solve the terms scaled by powers of two
+        left_scaled, right_scaled, exponent = balanced
+        scaled = nearest_kronecker_sum(
+            left_scaled,
+            right_scaled,
+            options=opts,
+            init=init,
+            method=method,
+            right_trace=None if right_trace is None else right_trace * 2.0**-exponent,
+        )
+        return unscaled(scaled, exponent, out_dtype)
 
     if method == "auto":
         method = "closed_form" if num <= 2 else "gram" if num <= GRAM_MAX_TERMS else "power"

@@ -19,6 +19,7 @@ sample, ``M`` output features (left factor ``[M, M]``), ``N`` input features (ri
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from kfoc_backpack.solver.power import (
     outer_half_steps,
     samples_half_steps,
 )
+from kfoc_backpack.solver.rescale import mean_squares_summary
 from kfoc_backpack.solver.samples import nearest_kronecker_samples
 from kfoc_backpack.solver.scale import finalize
 
@@ -65,6 +67,17 @@ class OuterTerms:
     def detach(self) -> OuterTerms:
         """Return the same terms, detached from any autograd graph."""
         return OuterTerms(self.sqrt_out.detach(), self.inputs.detach())
+
+    def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``[tr F, mean s², mean a²]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
+        out = torch.linalg.vector_norm(self.sqrt_out, dim=(1, 2), dtype=dtype).double()
+        inp = torch.linalg.vector_norm(self.inputs, dim=1, dtype=dtype).double()
+        bound = out.square() @ inp.square()
+        return mean_squares_summary(bound, out, inp, self.sqrt_out, self.inputs)
+
+    def scaled(self, out_exponent: int, in_exponent: int) -> OuterTerms:
+        """Return the terms with ``S·2^out_exponent`` and ``A·2^in_exponent`` (exact)."""
+        return OuterTerms(self.sqrt_out * 2.0**out_exponent, self.inputs * 2.0**in_exponent)
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k ⟨S_kᵀS_k, L⟩ a_k a_kᵀ`` (``[N, N]``) for an ``[M, M]`` ``L``."""
@@ -131,6 +144,16 @@ class SampleTerms:
     def detach(self) -> SampleTerms:
         """Return the same terms, detached from any autograd graph."""
         return SampleTerms(self.samples.detach())
+
+    def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``[tr F, 1, 1]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
+        trace = torch.linalg.vector_norm(self.samples, dtype=dtype).double().square()
+        return torch.stack([trace, torch.ones_like(trace), torch.ones_like(trace)])
+
+    def scaled(self, out_exponent: int, in_exponent: int) -> SampleTerms:
+        """Return the terms with ``X·2^(out_exponent + in_exponent)`` (exact; same class)."""
+        factor = 2.0 ** (out_exponent + in_exponent)
+        return dataclasses.replace(self, samples=self.samples * factor)
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k X_kᵀ L X_k`` (``[N, N]``)."""
