@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,17 +25,38 @@ from kfoc_backpack.solver import KroneckerFactors, OuterTerms, SampleTerms, Solv
 from kfoc_backpack.solver._common import launch_bound
 from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route
 from kfoc_backpack.solver.conv_routes import (
+    RANK_ONE,
     FactoredConvTerms,
     FormedConvTerms,
     GramConvTerms,
     OperatorConvTerms,
 )
-from kfoc_backpack.solver.factored import FactoredTerms, factored_is_cheaper
+from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.rescale import solve_rescaled
 from kfoc_backpack.solver.scale import finalize
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
 """The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""
+
+
+class LayerSizes(NamedTuple):
+    """What the solver is handed, in numbers: ``X_{j,k} = G_{j,k}ᵀ A_k``.
+
+    Attributes:
+        columns: ``J``, output-side vectors per input (MC samples, Hessian-root columns).
+        samples: ``K``, inputs of the batch.
+        positions: ``T``, positions sharing the weight (1 for a rank-one layer).
+        out_features: ``M``, rows of the weight matrix (left factor ``[M, M]``).
+        in_features: ``N``, columns of the weight matrix (right factor ``[N, N]``).
+        groups: The convolution's ``groups`` (1 otherwise).
+    """
+
+    columns: int
+    samples: int
+    positions: int
+    out_features: int
+    in_features: int
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -43,10 +65,11 @@ class LayerTerms:
 
     Attributes:
         terms: The weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` in structured form:
-            :class:`~kfoc_backpack.solver.OuterTerms` (``Linear`` on 2-d input),
-            :class:`~kfoc_backpack.solver.factored.FactoredTerms` (shared positions,
-            where that is smaller than the formed matrices) or
-            :class:`~kfoc_backpack.solver.SampleTerms`.
+            :class:`~kfoc_backpack.solver.OuterTerms` (rank one: ``Linear`` on 2-d
+            input, or a single position), or for weights shared over positions the
+            terms of the route :func:`shared_terms` picks (subclasses of
+            :class:`~kfoc_backpack.solver.factored.FactoredTerms` or
+            :class:`~kfoc_backpack.solver.SampleTerms`).
         input_trace: ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``, the trace K-FOC gives its
             input-side factor (see :meth:`solve`).
         kfac: K-FAC's factors ``(L, R)`` of the same block from the same samples;
@@ -57,11 +80,13 @@ class LayerTerms:
             smaller (and its left ``T`` times larger) than the split of
             :meth:`solve` and of BackPACK's ``KFAC``; the products are on the same
             (the dense block's) scale.
+        sizes: The sizes the terms came from (cost models and reports), where known.
     """
 
     terms: Terms
     input_trace: Tensor
     kfac: tuple[Tensor, Tensor] | None
+    sizes: LayerSizes | None = None
 
     def solve(self, options: SolverOptions | None = None, what: Naming = None) -> KroneckerFactors:
         """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.
@@ -94,7 +119,7 @@ class LayerTerms:
     def detach(self) -> LayerTerms:
         """Return the same quantities, detached from any autograd graph."""
         kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
-        return LayerTerms(self.terms.detach(), self.input_trace.detach(), kfac)
+        return LayerTerms(self.terms.detach(), self.input_trace.detach(), kfac, self.sizes)
 
 
 Naming = str | Callable[[], str] | None
@@ -203,39 +228,78 @@ def linear_terms(inputs: Tensor, sqrt: Tensor, with_kfac: bool = False) -> Layer
     input_trace = sum_of_squares(inputs) / inputs.shape[0]
     if inputs.dim() == 2:
         kfac = kfc_factors(sqrt.unsqueeze(2), inputs.unsqueeze(1)) if with_kfac else None
-        return LayerTerms(OuterTerms(sqrt.transpose(0, 1), inputs), input_trace, kfac)
+        sizes = LayerSizes(sqrt.shape[0], inputs.shape[0], 1, sqrt.shape[-1], inputs.shape[-1])
+        return LayerTerms(OuterTerms(sqrt.transpose(0, 1), inputs), input_trace, kfac, sizes)
     grads = sqrt.flatten(start_dim=2, end_dim=-2)  # [M, N, T, O]
     flat_inputs = inputs.flatten(start_dim=1, end_dim=-2)  # [N, T, I]
     return shared_terms(grads, flat_inputs, input_trace, with_kfac)
 
 
 def shared_terms(
-    grads: Tensor, inputs: Tensor, input_trace: Tensor, with_kfac: bool = False
+    grads: Tensor,
+    inputs: Tensor,
+    input_trace: Tensor,
+    with_kfac: bool = False,
+    route: str | None = None,
 ) -> LayerTerms:
-    """Per-sample quantities of a weight shared over ``T`` positions.
+    """Per-sample quantities of a weight shared over ``T`` positions: the one hand-over.
 
-    ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ`` (the exact per-sample block, not K-FAC's
-    "expand" approximation that treats positions as samples). Kept factored
-    (:class:`~kfoc_backpack.solver.factored.FactoredTerms`, ``N·T·(M·O + I)``
-    numbers, never the ``M·N·O·I`` of the formed matrices) where that costs fewer
-    flops (:func:`~kfoc_backpack.solver.factored.factored_is_cheaper`: few positions
-    against the layer's width), else formed.
+    ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ = G_{m,n}ᵀ A_n`` (the exact per-sample block, not
+    K-FAC's "expand" approximation that treats positions as samples). ``Linear`` layers
+    on tokens, convolutions of any kernel (``A_n`` the unfolded input) and layers called
+    several times all end here, and one cost model picks the form the solver gets:
+
+    * ``T = 1``: ``X_{m,n}`` has rank one, kept as
+      :class:`~kfoc_backpack.solver.OuterTerms` (route ``rank-one``, as a ``Linear`` on
+      2-d inputs) — a 1×1 convolution on a 1×1 map, a ``Linear`` on ``[N, 1, I]``;
+    * else the route of least estimated flops whose memory fits
+      (:func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`, on the CPU and for
+      accelerators): ``formed``, ``factored``, ``gram`` or ``operator``
+      (:mod:`~kfoc_backpack.solver.conv_routes`). Every route gives the same optimal
+      factors; :func:`~kfoc_backpack.solver.conv_routes.route_of` names the one taken.
 
     Args:
-        grads: ``[M, N, T, O]`` output-side vectors at the positions.
-        inputs: ``[N, T, I]`` inputs at the positions.
+        grads: ``[M, N, T, O]`` output-side vectors at the positions (any strides).
+        inputs: ``[N, T, I]`` inputs at the positions (any strides).
         input_trace: ``(1/N) Σ_{n,t} ‖a_{n,t}‖²``.
         with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
+        route: Force a route (``rank-one`` where ``T = 1``, or one of
+            :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice.
 
     Returns:
         The weight's :class:`LayerTerms`.
     """
-    columns, _, positions, out_features = grads.shape
+    columns, num, positions, out_features = grads.shape
+    sizes = LayerSizes(columns, num, positions, out_features, inputs.shape[-1])
     kfac = kfc_factors(grads, inputs) if with_kfac else None
-    if factored_is_cheaper(columns, positions, out_features, inputs.shape[-1]):
-        return LayerTerms(FactoredTerms(grads, inputs), input_trace, kfac)
-    samples = torch.einsum("mnto,nti->mnoi", grads, inputs).flatten(end_dim=1)
-    return LayerTerms(SampleTerms(samples), input_trace, kfac)
+    if route == RANK_ONE and positions != 1:
+        raise ValueError(f"route {RANK_ONE!r} needs one position, got {positions}.")
+    if positions == 1 and route in (None, RANK_ONE):
+        rank_one = OuterTerms(grads[:, :, 0].transpose(0, 1), inputs[:, 0])
+        return LayerTerms(rank_one, input_trace, kfac, sizes)
+    if route is None:
+        route = choose_conv_route(
+            columns,
+            num,
+            positions,
+            out_features,
+            inputs.shape[-1],
+            itemsize=max(grads.element_size(), 4),
+            accelerator=launch_bound(grads.device),
+        )
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {(RANK_ONE, *ROUTES)}, got {route!r}.")
+    if route in ("factored", "gram"):
+        kind = FactoredConvTerms if route == "factored" else GramConvTerms
+        return LayerTerms(kind(grads, inputs), input_trace, kfac, sizes)
+    if columns == 1:  # one column: a single batched product
+        prods = torch.bmm(grads[0].mT, inputs).unsqueeze(0)  # [1, N, O, I]
+        out_major = prods.permute(2, 0, 1, 3).contiguous()
+    else:  # einsum contracts batched over N with M·O rows, no copy of the input
+        out_major = torch.einsum("mnto,nti->omni", grads, inputs).contiguous()
+    samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
+    kind = FormedConvTerms if route == "formed" else OperatorConvTerms
+    return LayerTerms(kind(samples), input_trace, kfac, sizes)
 
 
 def grouped_kfc_factors(sqrt: Tensor, unfolded: Tensor, groups: int) -> tuple[Tensor, Tensor]:
@@ -273,12 +337,9 @@ def conv_terms(
 ) -> LayerTerms:
     """Per-sample quantities of a convolution weight ``[C_out, C_in/groups·Πkernel]``.
 
-    ``X_{m,n} = Ds_{m,n} â_nᵀ`` (sum over the ``T`` output positions), kept in the form
-    of the solve route of least estimated cost whose memory fits
-    (:func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`, on the CPU and for
-    accelerators): formed, factored, through the position Gram ``â_n â_mᵀ`` or through
-    ``X_a X_bᵀ`` (:mod:`~kfoc_backpack.solver.conv_routes`). Every route gives the same
-    optimal factors; the terms' ``route`` names the one taken.
+    ``X_{m,n} = Ds_{m,n} â_nᵀ`` (sum over the ``T`` output positions): a weight shared
+    over positions, handed to :func:`shared_terms` as every such layer is (rank one
+    where ``T = 1``, else the route of least estimated cost whose memory fits).
 
     A grouped convolution (``groups > 1``; depthwise for ``groups = C_in``) is the
     ``[C_out, C_in/groups·Πkernel]`` matrix its weight is: group ``γ``'s rows of
@@ -292,8 +353,7 @@ def conv_terms(
         unfolded: ``[N, I, T]`` unfolded inputs (``I = C_in·Πkernel``, all channels).
         sqrt: ``[M, N, O, T]`` output-side vectors at the output positions.
         with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
-        route: Force a route (one of
-            :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice;
+        route: Force a route (see :func:`shared_terms`) instead of the choice;
             grouped convolutions take ``formed`` or ``operator``.
         groups: The convolution's ``groups``.
 
@@ -317,32 +377,11 @@ def conv_terms(
         )
         samples = per_group.reshape(out_features, columns * num, -1).transpose(0, 1)
         kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-        return LayerTerms(kind(samples), input_trace, kfac)
-    kfac = kfc_factors(sqrt.transpose(2, 3), unfolded.transpose(1, 2)) if with_kfac else None
-    if route is None:
-        route = choose_conv_route(
-            columns,
-            num,
-            positions,
-            out_features,
-            unfolded.shape[1],
-            itemsize=max(sqrt.element_size(), 4),
-            accelerator=launch_bound(sqrt.device),
-        )
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}.")
-    if route in ("factored", "gram"):
-        grads, inputs = sqrt.transpose(2, 3), unfolded.transpose(1, 2)
-        kind = FactoredConvTerms if route == "factored" else GramConvTerms
-        return LayerTerms(kind(grads, inputs), input_trace, kfac)
-    if sqrt.shape[0] == 1:  # one column: a single batched product
-        prods = torch.bmm(sqrt[0], unfolded.mT).unsqueeze(0)  # [1, N, O, I]
-        out_major = prods.permute(2, 0, 1, 3).contiguous()
-    else:  # einsum contracts batched over N with M·O rows, no copy of the input
-        out_major = torch.einsum("mnot,nit->omni", sqrt, unfolded).contiguous()
-    samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
-    kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-    return LayerTerms(kind(samples), input_trace, kfac)
+        sizes = LayerSizes(columns, num, positions, out_features, samples.shape[-1], groups)
+        return LayerTerms(kind(samples), input_trace, kfac, sizes)
+    return shared_terms(
+        sqrt.transpose(2, 3), unfolded.transpose(1, 2), input_trace, with_kfac, route
+    )
 
 
 def bias_block(sqrt: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from torch.nn import Module
 from kfoc_backpack.collect.layers import LayerTerms, bias_block, kfac_scale_split, kfc_factors
 from kfoc_backpack.extensions.unsupported import module_path
 from kfoc_backpack.solver import KroneckerFactors
+from kfoc_backpack.solver.conv_routes import route_of
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -67,6 +68,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         terms = self.layer_terms(ext, module, backproped)
         if not ext.solves:
             return terms
+        ext.note_route(module, route_of(terms.terms))
 
         def what() -> str:
             return (

@@ -13,7 +13,6 @@ from torch.nn import Conv1d, Conv2d, Conv3d
 
 from kfoc_backpack.collect.layers import conv_terms
 from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms
-from kfoc_backpack.solver.conv_routes import route_of
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -44,9 +43,7 @@ class KFOCConvNd(KFOCBaseModule):
         """Per-sample quantities; ``backproped`` is ``[M, N, C_out, *spatial_out]``."""
         unfolded = unfold_input(module, module.input0)  # [N, C_in·Πkernel, T]
         sqrt = backproped.flatten(start_dim=3)  # [M, N, C_out, T]
-        terms = conv_terms(unfolded, sqrt, with_kfac=not ext.solves, groups=module.groups)
-        ext.note_route(module, route_of(terms.terms))
-        return terms
+        return conv_terms(unfolded, sqrt, with_kfac=not ext.solves, groups=module.groups)
 
     def bias_sqrt(self, backproped: Tensor) -> Tensor:
         """Sum ``[M, N, C_out, *spatial]`` over the output positions."""

@@ -43,9 +43,10 @@ class SolveRecord(NamedTuple):
         iterations: Power steps the solver took (Lanczos steps on the convolution
             routes: applications of the left power map).
         converged: Whether the tolerance was reached.
-        route: How the solve ran: for convolutions the route of
+        route: How the solve ran: ``rank-one`` (``Linear`` on 2-d inputs, any layer
+            on a single position) or, for weights shared over positions, the route of
             :mod:`~kfoc_backpack.solver.conv_routes` (``formed``, ``factored``,
-            ``gram``, ``operator``); empty for other layers.
+            ``gram``, ``operator``).
     """
 
     module: str

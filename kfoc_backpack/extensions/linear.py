@@ -27,8 +27,9 @@ class KFOCLinear(KFOCBaseModule):
       (:func:`~kfoc_backpack.solver.nearest_kronecker_outer`) and never allocates
       anything of size ``N·out·in``.
     * input with extra dimensions ``[N, *, in]`` (shared weight, like a
-      convolution): ``X_{m,n} = Σ_t s_{m,n,t} a_{n,t}ᵀ``, kept factored where that
-      is smaller (:func:`~kfoc_backpack.collect.layers.shared_terms`).
+      convolution): ``X_{m,n} = Σ_t s_{m,n,t} a_{n,t}ᵀ``, handed over as every
+      weight-shared layer is (:func:`~kfoc_backpack.collect.layers.shared_terms`:
+      rank one for a single position, else the route the cost model picks).
     """
 
     def __init__(self):

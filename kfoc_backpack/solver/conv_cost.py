@@ -103,6 +103,16 @@ def kfac_cost(cols: int, num: int, pos: int, m: int, n: int) -> float:
     return num * pos * n * n + cols * num * pos * m * m
 
 
+def rank_one_flops(cols: int, num: int, m: int, n: int) -> float:
+    """Multiply-adds of a rank-one solve (``T = 1``) in ``K``-dimensional coefficient space.
+
+    The two Gram matrices of the terms (``K²·(J²·M + N)``), steps of ``K²`` each
+    (negligible), and the factors formed once at the end as K-FAC forms its own
+    (``J·K·M² + K·N²``) — see :mod:`~kfoc_backpack.solver.outer`.
+    """
+    return num * num * (cols * cols * m + n) + kfac_cost(cols, num, 1, m, n)
+
+
 SQUARING_MAX_PAIRS = 1 << 24
 """Largest ``(J·K·M)²`` of the formed route's squaring on accelerators."""
 

@@ -354,11 +354,16 @@ class OperatorConvTerms(SampleTerms):
         )
 
 
+RANK_ONE = "rank-one"
+"""Route name of rank-one per-sample matrices (:class:`~kfoc_backpack.solver.OuterTerms`:
+a ``Linear`` on 2-d inputs, any weight shared over a single position)."""
+
+
 def route_of(terms: object) -> str:
     """Name of the route a terms object solves by (``formed`` for plain ``SampleTerms``)."""
     name = getattr(terms, "route", None)
     if name is not None:
         return name
-    return {"SampleTerms": "formed", "FactoredTerms": "factored"}.get(
+    return {"SampleTerms": "formed", "FactoredTerms": "factored", "OuterTerms": RANK_ONE}.get(
         type(terms).__name__, type(terms).__name__
     )

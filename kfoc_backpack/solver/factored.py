@@ -149,33 +149,6 @@ class FactoredTerms:
         return flat.T @ flat
 
 
-TYPICAL_STEPS = 4
-"""Power steps the route choice assumes (K-FAC's start typically needs 3 to 5 here)."""
-
-
-def factored_is_cheaper(columns: int, positions: int, m: int, n: int) -> bool:
-    """Whether :class:`FactoredTerms` cost fewer flops than forming ``X`` (per sample).
-
-    Formed: ``J·M·N·T`` to build ``X`` once, then ``2·J·M·N·(M + N)`` per power step.
-    Factored: ``2·(J·T·M·(M + T) + T·N·(N + T))`` per step. Compared over
-    :data:`TYPICAL_STEPS` steps; the factored form is also the smaller one in memory
-    exactly when ``T`` is small against ``M·N/(M + N)``, which is where it wins.
-
-    Args:
-        columns: ``J``, vectors per sample.
-        positions: ``T``, positions sharing the weight.
-        m: Output features ``M``.
-        n: Input features ``N``.
-    """
-    formed = columns * m * n * positions + TYPICAL_STEPS * 2 * columns * m * n * (m + n)
-    factored = (
-        TYPICAL_STEPS
-        * 2
-        * (columns * positions * m * (m + positions) + positions * n * (n + positions))
-    )
-    return factored < formed
-
-
 def nearest_kronecker_factored(
     terms: FactoredTerms,
     *,

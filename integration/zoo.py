@@ -1,0 +1,406 @@
+"""Model zoo: ``kfoc`` against laplace-torch's ``kron`` on library models, as users build them.
+
+Each model comes from its library's constructor (random initialisation: nothing is
+downloaded) and is fitted with ``Laplace(model, "classification", "all", structure)`` for
+``structure`` in ``kron`` (laplace-torch's default backend, curvlinops' K-FAC) and
+``kfoc`` (``aggregation="running"``, exact GGN), after
+:func:`kfoc_backpack.freeze_unsupported` froze the parameters neither has factors for
+(normalisation layers, embeddings, ``cls_token``/``pos_embed``, layer scales; both fit
+the same parameters):
+
+=====================  ===============================================================
+model                  built by
+=====================  ===============================================================
+``resnet18``           ``torchvision.models.resnet18(num_classes=10)``
+``mobilenet_v3_small`` ``torchvision.models.mobilenet_v3_small(num_classes=10)``
+                       (depthwise convolutions trainable)
+``vit_tiny``           ``timm.create_model("vit_tiny_patch16_224", img_size=32,
+                       patch_size=4, num_classes=10)``
+``convnext_atto``      ``timm.create_model("convnext_atto", num_classes=10)``
+``bert_tiny``          ``transformers.BertForSequenceClassification`` (2 layers, width 128,
+                       4 heads, 32 tokens, dict batches)
+=====================  ===============================================================
+
+The images are 32×32 RGB (two batches of 16, random), the token sequences 32 long. Per
+model it prints the *curvature time* — ``la.fit`` less the eigendecompositions of the
+factors that both methods pay at its end (``Kron.decompose``, timed inside the same
+fit) — and the full fit time, medians over ``--repeats`` fits with the methods
+interleaved (after one warm-up fit each), their ratio, and for ``kfoc`` each weight's
+solve route, Lanczos/power steps and solve time on the first batch, with the
+multiply-adds of the route taken and of the cheapest route at those steps (the exact
+floor) against K-FAC's factors of the same layer; the model's ``floor`` is the sum of
+its layers' floors over the sum of their K-FAC flops. Needs the ``zoo``
+extra (``pip install -e ".[zoo]"``: torchvision, timm, transformers). Usage::
+
+    python integration/zoo.py                       # all models, 5 repeats, 1 thread
+    python integration/zoo.py --models bert_tiny --repeats 1   # smoke test
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from laplace import Laplace  # noqa: E402
+from laplace.utils.matrix import Kron  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import kfoc_backpack  # noqa: E402  (registers hessian_structure="kfoc")
+from integration import cli  # noqa: E402
+from kfoc_backpack import KFOCBackend  # noqa: E402
+from kfoc_backpack.collect.layers import LayerSizes, LayerTerms  # noqa: E402
+from kfoc_backpack.solver.conv_cost import rank_one_flops, route_flops  # noqa: E402
+from kfoc_backpack.solver.conv_routes import route_of  # noqa: E402
+
+METHODS = ("kron", "kfoc")
+CLASSES = 10
+IMAGE = (3, 32, 32)
+TOKENS = 32
+
+
+@dataclass
+class Case:
+    """A model, its loader and the ``Laplace`` keywords its batches need."""
+
+    model: nn.Module
+    loader: DataLoader
+    frozen: list[str]
+    laplace_kwargs: dict = field(default_factory=dict)
+
+
+def _missing(package: str) -> ImportError:
+    return ImportError(
+        f"integration/zoo.py needs {package}: install the zoo extra, "
+        'pip install -e ".[zoo]" (torchvision, timm, transformers).'
+    )
+
+
+def torchvision_model(name: str) -> Callable[[], nn.Module]:
+    """Return a constructor of ``torchvision.models.<name>(num_classes=10)``."""
+
+    def build() -> nn.Module:
+        try:
+            import torchvision
+        except (ImportError, RuntimeError) as error:  # RuntimeError: a CPU torch mismatch
+            raise _missing("torchvision") from error
+        return getattr(torchvision.models, name)(num_classes=CLASSES)
+
+    return build
+
+
+def timm_model(name: str, **kwargs) -> Callable[[], nn.Module]:
+    """Return a constructor of ``timm.create_model(name, pretrained=False, **kwargs)``."""
+
+    def build() -> nn.Module:
+        try:
+            import timm
+        except (ImportError, RuntimeError) as error:
+            raise _missing("timm") from error
+        return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
+
+    return build
+
+
+class SequenceClassifier(nn.Module):
+    """A Hugging Face classifier on dict batches that returns its logits.
+
+    laplace-torch's recipe for transformers: ``Laplace`` needs a tensor output.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, batch: dict) -> torch.Tensor:  # noqa: D102
+        return self.hf_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+
+
+def bert_tiny() -> nn.Module:
+    """``BertForSequenceClassification`` of BERT-tiny's sizes (2 layers, width 128)."""
+    try:
+        from transformers import BertConfig, BertForSequenceClassification
+    except ImportError as error:
+        raise _missing("transformers") from error
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=TOKENS,
+        num_labels=CLASSES,
+        attn_implementation="eager",
+    )
+    return SequenceClassifier(BertForSequenceClassification(config))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "resnet18": (torchvision_model("resnet18"), "image"),
+    "mobilenet_v3_small": (torchvision_model("mobilenet_v3_small"), "image"),
+    "vit_tiny": (timm_model("vit_tiny_patch16_224", img_size=32, patch_size=4), "image"),
+    "convnext_atto": (timm_model("convnext_atto"), "image"),
+    "bert_tiny": (bert_tiny, "tokens"),
+}
+"""Name → (constructor, input kind)."""
+
+
+class DictDataset(Dataset):
+    """Token batches as dicts: ``input_ids``, ``attention_mask``, ``labels``."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+        self.ids, self.mask, self.labels = ids, mask, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.ids[index],
+            "attention_mask": self.mask[index],
+            "labels": self.labels[index],
+        }
+
+
+def make(name: str, batch: int, batches: int, seed: int = 0) -> Case:
+    """Build the model (eval mode, unsupported parameters frozen) and its random data."""
+    build, kind = MODELS[name]
+    torch.manual_seed(seed)
+    model = build().eval()
+    frozen = kfoc_backpack.freeze_unsupported(model)
+    num = batch * batches
+    labels = torch.randint(0, CLASSES, (num,))
+    if kind == "image":
+        data = TensorDataset(torch.randn(num, *IMAGE), labels)
+        return Case(model, DataLoader(data, batch_size=batch), frozen)
+    ids = torch.randint(0, 1000, (num, TOKENS))
+    mask = torch.ones(num, TOKENS, dtype=torch.long)
+    mask[num // 2 :, TOKENS * 3 // 4 :] = 0  # padded sequences in the second half
+    loader = DataLoader(DictDataset(ids, mask, labels), batch_size=batch)
+    return Case(model, loader, frozen, {"dict_key_x": "input_ids", "dict_key_y": "labels"})
+
+
+@contextlib.contextmanager
+def decompose_timer() -> Iterator[list[float]]:
+    """Accumulate the seconds spent in ``Kron.decompose`` while active."""
+    spent: list[float] = []
+    original = Kron.decompose
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    Kron.decompose = timed
+    try:
+        yield spent
+    finally:
+        Kron.decompose = original
+
+
+def fit_once(case: Case, method: str) -> tuple[float, float]:
+    """``(curvature seconds, fit seconds)`` of one ``Laplace.fit``."""
+    extra = {"aggregation": "running"} if method == "kfoc" else {}
+    la = Laplace(case.model, "classification", "all", method, **case.laplace_kwargs, **extra)
+    with decompose_timer() as spent:
+        start = time.perf_counter()
+        la.fit(case.loader)
+        total = time.perf_counter() - start
+    return total - sum(spent), total
+
+
+def layer_flops(sizes: LayerSizes, route: str, steps: int) -> dict[str, float]:
+    """Multiply-adds of the route taken, of the cheapest route, and of K-FAC's factors.
+
+    At the ``steps`` the solve took (:func:`~kfoc_backpack.solver.conv_cost.route_flops`,
+    :func:`~kfoc_backpack.solver.conv_cost.rank_one_flops`); a grouped convolution's
+    formed route and its K-FAC (the input factor over ``groups·T`` positions of
+    ``C_in/groups·Πkernel`` features) likewise.
+    """
+    cols, num, pos, m, n, groups = sizes
+    if pos == 1 and groups == 1:
+        taken = floor = rank_one_flops(cols, num, m, n)
+    else:
+        flops = route_flops(cols, num, pos, m, n, steps=max(steps, 1))
+        allowed = ("formed", "operator") if groups > 1 else list(flops)
+        taken, floor = flops[route], min(flops[r] for r in allowed)
+    kfac = num * pos * groups * n * n + cols * num * pos * m * m
+    return {"route_flops": taken, "floor_flops": floor, "kfac_flops": kfac}
+
+
+def layer_solves(case: Case) -> list[dict[str, object]]:
+    """Each weight's sizes, route, steps, solve time and flops on the first batch (GGN).
+
+    The flops of every route are counted at the steps this solve took (from the default
+    start, K-FAC's output-side factor): ``floor_flops`` is the cheapest route's,
+    the exact floor of this layer at that step count.
+    """
+    backend = KFOCBackend(case.model, "classification", **case.laplace_kwargs)
+    batch = next(iter(case.loader))
+    if isinstance(batch, dict):
+        x, y = batch, batch["labels"]
+    else:
+        x, y = batch
+    quantities = backend.collect(x, y).quantities
+    params = dict(case.model.named_parameters())
+    rows = []
+    for name, value in quantities.items():
+        if not isinstance(value, LayerTerms):
+            continue
+        start = time.perf_counter()
+        factors = value.solve(backend.solver_options)
+        elapsed = time.perf_counter() - start
+        route = route_of(value.terms)
+        row = {
+            "weight": name,
+            "shape": list(params[name].shape),
+            "sizes": value.sizes._asdict(),
+            "route": route,
+            "steps": factors.iterations,
+            "solve_ms": 1e3 * elapsed,
+        }
+        rows.append(row | layer_flops(value.sizes, route, factors.iterations))
+    return rows
+
+
+def time_model(name: str, batch: int, batches: int, repeats: int) -> dict[str, object]:
+    """Medians of curvature and fit time per method, interleaved, or the error raised."""
+    case = make(name, batch, batches)
+    curvature: dict[str, list[float]] = defaultdict(list)
+    fits: dict[str, list[float]] = defaultdict(list)
+    errors: dict[str, str] = {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        order = METHODS if round_ % 2 == 0 else METHODS[::-1]
+        for method in order:
+            if method in errors:
+                continue
+            try:
+                curv, fit = fit_once(case, method)
+            except Exception as error:  # recorded in the table, the other method goes on
+                errors[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                continue
+            if round_ > 0:
+                curvature[method].append(curv)
+                fits[method].append(fit)
+    record: dict[str, object] = {
+        "model": name,
+        "batch": batch,
+        "batches": batches,
+        "frozen": case.frozen,
+        "trainable": sum(p.numel() for p in case.model.parameters() if p.requires_grad),
+        "errors": errors,
+    }
+    for method in METHODS:
+        if method not in errors:
+            record[f"{method}_curvature_s"] = statistics.median(curvature[method])
+            record[f"{method}_fit_s"] = statistics.median(fits[method])
+    if not errors:
+        record["curvature_ratio"] = record["kfoc_curvature_s"] / record["kron_curvature_s"]
+        record["fit_ratio"] = record["kfoc_fit_s"] / record["kron_fit_s"]
+    if "kfoc" not in errors:
+        layers = layer_solves(case)
+        record["layers"] = layers
+        kfac = sum(row["kfac_flops"] for row in layers)
+        record["route_flops_ratio"] = sum(row["route_flops"] for row in layers) / kfac
+        record["floor_flops_ratio"] = sum(row["floor_flops"] for row in layers) / kfac
+    return record
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table of the medians and ratios."""
+    lines = [
+        "| model | trainable | kron curvature s | kfoc curvature s | kfoc/kron | kron fit s "
+        "| kfoc fit s | kfoc/kron fit | flops/K-FAC: route taken | floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rec in records:
+        if rec["errors"]:
+            errors = "; ".join(f"{m}: {e}" for m, e in rec["errors"].items())
+            lines.append(f"| {rec['model']} | {rec['trainable']} | {errors} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {rec['model']} | {rec['trainable']} | {rec['kron_curvature_s']:.3f} "
+            f"| {rec['kfoc_curvature_s']:.3f} | {rec['curvature_ratio']:.2f}× "
+            f"| {rec['kron_fit_s']:.3f} | {rec['kfoc_fit_s']:.3f} | {rec['fit_ratio']:.2f}× "
+            f"| {rec['route_flops_ratio']:.2f}× | {rec['floor_flops_ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def layer_table(records: list[dict]) -> str:
+    """Markdown table of each weight's route, steps and solve time (first batch)."""
+    lines = [
+        "| model | weight | J·K·T·M·N (groups) | route | steps | solve ms | route flops "
+        "| floor flops | K-FAC flops |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for rec in records:
+        for row in rec.get("layers", []):
+            sizes = dict(row["sizes"])
+            groups = sizes.pop("groups")
+            dims = "·".join(str(v) for v in sizes.values()) + (f" ({groups})" if groups > 1 else "")
+            lines.append(
+                f"| {rec['model']} | {row['weight']} | {dims} | {row['route']} "
+                f"| {row['steps']} | {row['solve_ms']:.1f} | {row['route_flops']:.3g} "
+                f"| {row['floor_flops']:.3g} | {row['kfac_flops']:.3g} |"
+            )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models"
+    )
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed fits per method")
+    parser.add_argument("--batch", type=cli.positive_int, default=16, help="batch size")
+    parser.add_argument("--batches", type=cli.positive_int, default=2, help="batches per fit")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, default=Path("results/zoo"), help="output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cli.quiet_library_warnings()
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = [
+        time_model(name, args.batch, args.batches, args.repeats)
+        for name in tqdm(args.models, desc="models")
+    ]
+    result = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "models": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "zoo.json").write_text(json.dumps(result, indent=1))
+    text = table(records) + "\n\n" + layer_table(records)
+    (args.out / "zoo.md").write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Smoke test of integration/zoo.py (library models: ``kfoc`` against ``kron``).
+
+The default suite runs the Hugging Face BERT of the zoo (``transformers`` is in the test
+extra); the torchvision and timm models need the ``zoo`` extra, whose torchvision does not
+load beside the CPU torch wheel CI installs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from integration import zoo
+
+
+def test_bert_tiny_fits_both_methods(tmp_path):
+    result = zoo.main(
+        ["--models", "bert_tiny", "--repeats", "1", "--batch", "4", "--out", str(tmp_path)]
+    )
+    (record,) = result["models"]
+    assert record["errors"] == {}
+    for method in zoo.METHODS:
+        assert 0 < record[f"{method}_curvature_s"] <= record[f"{method}_fit_s"]
+    # the freezing call named embeddings and LayerNorms by their full names, nothing else
+    assert "hf_model.bert.embeddings.word_embeddings.weight" in record["frozen"]
+    assert all("embeddings" in name or "LayerNorm" in name for name in record["frozen"])
+    routes = {row["weight"]: row["route"] for row in record["layers"]}
+    assert routes["hf_model.classifier.weight"] == "rank-one"  # the [CLS] token only
+    encoder = "hf_model.bert.encoder.layer.0.intermediate.dense.weight"
+    assert routes[encoder] in ("formed", "factored", "gram", "operator")
+    assert all(row["steps"] >= 1 for row in record["layers"])
+    saved = json.loads((tmp_path / "zoo.json").read_text())
+    assert saved["models"][0]["model"] == "bert_tiny"
+    assert "| bert_tiny |" in (tmp_path / "zoo.md").read_text()
+
+
+def test_missing_library_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ImportError, match=r"\.\[zoo\]"):
+        zoo.make("vit_tiny", batch=2, batches=1)
