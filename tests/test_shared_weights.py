@@ -167,3 +167,27 @@ def test_one_position_layers_in_backpack(case):
     weight = dict(extended.named_parameters())[name]
     assert_weight_optimal(blocks[name], weight, weight.kfoc_exact)
     assert {rec.route for rec in ext.solve_log} == {RANK_ONE}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_route_accepts_a_start_of_the_left_factor(route):
+    """A start (e.g. another batch's ``L``) changes the steps, not the optimum."""
+    grads, inputs = random_tokens(*TOKEN_SHAPES["few-tokens"], torch.float64)
+    trace = sum_of_squares(inputs) / inputs.shape[0]
+    terms = shared_terms(grads, inputs, trace, route=route)
+    other, _ = random_tokens(*TOKEN_SHAPES["few-tokens"], torch.float64, seed=1)
+    start = shared_terms(other, inputs, trace).solve(SolverOptions(**TIGHT)).left
+    factors = terms.terms.solve(SolverOptions(**TIGHT), init=start)
+    left, right = factors.left, factors.right
+    block = dense_block(grads, inputs)
+    best = optimal_error(block, grads.shape[-1], inputs.shape[-1])
+    assert rel_error(block, left, right) == pytest.approx(best, abs=1e-9)
+
+
+def test_few_positions_on_a_wide_output_take_the_output_gram():
+    """ConvNeXt's late MLPs (``J·K·T`` = 576 rows against 640 outputs): every other route
+    pays ``J·K·T·M²`` per step; the output-side Gram does not."""
+    grads, inputs = random_tokens(9, 16, 4, 640, 160, torch.float32)
+    assert route_of(linear_terms(inputs, grads).terms) == "output-gram"
+    grads, inputs = random_tokens(9, 16, 64, 64, 576, torch.float32)  # many positions
+    assert route_of(linear_terms(inputs, grads).terms) != "output-gram"

@@ -30,6 +30,7 @@ from kfoc_backpack.solver.conv_routes import (
     FormedConvTerms,
     GramConvTerms,
     OperatorConvTerms,
+    OutputGramTerms,
 )
 from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.rescale import solve_rescaled
@@ -289,9 +290,13 @@ def shared_terms(
         )
     if route not in ROUTES:
         raise ValueError(f"route must be one of {(RANK_ONE, *ROUTES)}, got {route!r}.")
-    if route in ("factored", "gram"):
-        kind = FactoredConvTerms if route == "factored" else GramConvTerms
-        return LayerTerms(kind(grads, inputs), input_trace, kfac, sizes)
+    factored = {
+        "factored": FactoredConvTerms,
+        "gram": GramConvTerms,
+        "output-gram": OutputGramTerms,
+    }
+    if route in factored:
+        return LayerTerms(factored[route](grads, inputs), input_trace, kfac, sizes)
     if columns == 1:  # one column: a single batched product
         prods = torch.bmm(grads[0].mT, inputs).unsqueeze(0)  # [1, N, O, I]
         out_major = prods.permute(2, 0, 1, 3).contiguous()

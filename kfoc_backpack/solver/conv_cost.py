@@ -1,4 +1,4 @@
-r"""Flop and memory model of the convolution routes, and the route choice.
+r"""Flop and memory model of the routes for weights shared over positions, and the choice.
 
 Counts are multiply-adds of the dominant products (module
 :mod:`~kfoc_backpack.solver.conv_routes` derives each one), for ``s`` Lanczos steps:
@@ -11,6 +11,8 @@ factored   —                               ``2·(J·K·T·M·(M+T)``     ``K·
                                            ``+ K·T·N·(N+T))``       ``J·K·T²``
 gram       ``(K·T)²·N`` (``Q``)            ``2·K²·T³``              ``K·T·N·(N+T)`` /
                                            ``+ 2·J·K·T·M·(M+T)``    ``2·(K·T)²``
+output-    ``(J·K·T)²·M`` (Gram of ``G``)  ``2·(J·K)²·T³``          ``J·K·T·M·(M+T)`` /
+gram       ``+ J·K·T·N²``                  ``+ 2·J·K·T·N·(N+T)``    ``2·(J·K·T)² + 2·J·K·T·N``
 operator   ``J·K·T·M·N + (J·K·M)²·N``      ``2·(J·K)²·M³``          ``J·K·M·N·(M+N)`` /
                                                                     ``J·K·M·N + 2·(J·K·M)²``
 =========  ==============================  =======================  ===========================
@@ -25,7 +27,7 @@ output features, ``N`` input features.
 
 from __future__ import annotations
 
-ROUTES = ("formed", "factored", "gram", "operator")
+ROUTES = ("formed", "factored", "gram", "output-gram", "operator")
 """Route names, as recorded in ``SolveRecord.route``."""
 
 KRYLOV_STEPS = {1: 16, 2: 6}
@@ -43,7 +45,7 @@ def assumed_steps(cols: int) -> int:
 LAUNCH_FLOPS = {False: 2e4, True: 2e8}
 """Multiply-adds one dispatched operation is worth: CPU, accelerator (launch-bound)."""
 
-OPS_PER_STEP = {"formed": 12, "factored": 14, "gram": 14, "operator": 12}
+OPS_PER_STEP = {"formed": 12, "factored": 14, "gram": 14, "output-gram": 14, "operator": 12}
 """Dispatched operations per Lanczos step (half-steps plus re-orthogonalisation)."""
 
 MEMORY_FLOOR = 64 * 2**20
@@ -83,6 +85,11 @@ def route_flops(
         + steps * (2 * num**2 * pos**3 + 2 * left_factored)
         + right_factored
         + left_factored,
+        "output-gram": (jk * pos) ** 2 * m
+        + jk * pos * n * n
+        + steps * (2 * jk**2 * pos**3 + 2 * jk * pos * n * (n + pos))
+        + left_factored
+        + jk * pos * n * (n + pos),
         "operator": form + (jk * m) ** 2 * n + 2 * steps * jk**2 * m**3 + right_formed,
     }
 
@@ -94,6 +101,8 @@ def route_bytes(cols: int, num: int, pos: int, m: int, n: int, itemsize: int) ->
         "formed": itemsize * jk * m * n,
         "factored": itemsize * (jk * pos * pos + num * pos * max(m, n)),
         "gram": itemsize * (num * pos) ** 2 * (1.25 if (num * pos) ** 2 > 1 << 22 else 2),
+        "output-gram": itemsize
+        * ((jk * pos) ** 2 * (1.25 if (jk * pos) ** 2 > 1 << 22 else 2) + 2 * jk * pos * n),
         "operator": itemsize * (jk * m * n + 2 * (jk * m) ** 2),
     }
 

@@ -1,4 +1,4 @@
-r"""Solve routes for weights shared over positions (convolutions), one terms class each.
+r"""Solve routes for weights shared over positions (convolutions, token ``Linear``), one class each.
 
 Per-sample matrices ``X_{j,k} = G_{j,k}ᵀ A_k`` (docs/conventions.md §1). Every route
 finds the same Frobenius-optimal ``L ⊗ R`` — the top eigenvector of the left power map
@@ -16,6 +16,9 @@ conventions of ``finalize`` — and differs only in how ``S`` is applied:
   ``A_k R A_kᵀ = Σ_m Q_{km} W_m Q_{km}ᵀ``: a step costs
   ``2·K²·T³ + 2·J·K·T·M·(M + T)``, whatever ``N``. The ``N × N`` factor is formed once
   at the end (``K·T·N·(N + T)``, as K-FAC forms its own).
+* ``output-gram`` (:class:`OutputGramTerms`): ``gram`` on the transposed problem
+  ``X_{jk}ᵀ = A_kᵀ G_{jk}``, through the Gram of the output-side vectors
+  (``[J·K·T, J·K·T]``): a step costs ``2·(J·K)²·T³ + 2·J·K·T·N·(N + T)``, whatever ``M``.
 * ``operator`` (:class:`OperatorConvTerms`): the same with the formed ``X`` as the
   "positions" (``T → M``, ``G = I``): ``P_{ab} = X_a X_bᵀ`` formed once
   (``(J·K·M)²·N``), a step ``L ↦ Σ_{ab} P_{ab} L P_{ab}ᵀ`` costs ``2·(J·K)²·M³``.
@@ -173,7 +176,9 @@ class FactoredConvTerms(FactoredTerms):
     ) -> KroneckerFactors:
         """Optimal factors by Lanczos on the factored half-steps."""
         opts, out_dtype, tensors = working_tensors(options, self.grads, self.inputs)
-        terms = FactoredTerms(*tensors)
+        # contiguous once (a convolution's vectors arrive as a transposed view): every
+        # half-step's products then run over all rows without a copy
+        terms = FactoredTerms(*(t.contiguous() for t in tensors))
         m, n = terms.shape
         if terms.num_terms == 0 or terms.grads.shape[2] == 0:
             return zero_solution(m, n, terms.grads, out_dtype)
@@ -305,6 +310,58 @@ class GramConvTerms(FactoredTerms):
         return krylov_solve(
             apply, to_right, start, opts, out_dtype, right_trace, "gram convolution route", True
         )
+
+
+@dataclass(frozen=True)
+class OutputGramTerms(FactoredTerms):
+    """Factored terms solved through the Gram of the output-side vectors (``output-gram``).
+
+    The mirror of :class:`GramConvTerms`: the problem transposed,
+    ``X_{jk}ᵀ = A_kᵀ G_{jk}``, is one of ``J·K`` samples with output side ``A_k``
+    (``[T, N]``) and input side ``G_{jk}`` (``[T, M]``), solved by :class:`GramConvTerms`
+    through the position Gram ``G_{jk} G_{il}ᵀ`` (``[J·K·T, J·K·T]``, one product of
+    ``(J·K·T)²·M``). A step costs ``2·(J·K)²·T³ + 2·J·K·T·N·(N + T)`` and never touches
+    the ``M``-dimensional output side: it wins where ``J·K·T`` is small against ``M`` (a
+    wide ``Linear`` on few tokens or a 1×1 convolution on a small map, e.g. ConvNeXt's
+    late MLPs), where every other route pays ``J·K·T·M²`` per step. The ``M × M`` factor
+    is formed once at the end (``J·K·T·M·(M + T)``, as K-FAC forms its own). The factors
+    are those of the transposed problem, swapped.
+
+    Attributes:
+        grads: ``[J, K, T, M]`` output-side vectors.
+        inputs: ``[K, T, N]`` input-side vectors.
+    """
+
+    route = "output-gram"
+
+    def detach(self) -> OutputGramTerms:
+        """Return the same terms, detached from any autograd graph."""
+        return OutputGramTerms(self.grads.detach(), self.inputs.detach())
+
+    def solve(
+        self,
+        options: SolverOptions | None = None,
+        init: Tensor | None = None,
+        right_trace: Tensor | float | None = None,
+    ) -> KroneckerFactors:
+        """Optimal factors: the transposed problem through the output-side Gram."""
+        opts, out_dtype, (grads, inputs) = working_tensors(options, self.grads, self.inputs)
+        cols, num, pos, m = grads.shape
+        n = inputs.shape[-1]
+        if cols * num * pos == 0:
+            return zero_solution(m, n, grads, out_dtype)
+        # transposed samples (j, k): output side A_k, input side G_jk
+        mirrored = GramConvTerms(
+            inputs.expand(cols, num, pos, n).reshape(1, cols * num, pos, n),
+            grads.reshape(cols * num, pos, m),
+        )
+        # a start of L is a start of the mirror's right factor: one half-step gives its left
+        start = None if init is None else self.to_right(init.to(grads))
+        factors = mirrored.solve(opts, init=start)
+        left, right = finalize(
+            factors.right, factors.left, out_dtype, right_trace=right_trace, what="output-gram"
+        )
+        return KroneckerFactors(left, right, factors.iterations, factors.converged)
 
 
 @dataclass(frozen=True)

@@ -100,16 +100,28 @@ class FactoredTerms:
         )
 
     def to_right(self, left: Tensor) -> Tensor:
-        """``Σ_{j,k} X_{j,k}ᵀ L X_{j,k}`` (``[N, N]``) for an ``[M, M]`` ``L``."""
-        g = self.grads
-        middle = (g @ left.to(g.dtype) @ g.mT).sum(0)  # [K, T, T]
-        return (self.inputs.mT @ (middle @ self.inputs)).sum(0)
+        """``Σ_{j,k} X_{j,k}ᵀ L X_{j,k}`` (``[N, N]``) for an ``[M, M]`` ``L``.
+
+        ``W_k = Σ_j G_{jk} L G_{jk}ᵀ`` (``[K, T, T]``), then ``Σ_k A_kᵀ (W_k A_k)`` as one
+        product with inner size ``K·T``: the wide products are single GEMMs over all
+        ``(j, k, t)`` rows, never ``K`` separate ``N × N`` results.
+        """
+        g, a = self.grads, self.inputs
+        m, n = self.shape
+        moved = (g.reshape(-1, m) @ left.to(g.dtype)).view(g.shape)  # G L, [J, K, T, M]
+        middle = (moved @ g.mT).sum(0)  # [K, T, T]
+        return a.reshape(-1, n).T @ (middle @ a).reshape(-1, n)
 
     def to_left(self, right: Tensor) -> Tensor:
-        """``Σ_{j,k} X_{j,k} R X_{j,k}ᵀ`` (``[M, M]``) for an ``[N, N]`` ``R``."""
-        a = self.inputs
-        middle = a @ right.to(a.dtype) @ a.mT  # [K, T, T]
-        return (self.grads.mT @ (middle @ self.grads)).sum((0, 1))
+        """``Σ_{j,k} X_{j,k} R X_{j,k}ᵀ`` (``[M, M]``) for an ``[N, N]`` ``R``.
+
+        ``V_k = A_k R A_kᵀ`` (``[K, T, T]``), then ``Σ_{j,k} G_{jk}ᵀ (V_k G_{jk})`` as one
+        product with inner size ``J·K·T`` (never ``J·K`` separate ``M × M`` results).
+        """
+        g, a = self.grads, self.inputs
+        m, n = self.shape
+        middle = (a.reshape(-1, n) @ right.to(a.dtype)).view(a.shape) @ a.mT  # [K, T, T]
+        return g.reshape(-1, m).T @ (middle @ g).reshape(-1, m)
 
     def samples(self) -> Tensor:
         """Form the per-sample matrices ``[J·K, M, N]`` (for small layers and tests)."""
