@@ -1,6 +1,9 @@
 """Collection layer: per-sample quantities of ``Linear``/``Conv`` layers during backward.
 
-* :mod:`~kfoc_backpack.collect.layers` — the per-layer maths shared by both routes;
+* :mod:`~kfoc_backpack.collect.kinds` — one file per layer kind: the layer's inputs and
+  output-side vectors at its positions (both routes use them);
+* :mod:`~kfoc_backpack.collect.layers` — the one hand-over to the solver
+  (``weight_terms``: rank one, route choice, grouped form, K-FAC's factors, bias block);
 * :mod:`~kfoc_backpack.collect.registry` — which layers have K-FOC factors (the one
   list), the checks that name every unsupported trainable parameter at once, and
   ``freeze_unsupported``;

@@ -212,11 +212,10 @@ def kfc_factors(sqrt: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def linear_terms(inputs: Tensor, sqrt: Tensor, with_kfac: bool = False) -> LayerTerms:
-    """Per-sample quantities of a ``Linear`` weight ``[O, I]``.
+    """Per-sample quantities of a ``Linear`` weight ``[O, I]`` (:func:`weight_terms`).
 
-    * 2-d input: ``X_{m,n} = s_{m,n} a_nᵀ`` has rank one and is kept as
-      :class:`~kfoc_backpack.solver.OuterTerms` (``N·(M·O + I)`` numbers).
-    * input with extra dimensions (tokens): see :func:`shared_terms`.
+    2-d input: ``X_{m,n} = s_{m,n} a_nᵀ`` has rank one (one position); input with extra
+    dimensions (tokens): every dimension between the batch and the features is a position.
 
     Args:
         inputs: ``[N, *, I]`` layer inputs.
@@ -226,14 +225,61 @@ def linear_terms(inputs: Tensor, sqrt: Tensor, with_kfac: bool = False) -> Layer
     Returns:
         The weight's :class:`LayerTerms`.
     """
-    input_trace = sum_of_squares(inputs) / inputs.shape[0]
     if inputs.dim() == 2:
-        kfac = kfc_factors(sqrt.unsqueeze(2), inputs.unsqueeze(1)) if with_kfac else None
-        sizes = LayerSizes(sqrt.shape[0], inputs.shape[0], 1, sqrt.shape[-1], inputs.shape[-1])
-        return LayerTerms(OuterTerms(sqrt.transpose(0, 1), inputs), input_trace, kfac, sizes)
-    grads = sqrt.flatten(start_dim=2, end_dim=-2)  # [M, N, T, O]
+        return weight_terms(inputs.unsqueeze(1), sqrt.unsqueeze(2), with_kfac)
     flat_inputs = inputs.flatten(start_dim=1, end_dim=-2)  # [N, T, I]
-    return shared_terms(grads, flat_inputs, input_trace, with_kfac)
+    return weight_terms(flat_inputs, sqrt.flatten(start_dim=2, end_dim=-2), with_kfac)
+
+
+def weight_terms(
+    inputs: Tensor,
+    vectors: Tensor,
+    with_kfac: bool = False,
+    route: str | None = None,
+    groups: int = 1,
+) -> LayerTerms:
+    """Per-sample quantities of any supported weight, from its positions: the hand-over.
+
+    Every layer kind (:mod:`kfoc_backpack.collect.kinds`) and both collection routes end
+    here with the layer's inputs and output-side vectors at its ``T`` positions.
+    ``groups = 1``: :func:`shared_terms` (rank one for ``T = 1``, else the route of
+    least estimated cost); ``groups > 1``: the grouped form of :func:`conv_terms`.
+
+    Args:
+        inputs: ``[N, T, I]`` inputs at the positions (any strides; a grouped layer's
+            ``I`` spans all groups' input features).
+        vectors: ``[M, N, T, O]`` output-side vectors at the positions.
+        with_kfac: Also compute K-FAC's factors of the same samples.
+        route: Force a route (see :func:`shared_terms`; grouped: ``formed`` or
+            ``operator``).
+        groups: Rows of the weight in ``groups`` blocks that see disjoint blocks of
+            the input features (a grouped convolution's ``groups``).
+
+    Returns:
+        The weight's :class:`LayerTerms`.
+    """
+    input_trace = sum_of_squares(inputs) / inputs.shape[0]
+    if groups == 1:
+        return shared_terms(vectors, inputs, input_trace, with_kfac, route)
+    columns, num, positions, out_features = vectors.shape
+    kfac = None
+    if with_kfac:
+        kfac = grouped_kfc_factors(vectors.transpose(2, 3), inputs.transpose(1, 2), groups)
+    route = "formed" if route is None else route
+    if route not in ("formed", "operator"):
+        raise ValueError(
+            f"a grouped convolution (groups={groups}) takes the routes 'formed' and "
+            f"'operator', got {route!r}."
+        )
+    per_group = torch.einsum(  # [g, O/g, M, N, I/g], output-major
+        "mntgo,ntgi->gomni",
+        vectors.unflatten(3, (groups, -1)),
+        inputs.unflatten(2, (groups, -1)),
+    )
+    samples = per_group.reshape(out_features, columns * num, -1).transpose(0, 1)
+    kind = FormedConvTerms if route == "formed" else OperatorConvTerms
+    sizes = LayerSizes(columns, num, positions, out_features, samples.shape[-1], groups)
+    return LayerTerms(kind(samples), input_trace, kfac, sizes)
 
 
 def shared_terms(
@@ -365,28 +411,7 @@ def conv_terms(
     Returns:
         The weight's :class:`LayerTerms`.
     """
-    columns, num, out_features, positions = sqrt.shape
-    input_trace = sum_of_squares(unfolded) / unfolded.shape[0]
-    if groups > 1:
-        kfac = grouped_kfc_factors(sqrt, unfolded, groups) if with_kfac else None
-        route = "formed" if route is None else route
-        if route not in ("formed", "operator"):
-            raise ValueError(
-                f"a grouped convolution (groups={groups}) takes the routes 'formed' and "
-                f"'operator', got {route!r}."
-            )
-        per_group = torch.einsum(  # [g, O/g, M, N, I/g], output-major
-            "mngot,ngit->gomni",
-            sqrt.unflatten(2, (groups, -1)),
-            unfolded.unflatten(1, (groups, -1)),
-        )
-        samples = per_group.reshape(out_features, columns * num, -1).transpose(0, 1)
-        kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-        sizes = LayerSizes(columns, num, positions, out_features, samples.shape[-1], groups)
-        return LayerTerms(kind(samples), input_trace, kfac, sizes)
-    return shared_terms(
-        sqrt.transpose(2, 3), unfolded.transpose(1, 2), input_trace, with_kfac, route
-    )
+    return weight_terms(unfolded.transpose(1, 2), sqrt.transpose(2, 3), with_kfac, route, groups)
 
 
 def bias_block(sqrt: Tensor) -> Tensor:

@@ -1,16 +1,18 @@
 """The one list of layers with K-FOC factors, and the checks that name the others.
 
-Adding a layer type means: its maths in :mod:`kfoc_backpack.collect.layers`, its
-entry in :data:`SUPPORTED_LAYERS` here, its hook-route branch in
-:mod:`kfoc_backpack.collect.route` and (for ``with backpack(...)`` users) a BackPACK
-module extension in :mod:`kfoc_backpack.extensions`.
+Adding a layer type means one :class:`~kfoc_backpack.collect.kinds.base.LayerKind` file
+in :mod:`kfoc_backpack.collect.kinds` and its entry in ``KINDS`` (both collection routes
+take it from there) and, for ``with backpack(...)`` users, a BackPACK module extension in
+:mod:`kfoc_backpack.extensions` that names BackPACK's derivatives of the layer.
 """
 
 from __future__ import annotations
 
-from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
+from torch.nn import Module
 
-SUPPORTED_LAYERS: tuple[type[Module], ...] = (Linear, Conv1d, Conv2d, Conv3d)
+from kfoc_backpack.collect.kinds import KINDS, kind_of
+
+SUPPORTED_LAYERS: tuple[type[Module], ...] = tuple(t for kind in KINDS for t in kind.types)
 """Layer types whose weight gets K-FOC factors and whose bias gets its exact block."""
 
 SUPPORTED_NAMES = ", ".join(layer.__name__ for layer in SUPPORTED_LAYERS)
@@ -21,13 +23,10 @@ CONV_SUPPORT = (
 )
 
 
-def conv_problem(module: Module) -> str | None:
-    """Name the setting of a convolution K-FOC's unfolding does not represent, if any."""
-    if isinstance(module.padding, str):
-        return f"padding={module.padding!r}"
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r}"
-    return None
+def layer_problem(module: Module) -> str | None:
+    """Name the setting of a supported layer its kind does not represent, if any."""
+    kind = kind_of(module)
+    return None if kind is None else kind.problem(module)
 
 
 def describe(name: str, module: Module) -> str:
@@ -46,16 +45,12 @@ def unsupported_reason(module: Module, exact_type: bool = False) -> str | None:
     Returns:
         A sentence fragment, or ``None`` for a supported layer.
     """
-    if exact_type:
-        supported = type(module) in SUPPORTED_LAYERS
-    else:
-        supported = isinstance(module, SUPPORTED_LAYERS)
-    if not supported:
+    kind = kind_of(module, exact_type)
+    if kind is None:
         return f"has trainable parameters but no K-FOC factors (supported: {SUPPORTED_NAMES})"
-    if not isinstance(module, Linear):
-        problem = conv_problem(module)
-        if problem is not None:
-            return f"with {problem} is not supported; K-FOC supports {CONV_SUPPORT}"
+    problem = kind.problem(module)
+    if problem is not None:
+        return f"with {problem} is not supported; K-FOC supports {CONV_SUPPORT}"
     return None
 
 

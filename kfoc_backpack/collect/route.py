@@ -30,19 +30,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from backpack.utils.conv import unfold_input
 from torch import Tensor
-from torch.nn import Linear, Module, Parameter
+from torch.nn import Module, Parameter
 
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
-from kfoc_backpack.collect.layers import (
-    LayerTerms,
-    bias_block,
-    conv_terms,
-    linear_terms,
-    shared_terms,
-    sum_of_squares,
-)
+from kfoc_backpack.collect.kinds import kind_of
+from kfoc_backpack.collect.layers import LayerTerms, bias_block, weight_terms
 from kfoc_backpack.collect.loss import CURVATURES, check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.registry import describe, trainable_layers
 
@@ -309,7 +302,7 @@ class TermCollector:
                 tuple(out.shape),
                 num,
                 grad,
-                any_dim=isinstance(self.layers[name], Linear),
+                any_dim=kind_of(self.layers[name]).any_batch_dim,
                 default=self._layouts.get(name, PLAIN),
             )
         except ValueError:
@@ -335,30 +328,15 @@ class TermCollector:
         quantities: dict[str, Quantity],
     ) -> None:
         layout = self._layouts.get(name, PLAIN)
-        if isinstance(module, Linear):
-            inputs = [layout.split(x) for x in record.inputs]  # [N, (k,) ..., I]
-            grads = [layout.split(g, lead=1) for g in grads]  # [M, N, (k,) ..., O]
-            if len(inputs) == 1:
-                weight = linear_terms(inputs[0], grads[0], self.with_kfac)
-            else:  # a layer called several times: its calls are positions of one weight
-                flat_in = torch.cat(
-                    [x.flatten(1, -2) if x.dim() > 2 else x[:, None] for x in inputs], 1
-                )
-                flat_g = torch.cat(
-                    [g.flatten(2, -2) if g.dim() > 3 else g[:, :, None] for g in grads], 2
-                )
-                trace = sum_of_squares(flat_in) / num
-                weight = shared_terms(flat_g, flat_in, trace, self.with_kfac)
-            bias_sqrt = sum(g.flatten(2, -2).sum(2) if g.dim() > 3 else g for g in grads)
-        else:
-            unfolded = torch.cat(  # [N, I, T]
-                [layout.positions(unfold_input(module, x)) for x in record.inputs], -1
-            )
-            flat_g = torch.cat(  # [M, N, O, T]
-                [layout.positions(g.flatten(start_dim=3), lead=1) for g in grads], -1
-            )
-            weight = conv_terms(unfolded, flat_g, self.with_kfac, groups=module.groups)
-            bias_sqrt = flat_g.sum(-1)
+        kind = kind_of(module)
+        inputs = [kind.inputs(module, x, layout) for x in record.inputs]  # [N, T, I] each
+        vectors = [kind.vectors(module, g, layout) for g in grads]  # [M, N, T, O] each
+        # a layer called several times: its calls are positions of one weight (one call:
+        # the views as they are, no copy)
+        inputs = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        vectors = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 2)
+        weight = weight_terms(inputs, vectors, self.with_kfac, groups=kind.groups(module))
+        bias_sqrt = vectors.sum(2)
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue

@@ -17,7 +17,14 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.collect.layers import LayerTerms, bias_block, kfac_scale_split, kfc_factors
+from kfoc_backpack.collect.kinds import LayerKind
+from kfoc_backpack.collect.layers import (
+    LayerTerms,
+    bias_block,
+    kfac_scale_split,
+    kfc_factors,
+    weight_terms,
+)
 from kfoc_backpack.extensions.unsupported import module_path
 from kfoc_backpack.solver import KroneckerFactors
 from kfoc_backpack.solver.conv_routes import route_of
@@ -37,12 +44,23 @@ class KFOCBaseModule(SqrtGGNBaseModule):
     and already carries the loss reduction's ``1/√N``.
     """
 
-    def __init__(self, derivatives: BaseDerivatives):
+    def __init__(self, derivatives: BaseDerivatives, kind: LayerKind):
         super().__init__(derivatives, params=["weight", "bias"])
+        self.kind = kind
 
     def layer_terms(self, ext: KFOCBase, module: Module, backproped: Tensor) -> LayerTerms:
-        """Per-sample quantities of the weight block (implemented per layer type)."""
-        raise NotImplementedError
+        """Per-sample quantities of the weight block, from the layer kind's positions.
+
+        ``backproped`` is ``[M, N, *output]``; the kind
+        (:mod:`kfoc_backpack.collect.kinds`) turns it and ``module.input0`` into the
+        vectors and inputs at the layer's positions, as on the hook route.
+        """
+        return weight_terms(
+            self.kind.inputs(module, module.input0),
+            self.kind.vectors(module, backproped),
+            with_kfac=not ext.solves,
+            groups=self.kind.groups(module),
+        )
 
     def weight(
         self,
@@ -95,11 +113,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         Returns:
             ``[B]``, ``B`` of shape ``[C_out, C_out]``.
         """
-        return [bias_block(self.bias_sqrt(backproped))]
-
-    def bias_sqrt(self, backproped: Tensor) -> Tensor:
-        """``[M, N, C_out]``: the square root summed over positions (per layer type)."""
-        raise NotImplementedError
+        return [bias_block(self.kind.vectors(module, backproped).sum(2))]
 
     def record(self, ext: KFOCBase, module: Module, factors: KroneckerFactors) -> None:
         """Log the solve on the extension and warn if it did not converge."""

@@ -12,7 +12,7 @@ from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from kfoc_backpack.collect.registry import conv_problem
+from kfoc_backpack.collect.registry import layer_problem
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
 from kfoc_backpack.extensions.module_map import (
@@ -143,7 +143,7 @@ class KFOCBase(SqrtGGN):
         """
         if type(module) not in self._known_layers:
             handle_unsupported(self, module)
-        elif type(module) in self._skipped_convs and conv_problem(module) is not None:
+        elif type(module) in self._skipped_convs and layer_problem(module) is not None:
             self._skipped_convs[type(module)](self, module, g_inp, g_out)
             return
         super().__call__(module, g_inp, g_out)

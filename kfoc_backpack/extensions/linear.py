@@ -1,26 +1,22 @@
 """K-FOC module extension for ``torch.nn.Linear``.
 
 Index conventions (BackPACK's): ``M`` columns per input (Monte-Carlo samples or
-classes), ``N`` inputs, ``T`` extra positions, ``out``/``in`` the layer's features.
+classes), ``N`` inputs, ``T`` positions, ``out``/``in`` the layer's features.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from backpack.core.derivatives.linear import LinearDerivatives
-from torch import Tensor
-from torch.nn import Linear
 
-from kfoc_backpack.collect.layers import linear_terms
-from kfoc_backpack.extensions.base import KFOCBaseModule, LayerTerms
-
-if TYPE_CHECKING:
-    from kfoc_backpack.extensions.kfoc import KFOCBase
+from kfoc_backpack.collect.kinds.linear import LinearKind
+from kfoc_backpack.extensions.base import KFOCBaseModule
 
 
 class KFOCLinear(KFOCBaseModule):
     """K-FOC factors of a ``Linear`` layer's weight (``[L_out, R_in]``) and bias.
+
+    BackPACK's derivatives of ``Linear``; the per-sample quantities are
+    :class:`~kfoc_backpack.collect.kinds.linear.LinearKind`'s, as on the hook route:
 
     * 2-d input ``[N, in]``: per-sample weight gradients ``X_{m,n} = s_{m,n} a_nᵀ``
       are rank one; the solve runs in ``N``-dimensional coefficient space
@@ -33,14 +29,4 @@ class KFOCLinear(KFOCBaseModule):
     """
 
     def __init__(self):
-        super().__init__(LinearDerivatives())
-
-    def layer_terms(self, ext: KFOCBase, module: Linear, backproped: Tensor) -> LayerTerms:
-        """Per-sample quantities of the weight; ``backproped`` is ``[M, N, *, out]``."""
-        return linear_terms(module.input0, backproped, with_kfac=not ext.solves)
-
-    def bias_sqrt(self, backproped: Tensor) -> Tensor:
-        """Sum ``[M, N, *, out]`` over the extra input dimensions."""
-        if backproped.dim() == 3:
-            return backproped
-        return backproped.flatten(start_dim=2, end_dim=-2).sum(2)
+        super().__init__(LinearDerivatives(), LinearKind())
