@@ -114,10 +114,6 @@ class FormedConvTerms(SampleTerms):
 
     route = "formed"
 
-    def detach(self) -> FormedConvTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return FormedConvTerms(self.samples.detach())
-
     def solve(
         self,
         options: SolverOptions | None = None,
@@ -163,10 +159,6 @@ class FactoredConvTerms(FactoredTerms):
     """
 
     route = "factored"
-
-    def detach(self) -> FactoredConvTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return type(self)(self.grads.detach(), self.inputs.detach())
 
     def solve(
         self,
@@ -269,10 +261,6 @@ class GramConvTerms(FactoredTerms):
 
     route = "gram"
 
-    def detach(self) -> GramConvTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return GramConvTerms(self.grads.detach(), self.inputs.detach())
-
     def solve(
         self,
         options: SolverOptions | None = None,
@@ -334,10 +322,6 @@ class OutputGramTerms(FactoredTerms):
 
     route = "output-gram"
 
-    def detach(self) -> OutputGramTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return OutputGramTerms(self.grads.detach(), self.inputs.detach())
-
     def solve(
         self,
         options: SolverOptions | None = None,
@@ -377,10 +361,6 @@ class OperatorConvTerms(SampleTerms):
     """
 
     route = "operator"
-
-    def detach(self) -> OperatorConvTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return OperatorConvTerms(self.samples.detach())
 
     def solve(
         self,

@@ -83,8 +83,8 @@ class FactoredTerms:
         return sum(t.numel() * t.element_size() for t in (self.grads, self.inputs))
 
     def detach(self) -> FactoredTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return FactoredTerms(self.grads.detach(), self.inputs.detach())
+        """Return the same terms (same class), detached from any autograd graph."""
+        return dataclasses.replace(self, grads=self.grads.detach(), inputs=self.inputs.detach())
 
     def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
         """``[Σ ‖G‖²‖A‖² ≥ tr F, mean g², mean a²]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""

@@ -142,8 +142,8 @@ class SampleTerms:
         return self.samples.numel() * self.samples.element_size()
 
     def detach(self) -> SampleTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return SampleTerms(self.samples.detach())
+        """Return the same terms (same class), detached from any autograd graph."""
+        return dataclasses.replace(self, samples=self.samples.detach())
 
     def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
         """``[tr F, 1, 1]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
