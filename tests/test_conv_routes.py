@@ -249,3 +249,80 @@ def test_input_trace_is_the_sum_of_squares(numel, dtype, monkeypatch):
         assert total.item() == pytest.approx(expected, rel=SLACK[dtype] / 10, abs=1e-12)
     half = sum_of_squares(strided.to(torch.bfloat16))
     assert half.dtype == torch.bfloat16
+
+
+def test_route_choice_counts_the_steps_it_is_given():
+    # conv128 with the exact GGN's C − 1 = 9 columns at batch 16: at the assumed 6 steps
+    # the position Gram's set-up pays off, at the 3 steps such blocks take it does not
+    shape = (9, 16, 256, 128, 1152)
+    assert choose_conv_route(*shape) == choose_conv_route(*shape, steps=6) == "gram"
+    assert choose_conv_route(*shape, steps=3) == "factored"
+    flops = {s: route_flops(*shape, s) for s in (3, 6)}
+    assert flops[3]["factored"] < flops[3]["gram"] and flops[6]["gram"] < flops[6]["factored"]
+    # candidates: a grouped layer's formed matrices take formed or operator
+    assert choose_conv_route(*shape, routes=("formed", "operator")) in ("formed", "operator")
+    assert choose_conv_route(1, 16, 1024, 64, 576, routes=("formed",)) == "formed"
+
+
+def _weight_terms(unfolded, sqrt, **kwargs):
+    return layers.weight_terms(unfolded.transpose(1, 2), sqrt.transpose(2, 3), **kwargs)
+
+
+@pytest.mark.parametrize("route", list(SELECTED))
+def test_a_weight_is_chosen_for_the_steps_its_last_solve_took(route, monkeypatch):
+    monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)  # every route runs Lanczos
+    unfolded, sqrt = _layer(*SELECTED[route], torch.float64)
+    steps = layers.WeightSteps()
+    seen = []
+    choose = layers.choose_conv_route
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["steps"])
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "choose_conv_route", spy)
+    first = _weight_terms(unfolded, sqrt, steps=steps)
+    assert route_of(first.terms) == route and first.steps is steps and steps.last is None
+    factors = first.solve(SolverOptions(tol=1e-9, max_iter=500))
+    assert seen == [None] and steps.last == factors.iterations >= 1
+    _weight_terms(unfolded, sqrt, steps=steps)
+    assert seen == [None, factors.iterations]
+    assert first.detach().steps is steps
+
+
+def test_solves_without_lanczos_note_no_steps():
+    # a tiny layer (the power method of SampleTerms.solve) and a rank-one layer
+    for shape in (SELECTED["formed"], (2, 3, 1, 4, 5)):
+        steps = layers.WeightSteps()
+        terms = _weight_terms(*_layer(*shape, torch.float64), steps=steps)
+        assert terms.solve().iterations >= 1 and steps.last is None
+
+
+def test_collections_keep_each_weights_steps_across_batches(monkeypatch):
+    from backpack import backpack, extend
+    from torch import nn
+
+    from kfoc_backpack import KFOC, KFOCExact
+    from kfoc_backpack.collect.route import TermCollector
+
+    monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)  # every layer on a Lanczos route
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    X, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
+    collect = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))
+    terms = collect(X, y).quantities["0.weight"]
+    assert terms.steps is collect.weight_steps["0"] and terms.steps.last is None
+    factors = terms.solve()
+    assert collect.weight_steps["0"].last == factors.iterations
+    assert collect(X, y).quantities["0.weight"].steps is collect.weight_steps["0"]
+
+    # BackPACK's idiom: a new extension per batch; the layer's record outlives it
+    model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+    for _ in range(2):
+        ext = KFOC()
+        with backpack(ext):
+            lossfunc(model(X), y).backward()
+        (conv_solve,) = [rec for rec in ext.solve_log if rec.module == "Conv2d"]
+        assert conv_solve.route in ROUTES
+        assert KFOC().weight_steps(model[0]).last == conv_solve.iterations
+    assert KFOCExact().weight_steps(model[0]).last is None  # another curvature, own record

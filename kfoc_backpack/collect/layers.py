@@ -31,6 +31,7 @@ from kfoc_backpack.solver.conv_routes import (
     GramConvTerms,
     OperatorConvTerms,
     OutputGramTerms,
+    lanczos_steps,
 )
 from kfoc_backpack.solver.factored import FactoredTerms
 from kfoc_backpack.solver.rescale import solve_rescaled
@@ -60,6 +61,34 @@ class LayerSizes(NamedTuple):
     groups: int = 1
 
 
+class WeightSteps:
+    """The Lanczos steps of one weight's last solve, for the route of its next batch.
+
+    The cost model counts each route's flops for a number of Lanczos steps
+    (:func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`). A collection that sees
+    the same weight batch after batch (the hook route's
+    :class:`~kfoc_backpack.collect.route.TermCollector`, a reused BackPACK extension)
+    keeps one of these per weight and hands it to :func:`weight_terms`: the choice then
+    counts the steps the weight's previous solve took (the solver that will run, on
+    the weight's own data), and :meth:`LayerTerms.solve` notes the new count.
+
+    Attributes:
+        last: Steps of the last Lanczos solve, ``None`` before the first (the choice
+            then assumes :func:`~kfoc_backpack.solver.conv_cost.assumed_steps`).
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def note(self, terms: object, factors: KroneckerFactors) -> None:
+        """Remember the steps of a solve of ``terms`` (if it ran Lanczos)."""
+        steps = lanczos_steps(terms, factors)
+        if steps is not None:
+            self.last = steps
+
+
 @dataclass(frozen=True)
 class LayerTerms:
     """The per-sample quantities of one weight.
@@ -82,12 +111,15 @@ class LayerTerms:
             :meth:`solve` and of BackPACK's ``KFAC``; the products are on the same
             (the dense block's) scale.
         sizes: The sizes the terms came from (cost models and reports), where known.
+        steps: Where each solve's Lanczos steps are noted for the weight's next route
+            choice (:class:`WeightSteps`), or ``None``.
     """
 
     terms: Terms
     input_trace: Tensor
     kfac: tuple[Tensor, Tensor] | None
     sizes: LayerSizes | None = None
+    steps: WeightSteps | None = None
 
     def solve(self, options: SolverOptions | None = None, what: Naming = None) -> KroneckerFactors:
         """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.
@@ -111,7 +143,10 @@ class LayerTerms:
                 inside the solve is not finite), prefixed by ``what``.
         """
         with named_failures(what):
-            return solve_rescaled(self.terms, options, right_trace=self.input_trace)
+            factors = solve_rescaled(self.terms, options, right_trace=self.input_trace)
+        if self.steps is not None:
+            self.steps.note(self.terms, factors)
+        return factors
 
     def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
         """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
@@ -120,7 +155,9 @@ class LayerTerms:
     def detach(self) -> LayerTerms:
         """Return the same quantities, detached from any autograd graph."""
         kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
-        return LayerTerms(self.terms.detach(), self.input_trace.detach(), kfac, self.sizes)
+        return LayerTerms(
+            self.terms.detach(), self.input_trace.detach(), kfac, self.sizes, self.steps
+        )
 
 
 Naming = str | Callable[[], str] | None
@@ -168,6 +205,18 @@ SQUARES_MIN = 1 << 22
 small layers are bound by dispatched operations, not by the copy)."""
 
 
+def dense_order(tensor: Tensor) -> Tensor:
+    """``tensor`` with its dimensions in memory order where that makes it contiguous.
+
+    A permuted view of a contiguous tensor (a convolution's unfolded input handed over
+    as ``[N, T, I]``) then flattens without a copy; order-free reductions (sums of
+    squares) can run on it. Other tensors are returned as they are.
+    """
+    order = sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
+    permuted = tensor.permute(order)
+    return permuted if permuted.is_contiguous() else tensor
+
+
 def sum_of_squares(tensor: Tensor) -> Tensor:
     """``Σ x²`` over all entries of ``tensor`` (a 0-d tensor), without a squared copy.
 
@@ -178,16 +227,16 @@ def sum_of_squares(tensor: Tensor) -> Tensor:
     does); the few remaining entries are squared directly.
 
     Args:
-        tensor: Floating tensor (a copy is made only if it cannot be viewed flat; half
-            precisions and tensors below :data:`SQUARES_MIN` entries take
-            ``square().sum()``).
+        tensor: Floating tensor (a copy is made only if no order of its dimensions
+            can be viewed flat, :func:`dense_order`; half precisions and tensors below
+            :data:`SQUARES_MIN` entries take ``square().sum()``).
 
     Returns:
         The sum of squares, in ``tensor``'s dtype.
     """
     if tensor.numel() < SQUARES_MIN or tensor.dtype not in (torch.float32, torch.float64):
         return tensor.square().sum()
-    flat = tensor.reshape(-1)
+    flat = dense_order(tensor).reshape(-1)
     body = flat.numel() - flat.numel() % SQUARES_ROW
     rows = flat[:body].view(-1, 1, SQUARES_ROW)
     total = torch.bmm(rows, rows.mT).sum()
@@ -237,13 +286,16 @@ def weight_terms(
     with_kfac: bool = False,
     route: str | None = None,
     groups: int = 1,
+    steps: WeightSteps | None = None,
 ) -> LayerTerms:
     """Per-sample quantities of any supported weight, from its positions: the hand-over.
 
     Every layer kind (:mod:`kfoc_backpack.collect.kinds`) and both collection routes end
     here with the layer's inputs and output-side vectors at its ``T`` positions.
     ``groups = 1``: :func:`shared_terms` (rank one for ``T = 1``, else the route of
-    least estimated cost); ``groups > 1``: the grouped form of :func:`conv_terms`.
+    least estimated cost); ``groups > 1``: the grouped form of :func:`conv_terms`, its
+    per-sample matrices formed and solved on the cheaper of ``formed`` and ``operator``
+    by the same cost model.
 
     Args:
         inputs: ``[N, T, I]`` inputs at the positions (any strides; a grouped layer's
@@ -254,19 +306,23 @@ def weight_terms(
             ``operator``).
         groups: Rows of the weight in ``groups`` blocks that see disjoint blocks of
             the input features (a grouped convolution's ``groups``).
+        steps: The weight's :class:`WeightSteps` (the route choice counts its last
+            solve's steps; this batch's solve notes its own), or ``None``.
 
     Returns:
         The weight's :class:`LayerTerms`.
     """
     input_trace = sum_of_squares(inputs) / inputs.shape[0]
     if groups == 1:
-        return shared_terms(vectors, inputs, input_trace, with_kfac, route)
+        return shared_terms(vectors, inputs, input_trace, with_kfac, route, steps)
     columns, num, positions, out_features = vectors.shape
     kfac = None
     if with_kfac:
         kfac = grouped_kfc_factors(vectors.transpose(2, 3), inputs.transpose(1, 2), groups)
-    route = "formed" if route is None else route
-    if route not in ("formed", "operator"):
+    sizes = LayerSizes(columns, num, positions, out_features, inputs.shape[-1] // groups, groups)
+    if route is None:
+        route = choose_route(sizes, vectors, steps, GROUPED_ROUTES)
+    if route not in GROUPED_ROUTES:
         raise ValueError(
             f"a grouped convolution (groups={groups}) takes the routes 'formed' and "
             f"'operator', got {route!r}."
@@ -278,8 +334,35 @@ def weight_terms(
     )
     samples = per_group.reshape(out_features, columns * num, -1).transpose(0, 1)
     kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-    sizes = LayerSizes(columns, num, positions, out_features, samples.shape[-1], groups)
-    return LayerTerms(kind(samples), input_trace, kfac, sizes)
+    return LayerTerms(kind(samples), input_trace, kfac, sizes, steps)
+
+
+def choose_route(
+    sizes: LayerSizes, like: Tensor, steps: WeightSteps | None, routes: tuple[str, ...] = ROUTES
+) -> str:
+    """Return the cost model's route for a weight of ``sizes`` in tensors like ``like``.
+
+    :func:`~kfoc_backpack.solver.conv_cost.choose_conv_route` for the layer's
+    ``(J, K, T, M, N)``, its tensors' item size and device, and the Lanczos steps of
+    the weight's previous solve (``steps.last``; the assumed count where unknown).
+    """
+    return choose_conv_route(
+        sizes.columns,
+        sizes.samples,
+        sizes.positions,
+        sizes.out_features,
+        sizes.in_features,
+        itemsize=max(like.element_size(), 4),
+        accelerator=launch_bound(like.device),
+        steps=None if steps is None else steps.last,
+        routes=routes,
+    )
+
+
+GROUPED_ROUTES = ("formed", "operator")
+"""Routes of a grouped convolution, whose per-sample matrices are formed by one grouped
+product (the factored routes would need the output-side vectors zero-padded to every
+group)."""
 
 
 def shared_terms(
@@ -288,6 +371,7 @@ def shared_terms(
     input_trace: Tensor,
     with_kfac: bool = False,
     route: str | None = None,
+    steps: WeightSteps | None = None,
 ) -> LayerTerms:
     """Per-sample quantities of a weight shared over ``T`` positions: the one hand-over.
 
@@ -312,6 +396,8 @@ def shared_terms(
         with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
         route: Force a route (``rank-one`` where ``T = 1``, or one of
             :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice.
+        steps: The weight's :class:`WeightSteps`: the choice counts the steps of its
+            last solve (else the assumed count), and this batch's solve notes its own.
 
     Returns:
         The weight's :class:`LayerTerms`.
@@ -323,17 +409,9 @@ def shared_terms(
         raise ValueError(f"route {RANK_ONE!r} needs one position, got {positions}.")
     if positions == 1 and route in (None, RANK_ONE):
         rank_one = OuterTerms(grads[:, :, 0].transpose(0, 1), inputs[:, 0])
-        return LayerTerms(rank_one, input_trace, kfac, sizes)
+        return LayerTerms(rank_one, input_trace, kfac, sizes, steps)
     if route is None:
-        route = choose_conv_route(
-            columns,
-            num,
-            positions,
-            out_features,
-            inputs.shape[-1],
-            itemsize=max(grads.element_size(), 4),
-            accelerator=launch_bound(grads.device),
-        )
+        route = choose_route(sizes, grads, steps)
     if route not in ROUTES:
         raise ValueError(f"route must be one of {(RANK_ONE, *ROUTES)}, got {route!r}.")
     factored = {
@@ -342,7 +420,7 @@ def shared_terms(
         "output-gram": OutputGramTerms,
     }
     if route in factored:
-        return LayerTerms(factored[route](grads, inputs), input_trace, kfac, sizes)
+        return LayerTerms(factored[route](grads, inputs), input_trace, kfac, sizes, steps)
     if columns == 1:  # one column: a single batched product
         prods = torch.bmm(grads[0].mT, inputs).unsqueeze(0)  # [1, N, O, I]
         out_major = prods.permute(2, 0, 1, 3).contiguous()
@@ -350,7 +428,7 @@ def shared_terms(
         out_major = torch.einsum("mnto,nti->omni", grads, inputs).contiguous()
     samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
     kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-    return LayerTerms(kind(samples), input_trace, kfac, sizes)
+    return LayerTerms(kind(samples), input_trace, kfac, sizes, steps)
 
 
 def grouped_kfc_factors(sqrt: Tensor, unfolded: Tensor, groups: int) -> tuple[Tensor, Tensor]:
@@ -397,8 +475,8 @@ def conv_terms(
     ``X_{m,n}`` are ``Ds_{m,n,γ} â_{n,γ}ᵀ`` with ``â_{n,γ}`` the unfolded input of the
     group's own channels. Its per-sample matrices are formed by one batched product
     (``M·N·C_out·(C_in/groups·Πkernel)·T`` multiply-adds, a ``groups``-th of an ungrouped
-    layer's) and solved on the ``formed`` route; K-FAC's factors are
-    :func:`grouped_kfc_factors`.
+    layer's) and solved on the cheaper of the ``formed`` and ``operator`` routes
+    (:data:`GROUPED_ROUTES`); K-FAC's factors are :func:`grouped_kfc_factors`.
 
     Args:
         unfolded: ``[N, I, T]`` unfolded inputs (``I = C_in·Πkernel``, all channels).

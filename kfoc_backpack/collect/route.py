@@ -26,6 +26,7 @@ weight, ``O``/``I`` output/input features.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from torch.nn import Module, Parameter
 
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layers import LayerTerms, bias_block, weight_terms
+from kfoc_backpack.collect.layers import LayerTerms, WeightSteps, bias_block, weight_terms
 from kfoc_backpack.collect.loss import CURVATURES, check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.registry import describe, trainable_layers
 
@@ -130,6 +131,10 @@ class TermCollector:
         self.layers = trainable_layers(model, owner, last_layer_hint=last_layer_hint)
         self.param_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self._layouts: dict[str, BatchLayout] = {}
+        self.weight_steps: defaultdict[str, WeightSteps] = defaultdict(WeightSteps)
+        """Lanczos steps of each layer's last weight solve, by the names of
+        :attr:`layers`: each batch's route choice counts them
+        (:class:`~kfoc_backpack.collect.layers.WeightSteps`)."""
         self._clone: set[str] = set()
         self._checked = False
         self._batched_backward = True
@@ -335,7 +340,13 @@ class TermCollector:
         # the views as they are, no copy)
         inputs = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
         vectors = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 2)
-        weight = weight_terms(inputs, vectors, self.with_kfac, groups=kind.groups(module))
+        weight = weight_terms(
+            inputs,
+            vectors,
+            self.with_kfac,
+            groups=kind.groups(module),
+            steps=self.weight_steps[name],
+        )
         bias_sqrt = vectors.sum(2)
         for pname, param in module.named_parameters(recurse=False):
             if not param.requires_grad:

@@ -60,6 +60,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
             self.kind.vectors(module, backproped),
             with_kfac=not ext.solves,
             groups=self.kind.groups(module),
+            steps=ext.weight_steps(module),
         )
 
     def weight(

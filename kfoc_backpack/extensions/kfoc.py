@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from typing import NamedTuple
+from weakref import WeakKeyDictionary
 
 from backpack.extensions.backprop_extension import FAIL_ERROR, FAIL_SILENT, FAIL_WARN
 from backpack.extensions.module_extension import ModuleExtension
@@ -12,6 +13,7 @@ from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
+from kfoc_backpack.collect.layers import WeightSteps
 from kfoc_backpack.collect.registry import layer_problem
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
@@ -54,6 +56,13 @@ class SolveRecord(NamedTuple):
     iterations: int
     converged: bool
     route: str = ""
+
+
+_LAYER_STEPS: WeakKeyDictionary[Module, dict[tuple[str, str, int], WeightSteps]] = (
+    WeakKeyDictionary()
+)
+"""Lanczos steps of each layer's last weight solve, per extension kind
+(:meth:`KFOCBase.weight_steps`)."""
 
 
 class KFOCBase(SqrtGGN):
@@ -147,6 +156,25 @@ class KFOCBase(SqrtGGN):
             self._skipped_convs[type(module)](self, module, g_inp, g_out)
             return
         super().__call__(module, g_inp, g_out)
+
+    def weight_steps(self, module: Module) -> WeightSteps:
+        """Return the record of ``module``'s Lanczos steps under this kind of extension.
+
+        Kept per layer (weakly) and per extension kind (class, loss-Hessian strategy,
+        Monte-Carlo samples), not per extension object: BackPACK's idiom builds a new
+        extension for every batch (``with backpack(KFOC()):``), and each batch's route
+        choice counts the steps the layer's previous solve took
+        (:class:`~kfoc_backpack.collect.layers.WeightSteps`). Only the route depends
+        on it, never the factors.
+        """
+        kinds = _LAYER_STEPS.get(module)
+        if kinds is None:
+            kinds = _LAYER_STEPS[module] = {}
+        key = (type(self).__name__, self.loss_hessian_strategy, self._mc_samples)
+        steps = kinds.get(key)
+        if steps is None:
+            steps = kinds[key] = WeightSteps()
+        return steps
 
     def note_route(self, module: Module, route: str) -> None:
         """Remember the solve route of ``module``'s weight for its :class:`SolveRecord`."""

@@ -31,10 +31,12 @@ ROUTES = ("formed", "factored", "gram", "output-gram", "operator")
 """Route names, as recorded in ``SolveRecord.route``."""
 
 KRYLOV_STEPS = {1: 16, 2: 6}
-"""Lanczos steps the choice assumes, for one column per sample and for several: the
-Monte-Carlo Fisher blocks of wide convolutions (one column, ``σ₂/σ₁`` near one) take
-the power method 30–50 steps to ``tol = 1e-5``, the exact GGN blocks (``C`` columns)
-3–6; Lanczos takes about a third and as many (``integration/benchmark.py --resnet``)."""
+"""Lanczos steps the choice assumes for a weight's first solve, for one column per sample
+and for several: the Monte-Carlo Fisher blocks of wide convolutions (one column,
+``σ₂/σ₁`` near one) take the power method 30–50 steps to ``tol = 1e-5``, the exact GGN
+blocks (``C`` columns) 3–6; Lanczos takes about a third and as many
+(``integration/benchmark.py --resnet``). Later batches of the same weight are chosen
+for the steps its previous solve took (``steps`` of :func:`choose_conv_route`)."""
 
 
 def assumed_steps(cols: int) -> int:
@@ -162,15 +164,20 @@ def choose_conv_route(
     itemsize: int = 4,
     accelerator: bool = False,
     memory_cap: int | None = None,
+    steps: int | None = None,
+    routes: tuple[str, ...] = ROUTES,
 ) -> str:
     """Return the route of least estimated cost whose working memory fits.
 
     On accelerators, ``formed`` wherever :func:`squaring_fits` (the solver's own
     launch-bound route). Else cost: :func:`route_flops` plus :data:`OPS_PER_STEP`
-    launches per step at :data:`LAUNCH_FLOPS`. Memory cap (default): the larger of
-    :data:`MEMORY_FLOOR` and :data:`MEMORY_RATIO` times the bytes of the layer's own
-    inputs and output-side vectors ``K·T·(N + J·M)``, which the collection holds
-    anyway. ``factored`` always fits (``formed`` where it is smaller). On the CPU a
+    launches per step at :data:`LAUNCH_FLOPS`, for ``steps`` Lanczos steps — the
+    steps the same weight's previous solve took where the caller knows them
+    (:class:`~kfoc_backpack.collect.layers.WeightSteps`), else :func:`assumed_steps`.
+    Memory cap (default): the larger of :data:`MEMORY_FLOOR` and :data:`MEMORY_RATIO`
+    times the bytes of the layer's own inputs and output-side vectors
+    ``K·T·(N + J·M)``, which the collection holds anyway; where no candidate fits, the
+    smallest (``factored`` always fits, ``formed`` where it is smaller). On the CPU a
     tiny layer (:func:`is_tiny`) for which ``operator`` wins takes ``formed``
     (``factored`` and ``gram`` keep the few positions in the smaller stored form).
 
@@ -183,21 +190,26 @@ def choose_conv_route(
         itemsize: Bytes per number.
         accelerator: Whether the tensors live on a launch-bound device.
         memory_cap: Override of the memory cap, in bytes.
+        steps: Lanczos steps to count (default :func:`assumed_steps`).
+        routes: The candidate routes (a grouped convolution's per-sample matrices are
+            formed: ``formed`` and ``operator``). Where none fits the memory cap, the
+            smallest (``factored`` always fits, ``formed`` where it is smaller).
 
     Returns:
-        One of :data:`ROUTES`.
+        One of ``routes``.
     """
-    if accelerator and squaring_fits(cols * num, m, n):
+    steps = assumed_steps(cols) if steps is None else max(int(steps), 1)
+    if accelerator and "formed" in routes and squaring_fits(cols * num, m, n):
         return "formed"
     cap = memory_cap
     if cap is None:
         cap = max(MEMORY_FLOOR, MEMORY_RATIO * itemsize * num * pos * (n + cols * m))
-    flops = route_flops(cols, num, pos, m, n)
+    flops = route_flops(cols, num, pos, m, n, steps)
     sizes = route_bytes(cols, num, pos, m, n, itemsize)
-    launch = LAUNCH_FLOPS[accelerator] * assumed_steps(cols)
-    costs = {r: flops[r] + launch * OPS_PER_STEP[r] for r in ROUTES if sizes[r] <= cap}
+    launch = LAUNCH_FLOPS[accelerator] * steps
+    costs = {r: flops[r] + launch * OPS_PER_STEP[r] for r in routes if sizes[r] <= cap}
     if not costs:
-        return "factored" if sizes["factored"] <= sizes["formed"] else "formed"
+        return min(routes, key=sizes.__getitem__)
     best = min(costs, key=costs.__getitem__)
     if best == "operator" and not accelerator and is_tiny(cols * num, m, n):
         return "formed"  # a tiny layer on many positions: the power method's few operations

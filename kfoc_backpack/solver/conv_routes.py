@@ -404,3 +404,27 @@ def route_of(terms: object) -> str:
     return {"SampleTerms": "formed", "FactoredTerms": "factored", "OuterTerms": RANK_ONE}.get(
         type(terms).__name__, type(terms).__name__
     )
+
+
+LANCZOS_TERMS = (FactoredConvTerms, GramConvTerms, OutputGramTerms, OperatorConvTerms)
+"""Terms whose solve always runs :func:`krylov_solve`."""
+
+
+def lanczos_steps(terms: object, factors: KroneckerFactors) -> int | None:
+    """Return the Lanczos steps a solve of ``terms`` took (``None``: it ran no Lanczos).
+
+    The unit of :func:`~kfoc_backpack.solver.conv_cost.route_flops`: every route's
+    terms run :func:`krylov_solve` except ``formed`` on accelerators and on tiny layers
+    (the power method of ``SampleTerms``), and rank-one or plain terms.
+
+    Args:
+        terms: The terms that were solved.
+        factors: What their solve returned.
+    """
+    if isinstance(terms, FormedConvTerms):
+        samples = terms.samples
+        if launch_bound(samples.device) or is_tiny(*samples.shape):
+            return None
+    elif not isinstance(terms, LANCZOS_TERMS):
+        return None
+    return int(factors.iterations)
