@@ -22,6 +22,8 @@ Modules, by structure of ``F``:
   ``krylov`` (Lanczos), ``R`` formed by ``symmetric``;
 * ``terms`` — the per-sample terms as objects, and blocks of them summed;
 * ``aggregation`` — Kronecker factors aggregated over batches;
+* ``correction`` — eigenvalue correction: the block's own diagonal in the factors'
+  eigenbasis (EK-FAC's correction, in any basis);
 
 and the pieces they share: ``gram`` (coefficient-space power method), ``power``
 (factor-space power method and half-steps), ``routes`` (which route is cheaper),

@@ -79,6 +79,17 @@ class OuterTerms:
         """Return the terms with ``S·2^out_exponent`` and ``A·2^in_exponent`` (exact)."""
         return OuterTerms(self.sqrt_out * 2.0**out_exponent, self.inputs * 2.0**in_exponent)
 
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> OuterTerms:
+        """Return the terms of ``U_Lᵀ X_k U_R``: ``s ↦ U_Lᵀ s``, ``a ↦ U_Rᵀ a``.
+
+        Args:
+            left_basis: ``[M, P]`` ``U_L``.
+            right_basis: ``[N, Q]`` ``U_R``.
+        """
+        return OuterTerms(
+            self.sqrt_out @ left_basis.to(self.sqrt_out), self.inputs @ right_basis.to(self.inputs)
+        )
+
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k ⟨S_kᵀS_k, L⟩ a_k a_kᵀ`` (``[N, N]``) for an ``[M, M]`` ``L``."""
         return outer_half_steps(self.sqrt_out, self.inputs)[0](left)
@@ -154,6 +165,16 @@ class SampleTerms:
         """Return the terms with ``X·2^(out_exponent + in_exponent)`` (exact; same class)."""
         factor = 2.0 ** (out_exponent + in_exponent)
         return dataclasses.replace(self, samples=self.samples * factor)
+
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> SampleTerms:
+        """Return the terms (same class) of ``U_Lᵀ X_k U_R``.
+
+        Args:
+            left_basis: ``[M, P]`` ``U_L``.
+            right_basis: ``[N, Q]`` ``U_R``.
+        """
+        samples = left_basis.to(self.samples).mT @ self.samples @ right_basis.to(self.samples)
+        return dataclasses.replace(self, samples=samples)
 
     def to_right(self, left: Tensor) -> Tensor:
         """``Σ_k X_kᵀ L X_k`` (``[N, N]``)."""
