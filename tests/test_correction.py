@@ -185,3 +185,51 @@ def test_kfac_basis_correction_equals_curvlinops_ekfac(curvature, fisher_type, l
             theirs = dense_ekfac[offset : offset + size, offset : offset + size]
             assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6 * theirs.abs().max()), name
         offset += size
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_data_set_pass_sums_each_batchs_diagonal_exactly(reduction):
+    """``S`` over a loader (uneven last batch) equals the dense data-set GGN's diagonal."""
+    from ground_truth import dense_ggn_block, dense_ggn_sqrt
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kfoc_backpack.collect.route import TermCollector
+    from kfoc_backpack.dataset.correction import corrected_eigenvalues
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 4),
+    ).double()
+    X, y = torch.randn(11, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (11,))
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)  # 4, 4, 3
+    lossfunc = nn.CrossEntropyLoss(reduction="sum")
+    gen = _gen(5)
+    bases = {}
+    for name in ("0.weight", "3.weight"):
+        m, n = (3, 18) if name == "0.weight" else (4, 12)
+        a, b = (torch.randn(d, d, generator=gen, dtype=torch.float64) for d in (m, n))
+        bases[name] = eigenbases(a @ a.T, b @ b.T)
+    params = dict(model.named_parameters())
+    collect = TermCollector(model, lossfunc)
+    S = corrected_eigenvalues(collect, bases, params, loader, reduction=reduction)
+    sqrt = dense_ggn_sqrt(model, lossfunc, X, y)  # the data set's summed-loss GGN
+    for name, (left, right) in bases.items():
+        s_dense, dense = _dense_diagonal(
+            sqrt[name].flatten(end_dim=1).flatten(start_dim=1).unflatten(1, (len(left), -1)),
+            left,
+            right,
+        )
+        assert torch.allclose(dense, dense_ggn_block(sqrt[name]))
+        if reduction == "mean":  # Σ_p n_p S_p / N: batches weighted by their size
+            per_batch = [
+                corrected_eigenvalues(collect, {name: (left, right)}, params, [(xb, yb)])[name]
+                for xb, yb in loader
+            ]
+            s_dense = sum(len(xb) * s for (xb, _), s in zip(loader, per_batch)) / 11
+        assert torch.allclose(S[name], s_dense, rtol=1e-10, atol=1e-12 * s_dense.abs().max())
+    with pytest.raises(ValueError, match="seed"):
+        corrected_eigenvalues(collect, bases, params, loader, stochastic=True)
