@@ -41,6 +41,7 @@ Checks that need several flags (``reject_together``, ``reject_duplicates``) run 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import warnings
@@ -331,6 +332,17 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     ("Full backward hook is firing", UserWarning),
 )
 """``(message regex, category)`` of the warnings :func:`quiet_library_warnings` hides."""
+
+
+def write_report(out: Path, stem: str, result: dict, text: str) -> None:
+    """Write ``result`` to ``out/<stem>.json`` and ``text`` to ``out/<stem>.md``; print ``text``.
+
+    Creates ``out`` where it is missing.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
 
 
 def quiet_library_warnings() -> None:

@@ -29,7 +29,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -324,11 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         "fits": records,
         "flops": flops,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "laplace_speed.json").write_text(json.dumps(result, indent=1))
     text = table(records) + "\n\n" + flops_table(flops)
-    (args.out / "laplace_speed.md").write_text(text + "\n")
-    print(text)
+    cli.write_report(args.out, "laplace_speed", result, text)
     return result
 
 

@@ -46,7 +46,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -394,11 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "models": records,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "zoo.json").write_text(json.dumps(result, indent=1))
-    text = table(records) + "\n\n" + layer_table(records)
-    (args.out / "zoo.md").write_text(text + "\n")
-    print(text)
+    cli.write_report(args.out, "zoo", result, table(records) + "\n\n" + layer_table(records))
     return result
 
 

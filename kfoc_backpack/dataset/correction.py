@@ -94,7 +94,7 @@ def corrected_eigenvalues(
                 if not isinstance(value, LayerTerms):
                     raise ValueError(f"corrected_eigenvalues: {name!r} is not a weight.")
                 diagonal = basis_diagonal(value.terms, left, right).to(totals[name].dtype)
-                totals[name] += diagonal * scale if scale != 1.0 else diagonal
+                totals[name].add_(diagonal, alpha=scale)
     names = list(totals)
     if reducer.active:
         summed = reducer.all_reduce([totals[name] for name in names])

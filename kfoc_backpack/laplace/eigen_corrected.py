@@ -21,7 +21,7 @@ Index conventions: ``M`` rows, ``N`` columns of a weight matrix (row-major ``vec
 from __future__ import annotations
 
 import torch
-from laplace.utils import KronDecomposed
+from laplace.utils import KronDecomposed, symeig
 from torch import Tensor
 
 from kfoc_backpack.solver.correction import EigenCorrected
@@ -89,7 +89,7 @@ class EigenCorrectedDecomposed(KronDecomposed):
                 vectors.append([block.left_basis, block.right_basis])
                 values.append([block.diagonal])
             else:
-                eigval, eigvec = torch.linalg.eigh((block + block.mT) / 2)
+                eigval, eigvec = symeig(block)  # as laplace-torch's Kron.decompose
                 vectors.append([eigvec])
                 values.append([eigval])
         return cls(vectors, values)
