@@ -1,5 +1,6 @@
-"""Tests of integration/posterior.py: metrics, splits, rotations, the glm predictive
-against laplace-torch's own, the summaries, the command line and a smoke run."""
+"""Tests of integration/posterior.py and integration/posterior_study/: metrics, splits,
+rotations, the glm predictive against laplace-torch's own, the summaries, the command line
+and a smoke run."""
 
 import argparse
 import json
@@ -12,6 +13,35 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from integration import cli, posterior
+from integration.posterior_study.metrics import (
+    accuracy,
+    brier_score,
+    classification_metrics,
+    classification_nll,
+    expected_calibration_error,
+    gaussian_nll,
+    regression_metrics,
+    rmse,
+)
+from integration.posterior_study.predictive import (
+    PREDICTIVE_TOL,
+    FunctionalVariance,
+    check_against_laplace,
+    jacobian_features,
+    predictive,
+)
+from integration.posterior_study.protocol import (
+    ANGLES,
+    KRON_METHODS,
+    METHODS,
+    MethodSpec,
+    build_config,
+    make_laplace,
+    method_specs,
+    rotate_images,
+    split_indices,
+)
+from integration.posterior_study.report import paired_comparison, summarize
 
 # --------------------------------------------------------------------------------------
 # Metrics on hand-computed inputs
@@ -24,12 +54,10 @@ TARGETS = torch.tensor([0, 1, 1, 0])  # predictions 0, 0, 1, 0: correct, wrong, 
 def test_ece_hand_computed():
     # 4 bins with edges .25/.5/.75/1: bin 3 holds .6 (wrong) and .7 (correct):
     # |0.5 − 0.65| · 2/4; bin 4 holds .9 and .8 (both correct): |1 − 0.85| · 2/4.
-    ece = posterior.expected_calibration_error(PROBS, TARGETS, bins=4)
+    ece = expected_calibration_error(PROBS, TARGETS, bins=4)
     assert ece == pytest.approx(0.15 * 0.5 + 0.15 * 0.5, abs=1e-12)
     # one bin: |accuracy − mean confidence| = |3/4 − 0.75| = 0
-    assert posterior.expected_calibration_error(PROBS, TARGETS, bins=1) == pytest.approx(
-        0, abs=1e-12
-    )
+    assert expected_calibration_error(PROBS, TARGETS, bins=1) == pytest.approx(0, abs=1e-12)
 
 
 def test_ece_bins_are_closed_on_the_right():
@@ -37,29 +65,29 @@ def test_ece_bins_are_closed_on_the_right():
     # |1 − 0.5| · 1/2 + |0 − 0.75| · 1/2 = 0.625 (0.125 if 0.5 went to the upper bin)
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.75, 0.25, 0.0]], dtype=torch.float64)
     targets = torch.tensor([0, 1])
-    ece = posterior.expected_calibration_error(probs, targets, bins=2)
+    ece = expected_calibration_error(probs, targets, bins=2)
     assert ece == pytest.approx(0.625, abs=1e-12)
 
 
 def test_ece_extremes():
     certain = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert posterior.expected_calibration_error(certain, torch.tensor([0, 1])) == 0
-    assert posterior.expected_calibration_error(certain, torch.tensor([1, 0])) == 1
+    assert expected_calibration_error(certain, torch.tensor([0, 1])) == 0
+    assert expected_calibration_error(certain, torch.tensor([1, 0])) == 1
 
 
 def test_brier_hand_computed():
     # (0.1² + 0.1²) + (0.6² + 0.6²) + (0.3² + 0.3²) + (0.2² + 0.2²), mean over 4
     expected = (0.02 + 0.72 + 0.18 + 0.08) / 4
-    assert posterior.brier_score(PROBS, TARGETS) == pytest.approx(expected, abs=1e-7)
-    assert posterior.brier_score(torch.eye(3), torch.arange(3)) == 0
-    assert posterior.brier_score(torch.eye(2), torch.tensor([1, 0])) == 2
+    assert brier_score(PROBS, TARGETS) == pytest.approx(expected, abs=1e-7)
+    assert brier_score(torch.eye(3), torch.arange(3)) == 0
+    assert brier_score(torch.eye(2), torch.tensor([1, 0])) == 2
 
 
 def test_classification_nll_and_accuracy_hand_computed():
     expected = -(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.8)) / 4
-    assert posterior.classification_nll(PROBS.log(), TARGETS) == pytest.approx(expected, rel=1e-6)
-    assert posterior.accuracy(PROBS, TARGETS) == 0.75
-    result = posterior.classification_metrics(PROBS.double().log(), TARGETS)
+    assert classification_nll(PROBS.log(), TARGETS) == pytest.approx(expected, rel=1e-6)
+    assert accuracy(PROBS, TARGETS) == 0.75
+    result = classification_metrics(PROBS.double().log(), TARGETS)
     assert set(result) == {"nll", "accuracy", "ece", "brier"}
     assert result["nll"] == pytest.approx(expected, rel=1e-12)
     assert result["brier"] == pytest.approx(0.25, abs=1e-12)
@@ -71,11 +99,9 @@ def test_gaussian_nll_and_rmse_hand_computed():
     targets = torch.tensor([0.0, 2.0])
     first = 0.5 * math.log(2 * math.pi)
     second = 0.5 * math.log(8 * math.pi) + 4 / 8
-    assert posterior.gaussian_nll(mean, var, targets) == pytest.approx((first + second) / 2)
-    assert posterior.rmse(torch.zeros(2), torch.tensor([3.0, 4.0])) == pytest.approx(
-        math.sqrt(12.5)
-    )
-    result = posterior.regression_metrics(mean, var, targets)
+    assert gaussian_nll(mean, var, targets) == pytest.approx((first + second) / 2)
+    assert rmse(torch.zeros(2), torch.tensor([3.0, 4.0])) == pytest.approx(math.sqrt(12.5))
+    result = regression_metrics(mean, var, targets)
     assert result == {
         "nll": pytest.approx((first + second) / 2),
         "rmse": pytest.approx(math.sqrt(2)),
@@ -85,15 +111,15 @@ def test_gaussian_nll_and_rmse_hand_computed():
 def test_predictive_probit_and_map():
     f_mu = torch.tensor([[1.0, -1.0, 0.5]])
     f_var = torch.tensor([[2.0, 0.0, 8 / math.pi]])
-    log_probs, none = posterior.predictive("classification", f_mu, f_var)
+    log_probs, none = predictive("classification", f_mu, f_var)
     assert none is None
     kappa = torch.tensor([1 / math.sqrt(1 + math.pi / 4), 1.0, 1 / math.sqrt(2)])
     torch.testing.assert_close(log_probs, torch.log_softmax((kappa * f_mu).double(), 1))
-    log_probs, _ = posterior.predictive("classification", f_mu, None)
+    log_probs, _ = predictive("classification", f_mu, None)
     torch.testing.assert_close(log_probs, torch.log_softmax(f_mu.double(), 1))
-    mean, var = posterior.predictive("regression", torch.tensor([[1.0], [2.0]]), None, 0.5)
+    mean, var = predictive("regression", torch.tensor([[1.0], [2.0]]), None, 0.5)
     torch.testing.assert_close(var, torch.full((2,), 0.25, dtype=torch.float64))
-    mean, var = posterior.predictive(
+    mean, var = predictive(
         "regression", torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [3.0]]), 0.5
     )
     torch.testing.assert_close(mean, torch.tensor([1.0, 2.0], dtype=torch.float64))
@@ -106,27 +132,27 @@ def test_predictive_probit_and_map():
 
 
 def test_split_indices():
-    train, val, test = posterior.split_indices(506, seed=3)
+    train, val, test = split_indices(506, seed=3)
     assert (len(train), len(val), len(test)) == (409, 46, 51)
     together = torch.cat([train, val, test])
     assert torch.equal(together.sort().values, torch.arange(506))
-    again = posterior.split_indices(506, seed=3)
+    again = split_indices(506, seed=3)
     assert all(torch.equal(a, b) for a, b in zip((train, val, test), again))
-    assert not torch.equal(test, posterior.split_indices(506, seed=4)[2])
+    assert not torch.equal(test, split_indices(506, seed=4)[2])
 
 
 def test_rotate_images():
     images = torch.randn(3, 1, 28, 28)
-    assert posterior.rotate_images(images, 0, -0.4) is images
+    assert rotate_images(images, 0, -0.4) is images
     torch.testing.assert_close(
-        posterior.rotate_images(images, 90, -0.4), torch.rot90(images, 1, (2, 3)), atol=1e-4, rtol=0
+        rotate_images(images, 90, -0.4), torch.rot90(images, 1, (2, 3)), atol=1e-4, rtol=0
     )
     torch.testing.assert_close(
-        posterior.rotate_images(images, 180, -0.4), images.flip(2, 3), atol=1e-4, rtol=0
+        rotate_images(images, 180, -0.4), images.flip(2, 3), atol=1e-4, rtol=0
     )
     # the background stays the background
     blank = torch.full((1, 1, 28, 28), -0.4)
-    torch.testing.assert_close(posterior.rotate_images(blank, 45, -0.4), blank)
+    torch.testing.assert_close(rotate_images(blank, 45, -0.4), blank)
 
 
 # --------------------------------------------------------------------------------------
@@ -155,7 +181,7 @@ def _mlp(outputs):
 def test_jacobian_features_equal_autograd_jacobians():
     model = _cnn()
     inputs = torch.randn(5, 1, 8, 8)
-    features = posterior.jacobian_features(model, inputs, chunk=2)
+    features = jacobian_features(model, inputs, chunk=2)
     params = dict(model.named_parameters())
 
     def f(p, x):
@@ -169,7 +195,7 @@ def test_jacobian_features_equal_autograd_jacobians():
 
 
 CASES = (
-    [("mlp", "classification", m, c) for m in posterior.KRON_METHODS for c in ("ggn", "mc")]
+    [("mlp", "classification", m, c) for m in KRON_METHODS for c in ("ggn", "mc")]
     + [("mlp", "classification", "diag", "ggn"), ("mlp", "classification", "full", "ggn")]
     + [("cnn", "classification", m, "ggn") for m in ("diag", "kron", "kron_backpack", "full")]
     + [("cnn", "classification", "kfoc_running", c) for c in ("ggn", "mc")]
@@ -184,21 +210,21 @@ def test_functional_variance_equals_laplace(model_name, task, method, curvature)
     else:
         model, inputs = _mlp(3 if task == "classification" else 1), torch.randn(48, 4)
     targets = torch.randint(0, 3, (48,)) if task == "classification" else torch.randn(48, 1)
-    la = posterior.make_laplace(posterior.MethodSpec(method, curvature), model, task, 0.7)
+    la = make_laplace(MethodSpec(method, curvature), model, task, 0.7)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         la.fit(DataLoader(TensorDataset(inputs, targets), batch_size=16))
     test = inputs[:6]
-    features = posterior.jacobian_features(model, test)
-    variance = posterior.FunctionalVariance(la, features)
+    features = jacobian_features(model, test)
+    variance = FunctionalVariance(la, features)
     for prior in (0.3, 4.0):  # read at the current prior precision on every call
         la.prior_precision = prior
         Js, _ = la.backend.jacobians(test)
         expected = la.functional_variance(Js).diagonal(dim1=1, dim2=2)
         torch.testing.assert_close(variance(), expected, atol=1e-6, rtol=1e-4)
-    diff = posterior.check_against_laplace(la, model, task, test, 0.7)
-    assert diff <= posterior.PREDICTIVE_TOL[task]
+    diff = check_against_laplace(la, model, task, test, 0.7)
+    assert diff <= PREDICTIVE_TOL[task]
 
 
 # --------------------------------------------------------------------------------------
@@ -226,7 +252,7 @@ def _record(method, seed, nll, prior_fit="marglik", angle=None):
 
 def test_summarize_mean_and_standard_error():
     records = [_record("kron", s, v) for s, v in enumerate((1.0, 2.0, 4.0))]
-    (row,) = posterior.summarize(records)
+    (row,) = summarize(records)
     assert row["seeds"] == 3
     assert row["nll_mean"] == pytest.approx(7 / 3)
     sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
@@ -236,7 +262,7 @@ def test_summarize_mean_and_standard_error():
 def test_paired_comparison():
     kron = [_record("kron", s, v) for s, v in enumerate((1.0, 2.0, 3.0, 4.0))]
     kfoc = [_record("kfoc_running", s, v) for s, v in enumerate((0.5, 2.0, 2.0, 4.5))]
-    rows = posterior.paired_comparison(kron + kfoc)
+    rows = paired_comparison(kron + kfoc)
     (nll,) = [r for r in rows if r["metric"] == "nll"]
     assert (nll["wins"], nll["ties"], nll["losses"]) == (2, 1, 1)
     diffs = [-0.5, 0.0, -1.0, 0.5]
@@ -253,7 +279,7 @@ def test_paired_comparison_of_rotated_sets_uses_the_mean_over_angles():
         for method, values in (("kron", (1.0, 3.0)), ("kfoc_optimal", (1.0, 2.0)))
         for angle, nll in zip((0, 90), values)
     ]
-    rows = posterior.paired_comparison(records)
+    rows = paired_comparison(records)
     (nll,) = [r for r in rows if r["metric"] == "nll" and r["dataset"] == "mnist-rotated"]
     assert nll["mean_diff"] == pytest.approx(-0.5)
     assert nll["wins"] == 1
@@ -329,7 +355,7 @@ def test_help_shows_defaults(capsys):
 
 
 def test_quick_defaults_and_explicit_flags():
-    config = posterior.build_config(posterior.parse_args(["--quick"]))
+    config = build_config(posterior.parse_args(["--quick"]))
     assert config.seeds == 3 and config.subset == {
         "boston": None,
         "concrete": None,
@@ -337,20 +363,20 @@ def test_quick_defaults_and_explicit_flags():
         "mnist": 1000,
     }
     assert config.train["classification"].epochs == 3
-    config = posterior.build_config(
+    config = build_config(
         posterior.parse_args(["--quick", "--seeds", "4", "--subset", "300", "--epochs", "1"])
     )
     assert config.seeds == 4 and set(config.subset.values()) == {300}
     assert {c.epochs for c in config.train.values()} == {1}
-    assert posterior.build_config(posterior.parse_args([])).seeds == 10
+    assert build_config(posterior.parse_args([])).seeds == 10
 
 
 def test_method_specs():
-    specs = posterior.method_specs(posterior.METHODS, ["mc"])
-    assert posterior.MethodSpec("map", "none") in specs
-    assert all(s.curvature == "mc" for s in specs if s.method in posterior.KRON_METHODS)
+    specs = method_specs(METHODS, ["mc"])
+    assert MethodSpec("map", "none") in specs
+    assert all(s.curvature == "mc" for s in specs if s.method in KRON_METHODS)
     assert not any(s.method in ("diag", "full") for s in specs)  # GGN only
-    assert len(posterior.method_specs(posterior.METHODS, ["ggn", "mc"])) == 1 + 2 + 2 * 5
+    assert len(method_specs(METHODS, ["ggn", "mc"])) == 1 + 2 + 2 * 5
 
 
 # --------------------------------------------------------------------------------------
@@ -389,7 +415,7 @@ def test_smoke_run(tmp_path):
     assert ("mnist", "kfoc_running", "mc", "marglik") in kinds
     assert ("mnist", "map", "none", "none") in kinds
     angles = {r["angle"] for r in records if "angle" in r}
-    assert angles == set(posterior.ANGLES)
+    assert angles == set(ANGLES)
     assert all(r["dataset"] == "mnist" for r in records if "angle" in r)
     meta = json.loads((out / "meta.json").read_text())
     assert [s["method"] for s in meta["skipped"]] == ["full"]  # LeNet-5's full GGN
