@@ -44,6 +44,10 @@ if not _MISSING:
     from kfoc_backpack.dataset import DistributedFitError, KFOCAccumulator, optimal_factors
     from kfoc_backpack.extensions import KFOC, KFOCExact, KFOCTerms
     from kfoc_backpack.laplace import (
+        EKFACLaplace,
+        EKFACLLLaplace,
+        EKFOCLaplace,
+        EKFOCLLLaplace,
         KFOCBackend,
         KFOCEFBackend,
         KFOCLaplace,
@@ -68,6 +72,10 @@ __version__ = "0.1.0"
 __all__ = [
     "KFOC",
     "DistributedFitError",
+    "EKFACLLLaplace",
+    "EKFACLaplace",
+    "EKFOCLLLaplace",
+    "EKFOCLaplace",
     "KFOCAccumulator",
     "KFOCBackend",
     "KFOCEFBackend",

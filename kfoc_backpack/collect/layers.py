@@ -152,6 +152,21 @@ class LayerTerms:
         """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
         return kfac_scale_split(factors, self.input_trace)
 
+    def kfac_blocks(self) -> list[Tensor]:
+        """K-FAC's ``[L_out, R_in]`` of the same samples in :meth:`solve`'s split.
+
+        ``tr(R_in) = input_trace``, as BackPACK's ``KFAC``/``KFLR`` and
+        laplace-torch's ``kron`` split their factors (for shared positions the
+        paper's split of :attr:`kfac` has a ``T`` times smaller right factor).
+
+        Raises:
+            ValueError: If the quantities were collected without K-FAC's factors.
+        """
+        if self.kfac is None:
+            raise ValueError("K-FAC's factors were not collected (with_kfac=False).")
+        left, right = self.kfac
+        return kfac_scale_split(KroneckerFactors(left, right, 0, True), self.input_trace)
+
     def detach(self) -> LayerTerms:
         """Return the same quantities, detached from any autograd graph."""
         kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)

@@ -141,8 +141,14 @@ class TermCollector:
 
     # ----------------------------------------------------------------------------------
 
-    def __call__(self, X: object, y: Tensor) -> BatchQuantities:
+    def __call__(self, X: object, y: Tensor, *, with_kfac: bool | None = None) -> BatchQuantities:
         """Forward, ``M`` backward passes and the per-layer quantities of one batch.
+
+        Args:
+            X: The batch's model input.
+            y: Its targets.
+            with_kfac: Also compute K-FAC's factors of the samples (default: the
+                collector's ``with_kfac``).
 
         Raises:
             FloatingPointError: If the input, the output or a layer's input or output
@@ -150,6 +156,7 @@ class TermCollector:
             NotImplementedError: For samples the model couples, or a supported
                 layer whose parameters are used outside its ``forward``.
         """
+        kfac = self.with_kfac if with_kfac is None else with_kfac
         with torch.enable_grad():
             calls, output = self._forward(X)
             changed = {
@@ -171,7 +178,9 @@ class TermCollector:
         quantities: dict[str, Quantity] = {}
         for name, module in self.layers.items():
             if calls[name].inputs:
-                self._layer_quantities(name, module, calls[name], grads[name], num, quantities)
+                self._layer_quantities(
+                    name, module, calls[name], grads[name], num, quantities, kfac
+                )
         return BatchQuantities(loss, num, quantities)
 
     # ----------------------------------------------------------------------------------
@@ -331,6 +340,7 @@ class TermCollector:
         grads: list[Tensor],
         num: int,
         quantities: dict[str, Quantity],
+        with_kfac: bool,
     ) -> None:
         layout = self._layouts.get(name, PLAIN)
         kind = kind_of(module)
@@ -343,7 +353,7 @@ class TermCollector:
         weight = weight_terms(
             inputs,
             vectors,
-            self.with_kfac,
+            with_kfac,
             groups=kind.groups(module),
             steps=self.weight_steps[name],
         )

@@ -32,6 +32,10 @@ from kfoc_backpack.dataset.distributed import Reducer, combine_blocks
 from kfoc_backpack.dataset.options import check_choice
 from kfoc_backpack.laplace.backend import KFOCKronMixin, batch_inputs
 
+BatchBlocks = Callable[[object, Tensor], tuple[Tensor, list[list[Tensor]], int]]
+"""``(X, y) -> (loss, blocks, n)``: one batch's summed loss, raw blocks per trainable
+parameter and number of inputs (:meth:`~kfoc_backpack.laplace.backend.KFOCKronMixin.kfoc`)."""
+
 Prior = dict[str, tuple[list[Tensor], int]]
 """Earlier raw blocks per parameter name with their number of inputs (online fit)."""
 
@@ -67,6 +71,28 @@ def _to_device(x: object, device: torch.device) -> object:
     return x.to(device) if isinstance(x, Tensor) else x
 
 
+def batch_splitter(
+    backend: KFOCKronMixin,
+    check_batch: Callable[[Tensor, Tensor], None] | None = None,
+    owner: str = "KFOCLaplace",
+) -> Callable[[object], tuple[object, Tensor]]:
+    """``batch -> (X, y)`` as every pass of a fit reads the loader's batches.
+
+    ``(X, y)`` pairs or dict-like batches (``backend.dict_key_y`` the targets), moved to
+    the parameters' device and checked by ``check_batch``.
+    """
+    device = next(iter(backend.named_trainable.values())).device
+
+    def prepared(batch: object) -> tuple[object, Tensor]:
+        X, y = batch_inputs(batch, backend.dict_key_x, backend.dict_key_y, owner)
+        X, y = _to_device(X, device), y.to(device)
+        if check_batch is not None:
+            check_batch(X, y)
+        return X, y
+
+    return prepared
+
+
 def fit_factors(
     backend: KFOCKronMixin,
     loader: Iterable,
@@ -78,6 +104,8 @@ def fit_factors(
     options: OptimalOptions | None = None,
     owner: str = "KFOCLaplace",
     process_group: object | None = None,
+    seed: int | None = None,
+    per_batch: BatchBlocks | None = None,
 ) -> RawFit:
     """Raw data-set K-FOC blocks of the backend's trainable parameters.
 
@@ -95,23 +123,26 @@ def fit_factors(
         process_group: The ``torch.distributed`` group to combine over (default: the
             whole world when initialised, else none), or a
             :class:`~kfoc_backpack.dataset.distributed.Reducer` whose log continues.
+        seed: Base seed of the Monte-Carlo labels (a stochastic backend): batch ``i``
+            of rank ``r`` draws under ``seed + i + r·2³²``, so that a later pass over the
+            same loader (the eigenvalue correction) sees the same Fisher. Default: in a
+            distributed fit one drawn and shared by the ranks, else torch's global
+            generator as it runs.
+        per_batch: ``per_batch(X, y) -> (loss, blocks, n)``, one batch's blocks
+            (default ``backend.kfoc``: K-FOC's; ``backend.kfac``: K-FAC's); not with
+            ``"optimal"``, whose passes collect the per-sample terms themselves.
 
     Returns:
         The raw blocks, summed loss, number of inputs and communication log.
     """
     check_aggregation(aggregation)
     params = backend.named_trainable
-    device = next(iter(params.values())).device
     prior = prior or {}
-
-    def prepared(batch: object) -> tuple[object, Tensor]:
-        X, y = batch_inputs(batch, backend.dict_key_x, backend.dict_key_y, owner)
-        X, y = _to_device(X, device), y.to(device)
-        if check_batch is not None:
-            check_batch(X, y)
-        return X, y
+    prepared = batch_splitter(backend, check_batch, owner)
 
     if aggregation == "optimal":
+        if per_batch is not None:
+            raise ValueError(f"{owner}: aggregation='optimal' solves K-FOC's own blocks only.")
         result = solve_optimal(
             backend.collect,
             params,
@@ -119,6 +150,7 @@ def fit_factors(
             split=prepared,
             stochastic=backend.stochastic,
             reduction="sum",
+            seed=seed,
             prior=prior,
             options=options,
             progress_bar=progress_bar,
@@ -129,7 +161,11 @@ def fit_factors(
 
     reducer = Reducer.of(process_group)
     reducer.check_same_params(params, owner)
-    seed = reducer.shared_seed(None) if reducer.active and backend.stochastic else None
+    per_batch = backend.kfoc if per_batch is None else per_batch
+    if backend.stochastic and (reducer.active or seed is not None):
+        seed = reducer.shared_seed(seed)
+    else:
+        seed = None
     accumulators = {name: BlockAccumulator(aggregation) for name in params}
     if reducer.rank == 0:  # an online fit's earlier factors count once
         for name, (block, num) in prior.items():
@@ -147,7 +183,7 @@ def fit_factors(
                 else reducer.seeded(seed, index, params.values())
             )
             with seeded:
-                batch_loss, blocks, num = backend.kfoc(*prepared(batch))
+                batch_loss, blocks, num = per_batch(*prepared(batch))
             loss = loss + batch_loss
             num_samples += num
             for name, block in zip(params, blocks):

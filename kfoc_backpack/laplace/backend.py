@@ -164,6 +164,28 @@ class KFOCKronMixin:
                 blocks.append(value)
         return batch.loss, blocks, batch.num_samples
 
+    def kfac(self, x: Any, y: Tensor) -> tuple[Tensor, list[list[Tensor]], int]:
+        """K-FAC's factors of one batch from the same per-sample quantities.
+
+        The reference of :meth:`kfoc`: per weight K-FAC's ``[L_out, R_in]`` (KFC for
+        weights shared over positions) of the same samples, labels and curvature, in
+        the same split (``tr(R_in) = (1/n) Σ_i ‖â_i‖²``); biases' exact blocks.
+
+        Returns:
+            ``(loss, blocks, n)`` as :meth:`kfoc`.
+        """
+        batch = self.collector(x, y, with_kfac=True)
+        blocks = []
+        for name, param in self.named_trainable.items():
+            value = batch.quantities.get(name)
+            if value is None:  # not used by the forward pass
+                blocks.append(zero_block(param))
+            elif isinstance(value, LayerTerms):
+                blocks.append(value.kfac_blocks())
+            else:
+                blocks.append(value)
+        return batch.loss, blocks, batch.num_samples
+
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """K-FOC factors of one batch in laplace-torch's ``Kron`` layout and scaling.
 

@@ -98,6 +98,20 @@ class EigenCorrectedDecomposed(KronDecomposed):
         """``(S + δ)^exponent`` of block ``index`` (``[M, N]`` or ``[B]``)."""
         return torch.pow(self.eigenvalues[index][0] + self.deltas[index], exponent)
 
+    def _check_deltas(self, deltas: Tensor) -> None:
+        """Accept a scalar or one value per block (a prior precision), naming the others."""
+        if isinstance(deltas, Tensor) and (
+            deltas.ndim == 0 or (deltas.ndim == 1 and len(deltas) in (1, len(self)))
+        ):
+            return
+        shape = tuple(deltas.shape) if isinstance(deltas, Tensor) else type(deltas).__name__
+        raise ValueError(
+            f"EigenCorrectedDecomposed: cannot add {shape} to {len(self)} blocks; a "
+            "Kronecker-factored posterior takes a scalar prior precision or one per "
+            "parameter block (prior_structure='scalar' or 'layerwise'), not one per "
+            "parameter ('diag')."
+        )
+
     def __add__(self, deltas: Tensor) -> EigenCorrectedDecomposed:
         """Add a scalar, or one scalar per block, to every eigenvalue."""
         self._check_deltas(deltas)

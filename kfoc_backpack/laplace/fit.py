@@ -1,16 +1,20 @@
 """``KFOCKronFit``: what K-FOC changes in laplace-torch's ``KronLaplace``.
 
-Both K-FOC Laplace classes (all weights, last layer) put this class in front of
-laplace-torch's ``KronLaplace`` in their method resolution order. It overrides:
+Every Laplace class of this package (K-FOC, eigenvalue-corrected K-FOC, EK-FAC; all
+weights or last layer) puts this class in front of laplace-torch's ``KronLaplace`` in
+its method resolution order. It overrides:
 
-* ``fit`` — the curvature comes from K-FOC's aggregation over batches (and over
-  ``torch.distributed`` ranks) instead of laplace-torch's per-batch ``kron`` sums;
+* ``fit`` — the curvature comes from the class's
+  :class:`~kfoc_backpack.laplace.approximation.Approximation` (K-FOC's aggregation over
+  batches, its eigenvalue correction, ...; over ``torch.distributed`` ranks too) instead
+  of laplace-torch's per-batch ``kron`` sums;
 * ``_init_H`` — a zero ``Kron`` for weights of any dimension (``Conv3d``);
 * ``posterior_precision`` — keeps ``damping``, which laplace-torch's arithmetic drops;
-* ``state_dict``/``load_state_dict`` — carry the aggregation.
+* ``state_dict``/``load_state_dict`` — carry the aggregation and any corrected
+  eigenvalues.
 
 It has no ``__init__``: the concrete classes call laplace-torch's constructors, then
-:meth:`KFOCKronFit._set_kfoc_options`.
+:meth:`KFOCKronFit._set_approximation`.
 
 Index conventions: ``N`` (``n_data``) inputs of the data set (all ranks), ``L_out``/``R_in``
 a weight's factors, ``δ`` the damping.
@@ -28,12 +32,19 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
-from kfoc_backpack.dataset import OptimalOptions
+from kfoc_backpack.dataset import Communication, OptimalOptions
 from kfoc_backpack.dataset.blocks import zero_block
 from kfoc_backpack.dataset.distributed import Reducer
-from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
+from kfoc_backpack.laplace.aggregate import batch_splitter
+from kfoc_backpack.laplace.approximation import (
+    Approximation,
+    EigenCorrection,
+    FitJob,
+    Fitted,
+)
 from kfoc_backpack.laplace.backend import batch_inputs, check_supported_layers
 from kfoc_backpack.laplace.errors import UnsupportedDtypeError
+from kfoc_backpack.solver.correction import EigenCorrected
 
 
 def kfoc_zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) -> Kron:
@@ -48,16 +59,27 @@ class KFOCKronFit(KronLaplace):
     """Not a structure of its own: laplace-torch's ``Laplace`` maps ``_key`` to classes, and
     the inherited ``("all", "kron")`` would compete with ``KronLaplace``."""
 
-    def _set_kfoc_options(
+    def _set_approximation(
         self,
-        aggregation: str,
-        options: OptimalOptions,
+        approximation: Approximation,
+        damping: bool,
         process_group: object | None,
     ) -> None:
-        self.aggregation = check_aggregation(aggregation)
-        self.optimal_options = options
+        approximation.check_damping(damping, type(self).__name__)
+        self.approximation = approximation
         self.process_group = process_group
         self.communication = None
+        self.corrected: list[EigenCorrected | None] = []
+
+    @property
+    def aggregation(self) -> str:
+        """How the per-batch factors are aggregated over the data set."""
+        return self.approximation.aggregation
+
+    @property
+    def optimal_options(self) -> OptimalOptions:
+        """Options of ``aggregation="optimal"`` (defaults where there is none)."""
+        return getattr(self.approximation, "options", OptimalOptions())
 
     @property
     def tol(self) -> float:
@@ -97,14 +119,15 @@ class KFOCKronFit(KronLaplace):
                 f"The model's output has {self._out_ndim} dims but the target has {y.ndim} dims."
             )
 
-    def _raw_prior(self, names: list[str]) -> Prior:
-        """Return the fitted factors without the likelihood factor (online update)."""
+    def _raw_fitted(self) -> Fitted:
+        """Return the fitted curvature without the likelihood factor (online, loading)."""
         factor = float(self.backend.factor)
-        prior = {}
-        for name, block in zip(names, self.H_facs.kfacs):
+        blocks = []
+        for block in self.H_facs.kfacs:
             scale = factor ** (1 / len(block))
-            prior[name] = ([b / scale for b in block], self.n_data)
-        return prior
+            blocks.append([b / scale for b in block])
+        loss = torch.as_tensor(self.loss) / factor
+        return Fitted(loss, blocks, self.n_data, Communication(), list(self.corrected))
 
     def _first_output_shape(self, train_loader: DataLoader) -> tuple[int, int]:
         """Return ``(outputs, ndim)`` of the output on the first batch, ``(0, 0)`` if none."""
@@ -189,25 +212,32 @@ class KFOCKronFit(KronLaplace):
         if not self.enable_backprop:
             self.mean = self.mean.detach()
         backend = self.backend
-        fitted = fit_factors(
+        owner = type(self).__name__
+        job = FitJob(
             backend,
             train_loader,
-            self.aggregation,
-            prior=self._raw_prior(list(backend.named_trainable)) if online else None,
-            check_batch=self._check_batch,
-            progress_bar=progress_bar or getattr(self, "_progress_bar", False),
-            options=self.optimal_options,
-            owner=type(self).__name__,
-            process_group=reducer,
+            batch_splitter(backend, self._check_batch, owner),
+            self._check_batch,
+            reducer,
+            progress_bar or getattr(self, "_progress_bar", False),
+            owner,
         )
+        earlier = self._raw_fitted() if online else None
+        fitted = self.approximation.fit(job, earlier)
         self.communication = reducer.log
         self.loss = self.loss + backend.factor * fitted.loss
         dataset = getattr(train_loader, "dataset", None)
         use_len = dataset is not None and not reducer.active
         self.n_data += len(dataset) if use_len else fitted.num_samples
-        blocks = [[b.to(self._dtype) for b in block] for block in fitted.blocks]
-        self.H_facs = Kron(blocks) * float(backend.factor)
-        self.H = self.H_facs.decompose(damping=self.damping)
+        self._set_fitted(fitted)
+
+    def _set_fitted(self, fitted: Fitted) -> None:
+        """``H_facs``, ``H`` and the corrected eigenvalues from raw curvature."""
+        fitted.blocks = [[b.to(self._dtype) for b in block] for block in fitted.blocks]
+        self.corrected = fitted.corrected
+        self.H_facs, self.H = self.approximation.decompose(
+            fitted, float(self.backend.factor), self.damping
+        )
 
     @property
     def posterior_precision(self) -> KronDecomposed:
@@ -218,18 +248,46 @@ class KFOCKronFit(KronLaplace):
         here the flag is carried over.
         """
         self._check_H_init()
+        self.approximation.check_damping(self.damping, type(self).__name__)
         precision = self.H * self._H_factor + self.prior_precision
         precision.damping = self.damping
         return precision
 
+    @property
+    def posterior_covariance(self) -> Tensor:
+        """Dense ``[P, P]`` posterior covariance ``(H · factor + P₀)⁻¹`` (small models).
+
+        laplace-torch's ``KronLaplace`` has none; this is the posterior precision's
+        decomposition at exponent ``-1``, block-diagonal over the parameters.
+        """
+        return self.posterior_precision.to_matrix(exponent=-1)
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """``[P]`` diagonal of the posterior covariance, without forming it."""
+        return self.posterior_precision.diag(exponent=-1)
+
     def state_dict(self) -> dict[str, Any]:
-        """``KronLaplace``'s state dict plus the aggregation."""
+        """``KronLaplace``'s state dict plus the aggregation and corrected eigenvalues.
+
+        ``"corrected"``: per trainable parameter ``(U_L, U_R, S)`` of an
+        eigenvalue-corrected weight (``S`` without the likelihood factor) or ``None``.
+        """
         state = super().state_dict()
         state["aggregation"] = self.aggregation
+        state["corrected"] = [
+            None if c is None else (c.left_basis, c.right_basis, c.diagonal) for c in self.corrected
+        ]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by the same class (warns on another aggregation)."""
+        """Load a state dict saved by the same class (warns on another aggregation).
+
+        Raises:
+            ValueError: For a state of another Laplace class (laplace-torch's check), or
+                corrected eigenvalues where the class has none (and the reverse).
+        """
+        super().load_state_dict(state_dict)
         saved = state_dict.get("aggregation", self.aggregation)
         if saved != self.aggregation:
             warnings.warn(
@@ -239,4 +297,14 @@ class KFOCKronFit(KronLaplace):
                 UserWarning,
                 stacklevel=2,
             )
-        super().load_state_dict(state_dict)
+        self.corrected = [
+            None if c is None else EigenCorrected(*c) for c in state_dict.get("corrected", [])
+        ]
+        if bool(self.corrected) != isinstance(self.approximation, EigenCorrection):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state has "
+                f"{'corrected eigenvalues' if self.corrected else 'no corrected eigenvalues'}; "
+                f"hessian_structure={self.approximation.structure!r} "
+                f"{'needs' if not self.corrected else 'has none'}."
+            )
+        self._set_fitted(self._raw_fitted())

@@ -30,6 +30,12 @@ from kfoc_backpack.dataset.options import (
     DEFAULT_OPTIMAL_TOL,
     OptimalOptions,
 )
+from kfoc_backpack.laplace.approximation import (
+    Approximation,
+    EigenCorrection,
+    KFACFactors,
+    KFOCFactors,
+)
 from kfoc_backpack.laplace.backend import (
     KFOCBackend,
     KFOCEFBackend,
@@ -118,6 +124,10 @@ class KFOCLaplace(KFOCKronFit):
 
     _key = ("all", "kfoc")
 
+    _approximation = staticmethod(KFOCFactors)
+    """The class's :class:`~kfoc_backpack.laplace.approximation.Approximation` from the
+    aggregation arguments (each sibling class has its own)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -141,7 +151,7 @@ class KFOCLaplace(KFOCKronFit):
         process_group: object | None = None,
     ):
         options = OptimalOptions(tol, max_passes, store_terms, max_memory)
-        self._set_kfoc_options(aggregation, options, process_group)
+        self._set_approximation(self._approximation(aggregation, options), damping, process_group)
         kwargs = {
             "sigma_noise": sigma_noise,
             "prior_precision": prior_precision,
@@ -194,6 +204,7 @@ class KFOCLLLaplace(KronLLLaplace, KFOCKronFit):
     """
 
     _key = ("last_layer", "kfoc")
+    _approximation = staticmethod(KFOCFactors)
 
     def __init__(
         self,
@@ -220,7 +231,7 @@ class KFOCLLLaplace(KronLLLaplace, KFOCKronFit):
         process_group: object | None = None,
     ):
         options = OptimalOptions(tol, max_passes, store_terms, max_memory)
-        self._set_kfoc_options(aggregation, options, process_group)
+        self._set_approximation(self._approximation(aggregation, options), damping, process_group)
         kwargs = {
             "sigma_noise": sigma_noise,
             "prior_precision": prior_precision,
@@ -280,3 +291,91 @@ class KFOCLLLaplace(KronLLLaplace, KFOCKronFit):
                 [value * torch.ones_like(prior[:1]).expand(n) for value, n in zip(prior, sizes)]
             )
         return super().prior_precision_diag
+
+
+# --------------------------------------------------------------------------------------
+# Eigenvalue-corrected siblings: the same classes with another approximation
+# --------------------------------------------------------------------------------------
+
+AGGREGATION_ARGUMENTS = ("aggregation", "tol", "max_passes", "store_terms", "max_memory")
+"""Arguments of K-FOC's aggregation, which K-FAC's factors (sums over batches) do not take."""
+
+
+def _without_aggregation(owner: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Refuse K-FOC's aggregation arguments for a K-FAC basis, naming them."""
+    given = [name for name in AGGREGATION_ARGUMENTS if name in kwargs]
+    if given:
+        raise TypeError(
+            f"{owner}: {', '.join(given)} set K-FOC's aggregation over batches; K-FAC's "
+            "factors are sums over the batches and take none. Use "
+            "hessian_structure='ekfoc' for the eigenvalue-corrected K-FOC."
+        )
+    return kwargs
+
+
+def _corrected_kfoc(aggregation: str, options: OptimalOptions) -> Approximation:
+    return EigenCorrection(KFOCFactors(aggregation, options))
+
+
+def _corrected_kfac(aggregation: str, options: OptimalOptions) -> Approximation:
+    return EigenCorrection(KFACFactors())
+
+
+class EKFOCLaplace(KFOCLaplace):
+    r"""Eigenvalue-corrected K-FOC Laplace: ``Laplace(model, likelihood, "all", "ekfoc")``.
+
+    Per weight the posterior precision is
+    ``(U_L ⊗ U_R) diag(vec(S) + δ) (U_L ⊗ U_R)ᵀ``: the eigenbasis of K-FOC's data-set
+    factors (aggregated as ``aggregation`` says) and ``S``, the exact diagonal of the
+    data set's curvature block in that basis (one more pass over the data, under the
+    same Monte-Carlo labels) — the Frobenius-nearest matrix with that eigenbasis, so
+    never farther from the block than K-FOC's ``L ⊗ R``, and trace-exact. Biases are
+    exact. ``la.H`` is an
+    :class:`~kfoc_backpack.laplace.eigen_corrected.EigenCorrectedDecomposed` (laplace-torch's
+    ``KronDecomposed`` interface), ``la.H_facs`` K-FOC's factors. Arguments as
+    :class:`KFOCLaplace`; ``damping=True`` is refused (no factor eigenvalues to damp).
+    """
+
+    _key = ("all", "ekfoc")
+    _approximation = staticmethod(_corrected_kfoc)
+
+
+class EKFACLaplace(KFOCLaplace):
+    """EK-FAC Laplace: ``Laplace(model, likelihood, "all", "ekfac")``.
+
+    As :class:`EKFOCLaplace` in the eigenbasis of K-FAC's factors (KFC for weights
+    shared over positions) of the same per-sample quantities — the reference for the
+    eigenvalue-corrected K-FOC. Arguments as :class:`KFOCLaplace` without the
+    aggregation ones (``aggregation``, ``tol``, ``max_passes``, ``store_terms``,
+    ``max_memory``), which raise a ``TypeError``.
+    """
+
+    _key = ("all", "ekfac")
+    _approximation = staticmethod(_corrected_kfac)
+
+    def __init__(self, model: nn.Module, likelihood: str, **kwargs: Any):
+        super().__init__(model, likelihood, **_without_aggregation(type(self).__name__, kwargs))
+
+
+class EKFOCLLLaplace(KFOCLLLaplace):
+    """Last-layer eigenvalue-corrected K-FOC: ``Laplace(model, likelihood, "last_layer", "ekfoc")``.
+
+    :class:`EKFOCLaplace` on the last layer; arguments as :class:`KFOCLLLaplace`.
+    """
+
+    _key = ("last_layer", "ekfoc")
+    _approximation = staticmethod(_corrected_kfoc)
+
+
+class EKFACLLLaplace(KFOCLLLaplace):
+    """Last-layer EK-FAC: ``Laplace(model, likelihood, "last_layer", "ekfac")``.
+
+    :class:`EKFACLaplace` on the last layer; arguments as :class:`KFOCLLLaplace`
+    without the aggregation ones.
+    """
+
+    _key = ("last_layer", "ekfac")
+    _approximation = staticmethod(_corrected_kfac)
+
+    def __init__(self, model: nn.Module, likelihood: str, **kwargs: Any):
+        super().__init__(model, likelihood, **_without_aggregation(type(self).__name__, kwargs))
