@@ -1,4 +1,4 @@
-"""Does K-FOC give a better Laplace posterior than K-FAC? Measured on the paper's models.
+"""Does K-FOC, or its eigenvalue correction, give a better Laplace posterior than K-FAC.
 
 For every data set and seed: split the data (random 90/10 train/test, and 10 % of the
 training part held out for validation), train the paper's model to its MAP estimate
@@ -13,6 +13,10 @@ and put every Laplace posterior on that same MAP model:
 * ``kron_backpack`` — ``kron`` with ``BackPackGGN`` (BackPACK's K-FLR / K-FAC);
 * ``kfoc_approx``, ``kfoc_running``, ``kfoc_optimal`` — ``hessian_structure="kfoc"``
   with that ``aggregation``;
+* ``ekfoc`` — ``hessian_structure="ekfoc"``: the eigenbasis of K-FOC's factors
+  (``"running"``) with the data set's own eigenvalues in it;
+* ``ekfac`` — ``hessian_structure="ekfac"``: the same correction in K-FAC's basis
+  (EK-FAC);
 * ``full`` — laplace-torch ``full`` (exact GGN), where it fits in memory (the MLPs;
   on LeNet-5 it is skipped, and the reason is written to ``meta.json`` and the table).
 
@@ -53,8 +57,10 @@ benchmark; bilinear rotation about the centre, background kept).
 
 Outputs in ``--out``: ``results.json`` (one record per data set × method × curvature ×
 prior fit × seed, plus records with ``"angle"`` for rotated MNIST), ``summary.json``
-(mean ± standard error over seeds), ``paired.json`` (K-FOC against K-FAC per seed:
-wins, mean difference and its standard error), ``table.md``, ``meta.json`` and
+(mean ± standard error over seeds), ``paired.json`` (each method against its
+references per seed — the K-FOC variants and ``ekfoc``/``ekfac`` against K-FAC,
+``ekfoc`` against ``kfoc_running`` and ``ekfac``, the Kronecker posteriors against
+``full``: wins, mean difference and its standard error), ``table.md``, ``meta.json`` and
 ``figure_posterior_*.png``.
 
 This script is the command line; the code is in ``integration/posterior_study/``

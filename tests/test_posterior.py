@@ -198,8 +198,10 @@ CASES = (
     [("mlp", "classification", m, c) for m in KRON_METHODS for c in ("ggn", "mc")]
     + [("mlp", "classification", "diag", "ggn"), ("mlp", "classification", "full", "ggn")]
     + [("cnn", "classification", m, "ggn") for m in ("diag", "kron", "kron_backpack", "full")]
-    + [("cnn", "classification", "kfoc_running", c) for c in ("ggn", "mc")]
+    + [("cnn", "classification", m, c) for m in ("kfoc_running", "ekfoc") for c in ("ggn", "mc")]
+    + [("cnn", "classification", "ekfac", "ggn")]
     + [("mlp", "regression", m, "ggn") for m in ("diag", "kron", "kfoc_optimal", "full")]
+    + [("mlp", "regression", m, "ggn") for m in ("ekfoc", "ekfac")]
 )
 
 
@@ -376,7 +378,7 @@ def test_method_specs():
     assert MethodSpec("map", "none") in specs
     assert all(s.curvature == "mc" for s in specs if s.method in KRON_METHODS)
     assert not any(s.method in ("diag", "full") for s in specs)  # GGN only
-    assert len(method_specs(METHODS, ["ggn", "mc"])) == 1 + 2 + 2 * 5
+    assert len(method_specs(METHODS, ["ggn", "mc"])) == 1 + 2 + 2 * 7
 
 
 # --------------------------------------------------------------------------------------
@@ -398,7 +400,8 @@ REQUIRED = {
 def test_smoke_run(tmp_path):
     out = tmp_path / "run"
     argv = ["--datasets", "boston", "mnist", "--seeds", "1", "--subset", "300", "--epochs", "1"]
-    argv += ["--methods", "map", "kron", "kfoc_running", "full", "--check-predictive", "2"]
+    argv += ["--methods", "map", "kron", "kfoc_running", "ekfoc", "full"]
+    argv += ["--check-predictive", "2"]
     argv += ["--out", str(out), "--threads", "1"]
     result = posterior.main(argv)
     records = json.loads((out / "results.json").read_text())
@@ -413,6 +416,7 @@ def test_smoke_run(tmp_path):
     kinds = {(r["dataset"], r["method"], r["curvature"], r["prior_fit"]) for r in records}
     assert ("boston", "full", "ggn", "gridsearch") in kinds
     assert ("mnist", "kfoc_running", "mc", "marglik") in kinds
+    assert ("mnist", "ekfoc", "mc", "gridsearch") in kinds
     assert ("mnist", "map", "none", "none") in kinds
     angles = {r["angle"] for r in records if "angle" in r}
     assert angles == set(ANGLES)
@@ -421,8 +425,16 @@ def test_smoke_run(tmp_path):
     assert [s["method"] for s in meta["skipped"]] == ["full"]  # LeNet-5's full GGN
     assert max(meta["predictive_check"].values()) < 1e-4
     table = (out / "table.md").read_text()
-    assert "skipped" in table and "K-FOC against K-FAC" in table
+    assert "skipped" in table and "## Against K-FAC (kron), paired per seed" in table
+    assert "## Against K-FOC_running, paired per seed" in table
+    assert "## Against full, paired per seed" in table
     paired = json.loads((out / "paired.json").read_text())
+    assert {(p["method"], p["reference"]) for p in paired} >= {
+        ("kfoc_running", "kron"),
+        ("ekfoc", "kron"),
+        ("ekfoc", "kfoc_running"),
+        ("ekfoc", "full"),
+    }
     assert {p["dataset"] for p in paired} == {"boston", "mnist", "mnist-rotated"}
     for name in ("datasets", "rotation", "paired"):
         assert (out / f"figure_posterior_{name}.png").stat().st_size > 10_000

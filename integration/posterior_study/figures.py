@@ -15,14 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from integration.posterior_study.protocol import (
+    AGAINST_REFERENCE,
     ANGLES,
     CURVATURES,
     HEADERS,
-    KFOC_METHODS,
     LABELS,
     METHODS,
     NAMES,
     PRIOR_FITS,
+    REFERENCE,
     MethodSpec,
 )
 
@@ -34,6 +35,8 @@ STYLE = {
     "kfoc_approx": ("tab:blue", "o"),
     "kfoc_running": ("tab:red", "D"),
     "kfoc_optimal": ("tab:purple", "x"),
+    "ekfoc": ("tab:brown", "P"),
+    "ekfac": ("tab:cyan", "X"),
     "full": ("black", "*"),
 }
 
@@ -78,7 +81,7 @@ def plot_rotation(summary: list[dict], paired_angles: list[dict], out: Path) -> 
             ax.set_ylabel(HEADERS[name])
         for j, name in enumerate(("nll", "ece"), start=2):
             ax = axes[i][j]
-            for method in KFOC_METHODS:
+            for method in AGAINST_REFERENCE:
                 for curvature in CURVATURES:
                     pts = sorted(
                         (
@@ -93,8 +96,8 @@ def plot_rotation(summary: list[dict], paired_angles: list[dict], out: Path) -> 
                         _angle_line(ax, pts, "diff", method, curvature)
             ax.axhline(0, color="black", linewidth=0.8)
             short = HEADERS[name].removeprefix("test ")
-            ax.set_title(f"prior by {prior_fit}: {short} of K-FOC − K-FAC (paired)")
-            ax.set_ylabel(f"{short} difference (< 0: K-FOC better)")
+            ax.set_title(f"prior by {prior_fit}: {short} of method − K-FAC (paired)")
+            ax.set_ylabel(f"{short} difference (< 0: method better)")
         for ax in axes[i]:
             ax.set_xticks(list(ANGLES)[::2])
             ax.grid(alpha=0.3)
@@ -207,18 +210,19 @@ def plot_datasets(summary: list[dict], out: Path) -> Path | None:
 
 
 def plot_paired(paired: list[dict], out: Path) -> Path | None:
-    """Plot K-FOC − K-FAC test-NLL differences per data set, relative to the spread.
+    """Plot each method's test-NLL difference to K-FAC per data set, relative to the spread.
 
-    Each point is the mean paired difference divided by K-FAC's seed-to-seed standard
+    The K-FOC variants and the eigenvalue-corrected posteriors against ``kron``. Each
+    point is the mean paired difference divided by K-FAC's seed-to-seed standard
     deviation (error bar: the standard error, divided alike); the text beside it is
-    the number of seeds K-FOC wins / ties / loses.
+    the number of seeds the method wins / ties / loses.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [p for p in paired if p["metric"] == "nll"]
+    rows = [p for p in paired if p["metric"] == "nll" and p["reference"] == REFERENCE]
     if not rows:
         return None
     datasets = list(dict.fromkeys(p["dataset"] for p in rows))
@@ -226,7 +230,7 @@ def plot_paired(paired: list[dict], out: Path) -> Path | None:
         (prior_fit, curvature, method)
         for prior_fit in PRIOR_FITS
         for curvature in CURVATURES
-        for method in KFOC_METHODS
+        for method in AGAINST_REFERENCE
         if any((p["prior_fit"], p["curvature"], p["method"]) == (prior_fit, curvature, method)
                for p in rows)
     ]  # fmt: skip
@@ -266,8 +270,8 @@ def plot_paired(paired: list[dict], out: Path) -> Path | None:
         ax.xaxis.set_major_locator(plt.MaxNLocator(4))
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(
-        "Paired test-NLL difference K-FOC − K-FAC (kron), in units of K-FAC's seed-to-seed "
-        "SD: mean ± SE over seeds (< 0: K-FOC better); text: seeds won/tied/lost",
+        "Paired test-NLL difference method − K-FAC (kron), in units of K-FAC's seed-to-seed "
+        "SD: mean ± SE over seeds (< 0: method better); text: seeds won/tied/lost",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.93), w_pad=2.5)

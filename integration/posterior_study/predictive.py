@@ -254,12 +254,13 @@ class FunctionalVariance:
         for (kind, u, v), ls, delta in zip(
             self._projected, precision.eigenvalues, precision.deltas
         ):
-            if len(ls) == 2:
-                l1, l2 = ls
-                if damping:
-                    inv = 1 / torch.outer(l1 + delta.sqrt(), l2 + delta.sqrt())
+            if len(ls) == 2 or ls[0].ndim == 2:  # a weight: Kronecker or corrected
+                if len(ls) == 1:  # eigenvalue-corrected: its own [out, in] eigenvalues
+                    inv = 1 / (ls[0] + delta)
+                elif damping:
+                    inv = 1 / torch.outer(ls[0] + delta.sqrt(), ls[1] + delta.sqrt())
                 else:
-                    inv = 1 / (torch.outer(l1, l2) + delta)
+                    inv = 1 / (torch.outer(ls[0], ls[1]) + delta)
                 if kind == "outer":
                     total += (u * (v @ inv.T).unsqueeze(1)).sum(-1)
                 else:

@@ -57,12 +57,29 @@ METHODS = (
     "kfoc_approx",
     "kfoc_running",
     "kfoc_optimal",
+    "ekfoc",
+    "ekfac",
     "full",
 )
-KRON_METHODS = ("kron", "kron_backpack", "kfoc_approx", "kfoc_running", "kfoc_optimal")
 KFOC_METHODS = ("kfoc_approx", "kfoc_running", "kfoc_optimal")
+CORRECTED_METHODS = ("ekfoc", "ekfac")
+"""Eigenvalue-corrected posteriors: ``hessian_structure="ekfoc"`` (K-FOC's basis,
+``"running"`` aggregation) and ``"ekfac"`` (K-FAC's basis)."""
+KRON_METHODS = ("kron", "kron_backpack", *KFOC_METHODS, *CORRECTED_METHODS)
 REFERENCE = "kron"
 """K-FAC in the paired comparison: laplace-torch's ``kron`` with its default backend."""
+AGAINST_REFERENCE = (*KFOC_METHODS, *CORRECTED_METHODS)
+"""The methods paired against :data:`REFERENCE` (table, figures, rotated MNIST)."""
+COMPARISONS = (
+    *((method, REFERENCE) for method in AGAINST_REFERENCE),
+    ("ekfoc", "kfoc_running"),
+    ("ekfoc", "ekfac"),
+    ("ekfoc", "full"),
+    ("ekfac", "full"),
+    ("kfoc_running", "full"),
+    (REFERENCE, "full"),
+)
+"""``(method, reference)`` pairs of the paired comparison (``full``: where it runs)."""
 
 CURVATURES = ("ggn", "mc")
 PRIOR_FITS = ("marglik", "gridsearch")
@@ -83,6 +100,8 @@ LABELS = {
     "kfoc_approx": "K-FOC_approx",
     "kfoc_running": "K-FOC_running",
     "kfoc_optimal": "K-FOC_optimal",
+    "ekfoc": "EK-FOC (ekfoc)",
+    "ekfac": "EK-FAC (ekfac)",
     "full": "full",
 }
 NAMES = {
@@ -222,6 +241,8 @@ def make_laplace(spec: MethodSpec, model: nn.Module, task: str, sigma: float):
         return Laplace(
             model, task, "all", "kron", backend=BackPackGGN, backend_kwargs=stochastic, **kwargs
         )
+    if spec.method in CORRECTED_METHODS:
+        return Laplace(model, task, "all", spec.method, backend_kwargs=stochastic, **kwargs)
     aggregation = spec.method.removeprefix("kfoc_")
     return Laplace(
         model, task, "all", "kfoc", aggregation=aggregation, backend_kwargs=stochastic, **kwargs

@@ -5,7 +5,8 @@ Everything here reads the records (``dict``) of
 × prior fit × seed, with ``"angle"`` for rotated MNIST, so a fresh run and a
 ``--replot`` of its ``results.json`` give the same tables: :func:`summarize` (mean ±
 standard error over seeds), :func:`paired_comparison` and :func:`paired_by_angle`
-(K-FOC − K-FAC on the same seed), :func:`markdown_tables`, and :func:`write_outputs`,
+(each method of :data:`~integration.posterior_study.protocol.COMPARISONS` against its
+reference on the same seed), :func:`markdown_tables`, and :func:`write_outputs`,
 which writes the JSON files and ``table.md`` and draws the figures of
 :mod:`integration.posterior_study.figures`.
 """
@@ -22,10 +23,11 @@ from pathlib import Path
 from integration.data import TASKS
 from integration.posterior_study.figures import plot_datasets, plot_paired, plot_rotation
 from integration.posterior_study.protocol import (
+    AGAINST_REFERENCE,
+    COMPARISONS,
     CURVATURES,
     GRID,
     HEADERS,
-    KFOC_METHODS,
     LABELS,
     METHODS,
     NAMES,
@@ -122,11 +124,13 @@ def rotated_means(records: list[dict]) -> list[dict]:
     return out
 
 
-def paired_comparison(records: list[dict], reference: str = REFERENCE) -> list[dict]:
-    """K-FOC against K-FAC (``reference``) per seed, same data set/curvature/prior fit.
+def paired_comparison(
+    records: list[dict], comparisons: Sequence[tuple[str, str]] = COMPARISONS
+) -> list[dict]:
+    """Each ``(method, reference)`` pair per seed, same data set/curvature/prior fit.
 
-    For each metric: seeds where K-FOC is better, equal (difference below 1e-12) or
-    worse, the mean difference ``K-FOC − K-FAC`` with its standard error, and the
+    For each metric: seeds where the method is better, equal (difference below 1e-12) or
+    worse, the mean difference ``method − reference`` with its standard error, and the
     seed-to-seed standard deviation of the reference's metric (the spread the
     difference is to be read against). Rotated MNIST enters as ``mnist-rotated``, the
     per-seed mean over the angles.
@@ -138,7 +142,7 @@ def paired_comparison(records: list[dict], reference: str = REFERENCE) -> list[d
     out = []
     combos = sorted({(r["dataset"], r["curvature"], r["prior_fit"]) for r in base})
     for dataset, curvature, prior_fit in combos:
-        for method in KFOC_METHODS:
+        for method, reference in comparisons:
             for name, lower in LOWER_IS_BETTER.items():
                 pairs = []
                 for seed in sorted({r["seed"] for r in base if r["dataset"] == dataset}):
@@ -178,7 +182,7 @@ def paired_comparison(records: list[dict], reference: str = REFERENCE) -> list[d
 
 
 def paired_by_angle(records: list[dict], reference: str = REFERENCE) -> list[dict]:
-    """K-FOC − K-FAC per rotation angle: mean paired difference of NLL and ECE ± SE."""
+    """Pair each method with K-FAC per rotation angle: mean difference of NLL and ECE ± SE."""
     table = {
         (r["method"], r["curvature"], r["prior_fit"], r["angle"], r["seed"]): r
         for r in records
@@ -186,7 +190,7 @@ def paired_by_angle(records: list[dict], reference: str = REFERENCE) -> list[dic
     }
     out = []
     for method, curvature, prior_fit, angle in sorted({k[:4] for k in table}):
-        if method not in KFOC_METHODS:
+        if method not in AGAINST_REFERENCE:
             continue
         for name in ("nll", "ece"):
             diffs = [
@@ -324,52 +328,57 @@ PAIRED_COLUMNS = (
 
 
 def paired_table(paired: list[dict]) -> list[str]:
-    """Format the paired comparison as markdown lines.
+    """Format the paired comparison as markdown lines, one section per reference.
 
-    One row per data set, prior fit, curvature and K-FOC variant; a cell is
+    One row per data set, prior fit, curvature and method; a cell is
     ``mean ± SE (W/T/L)``.
 
     RMSE is left out: the glm predictive's mean is the MAP output for every method,
     so RMSE differences are exactly 0.
     """
-    lines = [
-        f"## K-FOC against K-FAC ({LABELS[REFERENCE]}), paired per seed",
-        "",
-        "Difference K-FOC − K-FAC on the same seed (same split, MAP model and prior-fit "
-        "protocol): mean ± standard error over seeds, then (W/T/L) the seeds where K-FOC is "
-        "better / equal / worse (NLL, ECE: lower is better; accuracy, log marglik: higher). "
-        "K-FAC SD: the seed-to-seed standard deviation of K-FAC's test NLL, the spread to "
-        "read the NLL difference against. `mnist-rotated`: per seed, the mean over the 13 "
-        "rotation angles. RMSE is not listed: the glm predictive mean is the MAP output for "
-        "every method, so its difference is exactly 0.",
-        "",
-        "| data set | prior fit | curvature | method | "
-        + " | ".join(header for _, header, _, _ in PAIRED_COLUMNS)
-        + " | K-FAC NLL SD |",
-        "|---|---|---|---|" + "---|" * (len(PAIRED_COLUMNS) + 1),
-    ]
-    index = {(p["dataset"], p["prior_fit"], p["curvature"], p["method"], p["metric"]): p
-             for p in paired}  # fmt: skip
-    keys = list(dict.fromkeys(k[:4] for k in index))
-    for dataset, prior_fit, curvature, method in keys:
-        cells = []
-        for metric, _, scale, digits in PAIRED_COLUMNS:
-            p = index.get((dataset, prior_fit, curvature, method, metric))
-            if p is None:
-                cells.append("—")
-                continue
-            cells.append(
-                f"{scale * p['mean_diff']:+.{digits}f} ± {scale * p['se_diff']:.{digits}f} "
-                f"({p['wins']}/{p['ties']}/{p['losses']})"
+    lines: list[str] = []
+    index = {
+        (p["reference"], p["dataset"], p["prior_fit"], p["curvature"], p["method"], p["metric"]): p
+        for p in paired
+    }
+    for reference in dict.fromkeys(p["reference"] for p in paired):
+        lines += [
+            f"## Against {LABELS[reference]}, paired per seed",
+            "",
+            f"Difference method − {LABELS[reference]} on the same seed (same split, MAP model "
+            "and prior-fit protocol): mean ± standard error over seeds, then (W/T/L) the "
+            "seeds where the method is better / equal / worse (NLL, ECE: lower is better; "
+            "accuracy, log marglik: higher). Reference SD: the seed-to-seed standard "
+            "deviation of the reference's test NLL, the spread to read the NLL difference "
+            "against. `mnist-rotated`: per seed, the mean over the 13 rotation angles. RMSE "
+            "is not listed: the glm predictive mean is the MAP output for every method, so "
+            "its difference is exactly 0.",
+            "",
+            "| data set | prior fit | curvature | method | "
+            + " | ".join(header for _, header, _, _ in PAIRED_COLUMNS)
+            + " | reference NLL SD |",
+            "|---|---|---|---|" + "---|" * (len(PAIRED_COLUMNS) + 1),
+        ]
+        keys = list(dict.fromkeys(k[1:5] for k in index if k[0] == reference))
+        for dataset, prior_fit, curvature, method in keys:
+            cells = []
+            for metric, _, scale, digits in PAIRED_COLUMNS:
+                p = index.get((reference, dataset, prior_fit, curvature, method, metric))
+                if p is None:
+                    cells.append("—")
+                    continue
+                cells.append(
+                    f"{scale * p['mean_diff']:+.{digits}f} ± {scale * p['se_diff']:.{digits}f} "
+                    f"({p['wins']}/{p['ties']}/{p['losses']})"
+                )
+            nll = index.get((reference, dataset, prior_fit, curvature, method, "nll"))
+            sd = f"{nll['reference_sd']:.4f}" if nll else "—"
+            lines.append(
+                f"| {dataset} | {prior_fit} | {curvature} | {LABELS[method]} | "
+                + " | ".join(cells)
+                + f" | {sd} |"
             )
-        nll = index.get((dataset, prior_fit, curvature, method, "nll"))
-        sd = f"{nll['reference_sd']:.4f}" if nll else "—"
-        lines.append(
-            f"| {dataset} | {prior_fit} | {curvature} | {LABELS[method]} | "
-            + " | ".join(cells)
-            + f" | {sd} |"
-        )
-    lines.append("")
+        lines.append("")
     return lines
 
 
