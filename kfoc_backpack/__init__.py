@@ -41,8 +41,13 @@ if not _MISSING:
     check_versions()  # before BackPACK / laplace-torch are imported
 
     from kfoc_backpack.collect.registry import freeze_unsupported, unsupported_parameters
-    from kfoc_backpack.dataset import DistributedFitError, KFOCAccumulator, optimal_factors
-    from kfoc_backpack.extensions import KFOC, KFOCExact, KFOCTerms
+    from kfoc_backpack.dataset import (
+        DistributedFitError,
+        KFOCAccumulator,
+        eigenvalue_correction,
+        optimal_factors,
+    )
+    from kfoc_backpack.extensions import EKFOC, KFOC, EKFOCExact, KFOCExact, KFOCTerms
     from kfoc_backpack.laplace import (
         EKFACLaplace,
         EKFACLLLaplace,
@@ -70,7 +75,9 @@ from kfoc_backpack.solver import KroneckerFactors, SolverOptions  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFOC",
     "KFOC",
+    "EKFOCExact",
     "DistributedFitError",
     "EKFACLLLaplace",
     "EKFACLaplace",
@@ -86,6 +93,7 @@ __all__ = [
     "KroneckerFactors",
     "SolverOptions",
     "__version__",
+    "eigenvalue_correction",
     "freeze_unsupported",
     "optimal_factors",
     "unsupported_parameters",

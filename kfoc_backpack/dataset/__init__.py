@@ -7,13 +7,19 @@
   data-set optimum (power method over stored terms or passes over the data);
 * :mod:`~kfoc_backpack.dataset.distributed` — the reductions across
   ``torch.distributed`` ranks;
-* :mod:`~kfoc_backpack.dataset.for_backpack` — ``KFOCAccumulator`` and
-  ``optimal_factors`` for users of the plain BackPACK extensions.
+* :mod:`~kfoc_backpack.dataset.correction` — the eigenvalue correction in given bases
+  (one pass over the data);
+* :mod:`~kfoc_backpack.dataset.for_backpack` — ``KFOCAccumulator``, ``optimal_factors``
+  and ``eigenvalue_correction`` for users of the plain BackPACK extensions.
 """
 
 from kfoc_backpack.dataset.blocks import BlockAccumulator, KroneckerTerm
 from kfoc_backpack.dataset.distributed import Communication, DistributedFitError
-from kfoc_backpack.dataset.for_backpack import KFOCAccumulator, optimal_factors
+from kfoc_backpack.dataset.for_backpack import (
+    KFOCAccumulator,
+    eigenvalue_correction,
+    optimal_factors,
+)
 from kfoc_backpack.dataset.optimal import OptimalFactors, solve_optimal
 from kfoc_backpack.dataset.options import (
     AGGREGATIONS,
@@ -35,6 +41,7 @@ __all__ = [
     "KroneckerTerm",
     "OptimalFactors",
     "OptimalOptions",
+    "eigenvalue_correction",
     "optimal_factors",
     "solve_optimal",
 ]

@@ -5,7 +5,10 @@ r"""The data-set functions for users of the plain BackPACK extensions.
   K-FOC_approx) or ``"running"`` (K-FOC_running);
 * :func:`optimal_factors` — the Frobenius-optimal factors of the whole data set,
   by the power method over the data (two passes per iteration) or over per-sample
-  terms stored in memory when they fit, warm-started from ``"running"``.
+  terms stored in memory when they fit, warm-started from ``"running"``;
+* :func:`eigenvalue_correction` — the eigenbasis of any such factors with the data
+  set's own eigenvalues in it (one pass): the eigenvalue-corrected K-FOC, or EK-FAC
+  from K-FAC's factors.
 
 Conventions (docs/conventions.md §4): a weight's result is ``[L_out, R_in]`` in
 K-FAC's scale split, ``tr(R_in) = (1/N) Σ_n ‖â_n‖²`` over all ``N`` inputs of the data
@@ -28,8 +31,14 @@ from torch.nn import Module
 from kfoc_backpack.collect.layers import LayerTerms
 from kfoc_backpack.collect.route import BatchQuantities
 from kfoc_backpack.dataset.blocks import BlockAccumulator
+from kfoc_backpack.dataset.correction import corrected_eigenvalues
 from kfoc_backpack.dataset.distributed import Reducer, combine_blocks
-from kfoc_backpack.dataset.optimal import OptimalFactors, batch_size, solve_optimal
+from kfoc_backpack.dataset.optimal import (
+    BatchCollector,
+    OptimalFactors,
+    batch_size,
+    solve_optimal,
+)
 from kfoc_backpack.dataset.options import (
     BATCH_AGGREGATIONS,
     DEFAULT_MAX_MEMORY,
@@ -41,6 +50,7 @@ from kfoc_backpack.dataset.options import (
 )
 from kfoc_backpack.extensions.kfoc import KFOCTerms
 from kfoc_backpack.extensions.lifetime import extended, preserved_grads
+from kfoc_backpack.solver.correction import EigenCorrected, eigenbases
 
 
 class KFOCAccumulator:
@@ -156,6 +166,99 @@ class KFOCAccumulator:
         return result
 
 
+def term_collector(
+    model: Module, lossfunc: Module, params: dict[str, Tensor], exact: bool, mc_samples: int
+) -> BatchCollector:
+    """``collect(X, y)``: one batch's per-sample terms by BackPACK (``KFOCTerms``).
+
+    The model and loss are extended only during the call; ``.grad`` is left as it was.
+    """
+
+    def collect(X: Tensor, y: Tensor) -> BatchQuantities:
+        extension = KFOCTerms(exact=exact, mc_samples=mc_samples)
+        with preserved_grads(params.values()), extended(model, lossfunc), torch.enable_grad():
+            loss = lossfunc(model(X), y)
+            with backpack(extension):
+                loss.backward()
+        quantities = {}
+        for name, param in params.items():
+            value = getattr(param, extension.savefield, None)
+            if value is not None:
+                quantities[name] = value
+                delattr(param, extension.savefield)
+        return BatchQuantities(loss.detach(), batch_size(X), quantities)
+
+    return collect
+
+
+def eigenvalue_correction(
+    model: Module,
+    lossfunc: Module,
+    loader: Iterable,
+    factors: dict[str, list[Tensor]],
+    *,
+    exact: bool = True,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    progress_bar: bool = False,
+    process_group: object | None = None,
+) -> dict[str, EigenCorrected]:
+    """Eigenvalue-corrected blocks of a data set in the eigenbasis of given factors.
+
+    For every weight of ``factors`` (``[L_out, R_in]``: K-FOC's from
+    :class:`KFOCAccumulator` or :func:`optimal_factors` — the eigenvalue-corrected
+    K-FOC —, or K-FAC's, e.g. BackPACK's ``KFAC`` summed over batches — EK-FAC), the
+    eigenbasis ``U_L ⊗ U_R`` of the factors and the exact diagonal ``S`` of the
+    data-set block in it (one pass over the data)::
+
+        result = optimal_factors(model, lossfunc, loader)
+        corrected = eigenvalue_correction(model, lossfunc, loader, result.factors)
+        block = corrected["0.weight"]    # block.left_basis, block.right_basis, block.diagonal
+
+    The target is the one of :func:`optimal_factors` (the loss as ``lossfunc`` reduces
+    it, summed or averaged over the data set by sample count); biases, whose blocks
+    the factors already hold exactly, are not returned.
+
+    Args:
+        model: The model (as for :func:`optimal_factors`).
+        lossfunc: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss`` with
+            ``reduction`` ``"mean"`` or ``"sum"``.
+        loader: Re-iterable batches ``(X, y)`` of tensors.
+        factors: ``[L_out, R_in]`` per weight name (biases' ``[B]`` are skipped).
+        exact: Exact GGN (default) or Monte-Carlo Fisher.
+        mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
+        seed: Base seed of the Monte-Carlo labels (required for the Monte-Carlo
+            Fisher): pass the one given to :func:`optimal_factors` so that ``S``
+            belongs to the Fisher the factors were fitted to.
+        progress_bar: Show a tqdm progress bar.
+        process_group: Under ``torch.distributed``, each rank passes its shard and
+            all receive the sums over every rank (default: the world when initialised).
+
+    Returns:
+        Per weight name an :class:`~kfoc_backpack.solver.correction.EigenCorrected`.
+
+    Raises:
+        ValueError: For a loss without ``reduction`` ``"mean"``/``"sum"``, a
+            Monte-Carlo pass without ``seed``, or dict-like batches.
+    """
+    reduction = getattr(lossfunc, "reduction", None)
+    check_choice(reduction, "lossfunc.reduction", REDUCTIONS)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    bases = {name: eigenbases(*block) for name, block in factors.items() if len(block) == 2}
+    diagonals = corrected_eigenvalues(
+        term_collector(model, lossfunc, params, exact, mc_samples),
+        bases,
+        params,
+        loader,
+        stochastic=not exact,
+        seed=seed,
+        reduction=reduction,
+        progress_bar=progress_bar,
+        process_group=process_group,
+    )
+    return {name: EigenCorrected(*bases[name], diagonals[name]) for name in bases}
+
+
 def optimal_factors(
     model: Module,
     lossfunc: Module,
@@ -220,23 +323,8 @@ def optimal_factors(
     reduction = getattr(lossfunc, "reduction", None)
     check_choice(reduction, "lossfunc.reduction", REDUCTIONS)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-    def collect(X: Tensor, y: Tensor) -> BatchQuantities:
-        extension = KFOCTerms(exact=exact, mc_samples=mc_samples)
-        with preserved_grads(params.values()), extended(model, lossfunc), torch.enable_grad():
-            loss = lossfunc(model(X), y)
-            with backpack(extension):
-                loss.backward()
-        quantities = {}
-        for name, param in params.items():
-            value = getattr(param, extension.savefield, None)
-            if value is not None:
-                quantities[name] = value
-                delattr(param, extension.savefield)
-        return BatchQuantities(loss.detach(), batch_size(X), quantities)
-
     return solve_optimal(
-        collect,
+        term_collector(model, lossfunc, params, exact, mc_samples),
         params,
         loader,
         stochastic=not exact,

@@ -28,6 +28,7 @@ from kfoc_backpack.collect.layers import (
 from kfoc_backpack.extensions.unsupported import module_path
 from kfoc_backpack.solver import KroneckerFactors
 from kfoc_backpack.solver.conv_routes import route_of
+from kfoc_backpack.solver.correction import EigenCorrected
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
@@ -70,7 +71,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         g_inp: tuple[Tensor, ...],
         g_out: tuple[Tensor, ...],
         backproped: Tensor,
-    ) -> list[Tensor] | LayerTerms:
+    ) -> list[Tensor] | LayerTerms | EigenCorrected:
         """Return ``[L_out, R_in]``, ``L_out ⊗ R_in`` optimal for the weight block.
 
         Args:
@@ -82,7 +83,9 @@ class KFOCBaseModule(SqrtGGNBaseModule):
 
         Returns:
             ``[L_out, R_in]`` (``[C_out, C_out]`` and ``[C_in·Πkernel, C_in·Πkernel]``),
-            or the :class:`LayerTerms` themselves for ``KFOCTerms``.
+            what the extension makes of them (:meth:`KFOCBase.weight_result`: the
+            eigenvalue-corrected block for ``EKFOC``), or the :class:`LayerTerms`
+            themselves for ``KFOCTerms``.
         """
         terms = self.layer_terms(ext, module, backproped)
         if not ext.solves:
@@ -97,7 +100,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
 
         factors = terms.solve(ext.solver_options, what=what)
         self.record(ext, module, factors)
-        return [factors.left, factors.right]
+        return ext.weight_result(terms, factors)
 
     def bias(
         self,

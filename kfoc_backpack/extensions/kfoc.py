@@ -1,4 +1,8 @@
-"""The BackPACK extensions ``KFOC`` (Monte-Carlo Fisher) and ``KFOCExact`` (GGN)."""
+"""The BackPACK extensions: K-FOC's factors, their eigenvalue correction, the raw terms.
+
+``KFOC`` (Monte-Carlo Fisher) and ``KFOCExact`` (GGN), their eigenvalue-corrected
+siblings ``EKFOC`` and ``EKFOCExact``, and ``KFOCTerms``.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ from backpack.extensions.module_extension import ModuleExtension
 from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
 from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
+from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from kfoc_backpack.collect.layers import WeightSteps
+from kfoc_backpack.collect.layers import LayerTerms, WeightSteps
 from kfoc_backpack.collect.registry import layer_problem
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
@@ -34,6 +39,7 @@ from kfoc_backpack.solver import (
     KroneckerFactors,
     SolverOptions,
 )
+from kfoc_backpack.solver.correction import EigenCorrected, eigen_corrected
 
 
 class SolveRecord(NamedTuple):
@@ -176,6 +182,12 @@ class KFOCBase(SqrtGGN):
             steps = kinds[key] = WeightSteps()
         return steps
 
+    def weight_result(
+        self, terms: LayerTerms, factors: KroneckerFactors
+    ) -> list[Tensor] | EigenCorrected:
+        """Return what the weight's savefield holds: ``[L_out, R_in]`` in K-FAC's split."""
+        return [factors.left, factors.right]
+
     def note_route(self, module: Module, route: str) -> None:
         """Remember the solve route of ``module``'s weight for its :class:`SolveRecord`."""
         self._routes[id(module)] = route
@@ -293,4 +305,87 @@ class KFOCTerms(KFOCBase):
         strategy = LossHessianStrategy.EXACT if exact else LossHessianStrategy.SAMPLING
         super().__init__(
             strategy, "kfoc_terms", fail_mode=fail_mode, solves=False, mc_samples=mc_samples
+        )
+
+
+class EKFOCBase(KFOCBase):
+    """Common base of :class:`EKFOC` and :class:`EKFOCExact`: eigenvalue-corrected K-FOC.
+
+    The weight's savefield holds an
+    :class:`~kfoc_backpack.solver.correction.EigenCorrected` block: ``left_basis``
+    ``U_L`` and ``right_basis`` ``U_R`` (the eigenvectors of the batch's K-FOC factors)
+    and ``diagonal`` ``S`` (``[C_out, C_in·Πkernel]``), the batch block's exact
+    diagonal in ``U_L ⊗ U_R`` — the Frobenius-nearest matrix with that eigenbasis, never
+    farther from the block than K-FOC's ``L ⊗ R``, and trace-exact. Biases hold their
+    exact block ``[B]``.
+    """
+
+    def weight_result(self, terms: LayerTerms, factors: KroneckerFactors) -> EigenCorrected:
+        """Return the K-FOC factors' eigenbasis with the block's own eigenvalues in it."""
+        return eigen_corrected(terms.terms, factors.left, factors.right)
+
+
+class EKFOC(EKFOCBase):
+    """Eigenvalue-corrected K-FOC of the Monte-Carlo Fisher, savefield ``ekfoc``.
+
+    Example::
+
+        with backpack(EKFOC()):
+            lossfunc(model(X), y).backward()
+        block = model[0].weight.ekfoc      # EigenCorrected
+        U_L, U_R, S = block.left_basis, block.right_basis, block.diagonal
+
+    Args:
+        mc_samples: Number of sampled labels per input.
+        tol: Solver stopping precision of the K-FOC solve (paper default ``1e-5``).
+        max_iter: Solver iteration cap.
+        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
+        exact_max_terms: See :class:`KFOCBase`.
+    """
+
+    def __init__(
+        self,
+        mc_samples: int = 1,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        fail_mode: str = FAIL_ERROR,
+        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
+    ):
+        super().__init__(
+            LossHessianStrategy.SAMPLING,
+            "ekfoc",
+            tol,
+            max_iter,
+            fail_mode,
+            mc_samples=mc_samples,
+            exact_max_terms=exact_max_terms,
+        )
+
+
+class EKFOCExact(EKFOCBase):
+    """Eigenvalue-corrected K-FOC of the exact GGN, savefield ``ekfoc_exact``.
+
+    As :class:`EKFOC` with the exact loss-Hessian square root (see :class:`KFOCExact`).
+
+    Args:
+        tol: Solver stopping precision of the K-FOC solve.
+        max_iter: Solver iteration cap.
+        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
+        exact_max_terms: See :class:`KFOCBase`.
+    """
+
+    def __init__(
+        self,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        fail_mode: str = FAIL_ERROR,
+        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
+    ):
+        super().__init__(
+            LossHessianStrategy.EXACT,
+            "ekfoc_exact",
+            tol,
+            max_iter,
+            fail_mode,
+            exact_max_terms=exact_max_terms,
         )
