@@ -112,6 +112,37 @@ def monte_carlo_fits(rank: int, world: int) -> dict:
     return out
 
 
+def corrected_fits(rank: int, world: int) -> dict:
+    """EKFOCLaplace (``"running"``) and EKFACLaplace on this rank's shard; MC twice."""
+    from laplace import Laplace
+
+    out = {}
+    for arch in ("mlp", "cnn"):
+        data = cases.shard(arch, rank, world)
+        for structure in ("ekfoc", "ekfac"):
+            la = Laplace(cases.make_model(arch), "classification", "all", structure)
+            la.fit(data)
+            out[(arch, structure)] = {
+                "vectors": [[q.clone() for q in v] for v in la.H.eigenvectors],
+                "values": [[s.clone() for s in v] for v in la.H.eigenvalues],
+                "n_data": la.n_data,
+            }
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(321)
+        la = Laplace(
+            cases.make_model("mlp"),
+            "classification",
+            "all",
+            "ekfoc",
+            backend_kwargs={"stochastic": True},
+        )
+        la.fit(cases.shard("mlp", rank, world))
+        runs.append([s[0].clone() for s in la.H.eigenvalues])
+    out["monte_carlo"] = runs
+    return out
+
+
 def replayed_terms(arch: str, rank: int, world: int) -> list[tuple[int, dict]]:
     """This rank's per-batch quantities under the labels its MC fits draw."""
     model, lossfunc = cases.make_model(arch), cases.loss_for(arch)
@@ -177,6 +208,7 @@ def fits(rank: int, world: int) -> dict:
     result["monte_carlo"] = monte_carlo_fits(rank, world)
     result["online"] = online_fits(rank, world)
     result["subgroup"] = subgroup_fit(rank, world)
+    result["corrected"] = corrected_fits(rank, world)
     return result
 
 

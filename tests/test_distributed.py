@@ -218,6 +218,39 @@ def test_laplace_running_within_bound(fitted, arch):
         assert distance <= bound * (1 + 1e-9), name
 
 
+@pytest.mark.parametrize("structure", ("ekfoc", "ekfac"))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_corrected_eigenvalues_sum_exactly_over_ranks(fitted, arch, structure):
+    """``ekfoc``/``ekfac``: every rank's ``S`` is the diagonal of the all-data block."""
+    world, ranks = fitted
+    results = [r["corrected"][(arch, structure)] for r in ranks]
+    assert_same_on_every_rank([r["values"] for r in results])
+    assert_same_on_every_rank([r["vectors"] for r in results])
+    shards = cases.all_shards(arch, world)
+    total = dense_blocks(arch, [b for s in shards for b in s])
+    model = cases.make_model(arch)
+    for (name, param), vectors, values in zip(
+        model.named_parameters(), results[0]["vectors"], results[0]["values"]
+    ):
+        F = total[name]
+        basis = vectors[0] if param.dim() == 1 else torch.kron(*vectors)
+        if param.dim() == 1:
+            assert close((basis * values[0]) @ basis.T, F, 1e-10), name
+            continue
+        expected = torch.diagonal(basis.T @ F @ basis).reshape(values[0].shape)
+        assert close(values[0], expected, 1e-10), name
+    assert all(r["n_data"] == cases.NUM_DATA for r in results)
+
+
+def test_corrected_monte_carlo_is_reproducible(fitted):
+    """The factor and correction passes draw the same seeded labels on every rank."""
+    _, ranks = fitted
+    for result in ranks:
+        first, second = result["corrected"]["monte_carlo"]
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_same_on_every_rank([[r["corrected"]["monte_carlo"][0]] for r in ranks])
+
+
 # ------------------------------------------------------------------------------------
 # BackPACK route, Monte-Carlo Fisher: optimal_factors and KFOCAccumulator
 # ------------------------------------------------------------------------------------
