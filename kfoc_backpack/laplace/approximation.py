@@ -16,7 +16,8 @@ its class names and knows nothing of their insides:
   ``EigenCorrection(KFOCFactors(...))`` is the eigenvalue-corrected K-FOC
   (``"ekfoc"``), ``EigenCorrection(KFACFactors())`` EK-FAC (``"ekfac"``).
 
-The next approximation is one more sibling: a ``fit`` and a ``decompose``.
+The next approximation is one more sibling: a ``fit`` and a ``decompose``. The maths of
+the correction: docs/conventions.md §9.
 
 "Raw" blocks are the curvature of the *summed* loss, without laplace-torch's likelihood
 ``factor`` (which the caller applies): weights ``[L_out, R_in]`` with
