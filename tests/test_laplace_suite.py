@@ -14,7 +14,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-from integration.laplace_suite import EXPECTED_FAILURES, expected_failure
+import pytest
+
+from integration.laplace_suite import (
+    EXPECTED_FAILURES,
+    STRUCTURES,
+    KFOCInPlaceOfKron,
+    expected_failure,
+    kron_as,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +99,36 @@ def test_expected_failures_are_matched_by_function_and_parameters():
     assert expected_failure("test_incompatible_backend", "KFOCLaplace-regression")
     assert expected_failure("test_fit", "KFOCLaplace") is None
     assert all(reason.strip() for reason in EXPECTED_FAILURES.values())
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_structure_binds_its_classes_and_factory(structure):
+    """``--structure``: the eigenvalue-corrected classes stand in for ``kron`` alike."""
+    import laplace
+    import laplace.baselaplace
+    import laplace.lllaplace
+    import torch
+    from torch import nn
+
+    originals = (laplace.KronLaplace, laplace.lllaplace.KronLLLaplace, laplace.Laplace)
+    plugin = KFOCInPlaceOfKron(structure)
+    plugin.pytest_configure(None)
+    try:  # bound while the tests import (laplace-torch's setter recurses if run bound)
+        assert laplace.baselaplace.KronLaplace._key == ("all", structure)
+        assert laplace.lllaplace.KronLLLaplace._key == ("last_layer", structure)
+    finally:
+        plugin.pytest_unconfigure(None)
+    seen = []
+    kron_as(lambda *args, **kwargs: seen.append((args, kwargs)), structure)(
+        "model", "regression", "all", "kron"
+    )
+    assert seen == [(("model", "regression", "all", structure), {})]
+    la = laplace.Laplace(nn.Sequential(nn.Linear(3, 2)), "regression", "all", structure)
+    la.fit([(torch.randn(4, 3), torch.randn(4, 2))])
+    assert torch.isfinite(la.log_marginal_likelihood())
+    assert (laplace.KronLaplace, laplace.lllaplace.KronLLLaplace, laplace.Laplace) == originals
+    online = expected_failure("test_online_fit", f"{structure.upper()}Laplace")
+    assert (online is None) == (structure == "kfoc")
 
 
 def test_harness_on_a_stand_in_checkout(tmp_path: Path):
