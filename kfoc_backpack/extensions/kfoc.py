@@ -231,6 +231,8 @@ class KFOC(KFOCBase):
             method is slow (see :class:`KFOCBase`); ``0`` for the plain power method.
     """
 
+    SAVEFIELD = "kfoc"
+
     def __init__(
         self,
         mc_samples: int = 1,
@@ -241,7 +243,7 @@ class KFOC(KFOCBase):
     ):
         super().__init__(
             LossHessianStrategy.SAMPLING,
-            "kfoc",
+            self.SAVEFIELD,
             tol,
             max_iter,
             fail_mode,
@@ -268,6 +270,8 @@ class KFOCExact(KFOCBase):
             method is slow (see :class:`KFOCBase`); ``0`` for the plain power method.
     """
 
+    SAVEFIELD = "kfoc_exact"
+
     def __init__(
         self,
         tol: float = DEFAULT_TOL,
@@ -277,7 +281,7 @@ class KFOCExact(KFOCBase):
     ):
         super().__init__(
             LossHessianStrategy.EXACT,
-            "kfoc_exact",
+            self.SAVEFIELD,
             tol,
             max_iter,
             fail_mode,
@@ -309,7 +313,7 @@ class KFOCTerms(KFOCBase):
 
 
 class EKFOCBase(KFOCBase):
-    """Common base of :class:`EKFOC` and :class:`EKFOCExact`: eigenvalue-corrected K-FOC.
+    """What :class:`EKFOC` and :class:`EKFOCExact` add: the eigenvalue-corrected result.
 
     The weight's savefield holds an
     :class:`~kfoc_backpack.solver.correction.EigenCorrected` block: ``left_basis``
@@ -325,67 +329,24 @@ class EKFOCBase(KFOCBase):
         return eigen_corrected(terms.terms, factors.left, factors.right)
 
 
-class EKFOC(EKFOCBase):
+class EKFOC(EKFOCBase, KFOC):
     """Eigenvalue-corrected K-FOC of the Monte-Carlo Fisher, savefield ``ekfoc``.
 
-    Example::
+    Arguments as :class:`KFOC` (the K-FOC solve whose factors give the basis)::
 
         with backpack(EKFOC()):
             lossfunc(model(X), y).backward()
         block = model[0].weight.ekfoc      # EigenCorrected
         U_L, U_R, S = block.left_basis, block.right_basis, block.diagonal
-
-    Args:
-        mc_samples: Number of sampled labels per input.
-        tol: Solver stopping precision of the K-FOC solve (paper default ``1e-5``).
-        max_iter: Solver iteration cap.
-        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
-        exact_max_terms: See :class:`KFOCBase`.
     """
 
-    def __init__(
-        self,
-        mc_samples: int = 1,
-        tol: float = DEFAULT_TOL,
-        max_iter: int = DEFAULT_MAX_ITER,
-        fail_mode: str = FAIL_ERROR,
-        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
-    ):
-        super().__init__(
-            LossHessianStrategy.SAMPLING,
-            "ekfoc",
-            tol,
-            max_iter,
-            fail_mode,
-            mc_samples=mc_samples,
-            exact_max_terms=exact_max_terms,
-        )
+    SAVEFIELD = "ekfoc"
 
 
-class EKFOCExact(EKFOCBase):
+class EKFOCExact(EKFOCBase, KFOCExact):
     """Eigenvalue-corrected K-FOC of the exact GGN, savefield ``ekfoc_exact``.
 
-    As :class:`EKFOC` with the exact loss-Hessian square root (see :class:`KFOCExact`).
-
-    Args:
-        tol: Solver stopping precision of the K-FOC solve.
-        max_iter: Solver iteration cap.
-        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
-        exact_max_terms: See :class:`KFOCBase`.
+    Arguments as :class:`KFOCExact`; the weight's savefield as :class:`EKFOC`'s.
     """
 
-    def __init__(
-        self,
-        tol: float = DEFAULT_TOL,
-        max_iter: int = DEFAULT_MAX_ITER,
-        fail_mode: str = FAIL_ERROR,
-        exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
-    ):
-        super().__init__(
-            LossHessianStrategy.EXACT,
-            "ekfoc_exact",
-            tol,
-            max_iter,
-            fail_mode,
-            exact_max_terms=exact_max_terms,
-        )
+    SAVEFIELD = "ekfoc_exact"

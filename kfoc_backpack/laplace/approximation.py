@@ -37,7 +37,7 @@ from torch import Tensor
 from kfoc_backpack.dataset import OptimalOptions
 from kfoc_backpack.dataset.correction import corrected_eigenvalues
 from kfoc_backpack.dataset.distributed import Communication, Reducer
-from kfoc_backpack.laplace.aggregate import Prior, check_aggregation, fit_factors
+from kfoc_backpack.laplace.aggregate import BatchBlocks, check_aggregation, fit_factors
 from kfoc_backpack.laplace.backend import KFOCKronMixin
 from kfoc_backpack.laplace.eigen_corrected import EigenCorrectedDecomposed
 from kfoc_backpack.solver.correction import EigenCorrected, eigenbases
@@ -140,10 +140,32 @@ class Approximation(ABC):
         return self.structure
 
 
-def _prior(earlier: Fitted | None, names: list[str]) -> Prior | None:
-    if earlier is None:
-        return None
-    return {name: (block, earlier.num_samples) for name, block in zip(names, earlier.blocks)}
+def _factors(
+    job: FitJob,
+    earlier: Fitted | None,
+    aggregation: str,
+    options: OptimalOptions | None = None,
+    per_batch: BatchBlocks | None = None,
+) -> Fitted:
+    """:func:`fit_factors` over ``job``'s data, ``earlier``'s blocks as its prior."""
+    names = list(job.backend.named_trainable)
+    prior = None
+    if earlier is not None:
+        prior = {name: (block, earlier.num_samples) for name, block in zip(names, earlier.blocks)}
+    raw = fit_factors(
+        job.backend,
+        job.loader,
+        aggregation,
+        prior=prior,
+        check_batch=job.check_batch,
+        progress_bar=job.progress_bar,
+        options=options,
+        owner=job.owner,
+        process_group=job.reducer,
+        seed=job.seed,
+        per_batch=per_batch,
+    )
+    return Fitted(raw.loss, raw.blocks, raw.num_samples, raw.communication)
 
 
 @dataclass
@@ -168,19 +190,7 @@ class KFOCFactors(Approximation):
 
     def fit(self, job: FitJob, earlier: Fitted | None = None) -> Fitted:
         """K-FOC's data-set factors; earlier factors enter the aggregation as one term."""
-        raw = fit_factors(
-            job.backend,
-            job.loader,
-            self.aggregation,
-            prior=_prior(earlier, list(job.backend.named_trainable)),
-            check_batch=job.check_batch,
-            progress_bar=job.progress_bar,
-            options=self.options,
-            owner=job.owner,
-            process_group=job.reducer,
-            seed=job.seed,
-        )
-        return Fitted(raw.loss, raw.blocks, raw.num_samples, raw.communication)
+        return _factors(job, earlier, self.aggregation, options=self.options)
 
 
 @dataclass
@@ -197,19 +207,7 @@ class KFACFactors(Approximation):
 
     def fit(self, job: FitJob, earlier: Fitted | None = None) -> Fitted:
         """K-FAC's data-set factors; earlier factors are added (weighted by inputs)."""
-        raw = fit_factors(
-            job.backend,
-            job.loader,
-            "approx",
-            prior=_prior(earlier, list(job.backend.named_trainable)),
-            check_batch=job.check_batch,
-            progress_bar=job.progress_bar,
-            owner=job.owner,
-            process_group=job.reducer,
-            seed=job.seed,
-            per_batch=job.backend.kfac,
-        )
-        return Fitted(raw.loss, raw.blocks, raw.num_samples, raw.communication)
+        return _factors(job, earlier, "approx", per_batch=job.backend.kfac)
 
 
 def project_eigenvalues(old: EigenCorrected, left_basis: Tensor, right_basis: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ argument name), ``L_out``/``R_in`` a weight's output-side and input-side factors
 from __future__ import annotations
 
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -140,26 +140,37 @@ class KFOCKronMixin:
             (K-FAC's split), or ``[B]``; and the number of inputs ``n``.
             laplace-torch's ``factor`` is not applied.
         """
-        batch = self.collect(x, y)
+        return self._batch_blocks(self.collect(x, y), self._kfoc_block)
+
+    def _kfoc_block(self, name: str, param: Parameter, value: LayerTerms) -> list[Tensor]:
+        """K-FOC's ``[L_out, R_in]`` of one weight, warning if the solve did not converge."""
+        what = f"{type(self).__name__}: the K-FOC solve of '{name}' {tuple(param.shape)}"
+        factors = value.solve(self.solver_options, what=what)
+        if not factors.converged:
+            warnings.warn(
+                f"{type(self).__name__}: the power method for '{name}' "
+                f"{tuple(param.shape)} stopped at max_iter="
+                f"{self.solver_options.max_iter} before reaching "
+                f"tol={self.solver_options.tol:g}; the factors are the last iterate. "
+                "Increase max_iter (backend_kwargs) for an optimal result.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return value.kfoc(factors)
+
+    def _batch_blocks(
+        self,
+        batch: BatchQuantities,
+        weight_block: Callable[[str, Parameter, LayerTerms], list[Tensor]],
+    ) -> tuple[Tensor, list[list[Tensor]], int]:
+        """``(loss, blocks, n)``: ``weight_block`` per weight, biases' exact blocks."""
         blocks = []
         for name, param in self.named_trainable.items():
             value = batch.quantities.get(name)
             if value is None:  # not used by the forward pass
                 blocks.append(zero_block(param))
             elif isinstance(value, LayerTerms):
-                what = f"{type(self).__name__}: the K-FOC solve of '{name}' {tuple(param.shape)}"
-                factors = value.solve(self.solver_options, what=what)
-                if not factors.converged:
-                    warnings.warn(
-                        f"{type(self).__name__}: the power method for '{name}' "
-                        f"{tuple(param.shape)} stopped at max_iter="
-                        f"{self.solver_options.max_iter} before reaching "
-                        f"tol={self.solver_options.tol:g}; the factors are the last iterate. "
-                        "Increase max_iter (backend_kwargs) for an optimal result.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                blocks.append(value.kfoc(factors))
+                blocks.append(weight_block(name, param, value))
             else:
                 blocks.append(value)
         return batch.loss, blocks, batch.num_samples
@@ -175,16 +186,7 @@ class KFOCKronMixin:
             ``(loss, blocks, n)`` as :meth:`kfoc`.
         """
         batch = self.collector(x, y, with_kfac=True)
-        blocks = []
-        for name, param in self.named_trainable.items():
-            value = batch.quantities.get(name)
-            if value is None:  # not used by the forward pass
-                blocks.append(zero_block(param))
-            elif isinstance(value, LayerTerms):
-                blocks.append(value.kfac_blocks())
-            else:
-                blocks.append(value)
-        return batch.loss, blocks, batch.num_samples
+        return self._batch_blocks(batch, lambda name, param, value: value.kfac_blocks())
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """K-FOC factors of one batch in laplace-torch's ``Kron`` layout and scaling.
