@@ -60,9 +60,10 @@ from kfoc_backpack.laplace.aggregate import batch_splitter  # noqa: E402
 BENCHMARK_MODELS = {
     "lenet5": 32,
     "mlp784-1000-1000-10": 32,
-    **dict.fromkeys(benchmark.RESNET_MODELS, 16),
+    **{f"{name}-stack" if name in zoo.MODELS else name: 16 for name in benchmark.RESNET_MODELS},
 }
-"""Benchmark models and the batch size each runs at."""
+"""Benchmark models and the batch size each runs at; ``resnet18-stack`` is the benchmark's
+plain ResNet-18 convolution stack, ``resnet18`` torchvision's model in the zoo."""
 PASSES = ("correction", "kron", "backpack-kflr")
 FITS = ("kron", "kfoc", "ekfoc", "ekfac")
 
@@ -71,11 +72,12 @@ def case_for(name: str, batches: int) -> zoo.Case:
     """Build the model (eval mode) and its random batches: a benchmark or zoo model."""
     if name in BENCHMARK_MODELS:
         batch = BENCHMARK_MODELS[name]
+        source = name.removesuffix("-stack")
         torch.manual_seed(0)
-        model = benchmark.MODELS[name]().eval()
+        model = benchmark.MODELS[source]().eval()
         num = batch * batches
         data = TensorDataset(
-            torch.randn(num, *benchmark.INPUT_SHAPES[name]), torch.randint(0, 10, (num,))
+            torch.randn(num, *benchmark.INPUT_SHAPES[source]), torch.randint(0, 10, (num,))
         )
         return zoo.Case(model, DataLoader(data, batch_size=batch), [])
     return zoo.make(name, 16, batches)

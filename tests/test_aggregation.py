@@ -17,6 +17,7 @@ from laplace_helpers import (
     NUM_DATA,
     UNEVEN_BATCHES,
     dense_ggn_blocks,
+    is_extended,
     make_problem,
     optimal_error,
     rel_error,
@@ -316,3 +317,32 @@ def test_optimal_factors_rejects_dict_batches_and_bad_loss():
 def test_uneven_batches_sum_to_dataset():
     assert sum(UNEVEN_BATCHES) == NUM_DATA
     assert len(set(UNEVEN_BATCHES)) > 1
+
+
+class _Output(torch.nn.Module):
+    """A block whose child module is named ``output``, as in Hugging Face's BERT layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = torch.nn.Linear(4, 4)
+        self.output = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.output(torch.tanh(self.dense(x)))
+
+
+def test_a_child_module_named_output_survives_the_pass():
+    """The pass removes the tensors BackPACK stored, never the model's own children."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Output())
+    lossfunc = torch.nn.CrossEntropyLoss()
+    loader = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    child = model[0].output
+    try:  # BackPACK cannot store its output on a module whose child is called "output"
+        optimal_factors(model, lossfunc, loader)
+    except (TypeError, RuntimeError):
+        pass
+    assert model[0].output is child
+    assert not is_extended(model)
+    assert not any(hasattr(m, "input0") for m in model.modules())
+    model(torch.randn(2, 4)).sum().backward()  # the model still runs

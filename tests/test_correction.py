@@ -14,7 +14,7 @@ from ground_truth import sum_of_outer
 
 from kfoc_backpack.collect.layers import weight_terms
 from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions, factored
-from kfoc_backpack.solver.conv_cost import ROUTES
+from kfoc_backpack.solver.conv_cost import DIAGONAL_ROUTES, ROUTES, choose_diagonal_route
 from kfoc_backpack.solver.conv_routes import RANK_ONE, route_of
 from kfoc_backpack.solver.correction import basis_diagonal, eigen_corrected, eigenbases
 
@@ -115,6 +115,31 @@ def test_every_route_gives_the_same_diagonal(route):
     _check(layer.terms, samples, factors.left, factors.right, torch.float64)
 
 
+@pytest.mark.parametrize("diagonal_route", DIAGONAL_ROUTES)
+@pytest.mark.parametrize("shape", [(1, 3, 7, 4, 5), (3, 2, 1, 6, 2), (2, 5, 4, 3, 8)])
+@pytest.mark.parametrize("chunk", [1, None])
+def test_both_diagonal_routes_give_the_dense_diagonal(monkeypatch, diagonal_route, shape, chunk):
+    """``formed`` and ``pairs`` (forced), a sample at a time or all at once, float32/64."""
+    monkeypatch.setattr(factored, "choose_diagonal_route", lambda *_: diagonal_route)
+    if chunk is not None:
+        monkeypatch.setattr(factored, "DIAGONAL_CHUNK", chunk)
+    for dtype in (torch.float64, torch.float32):
+        terms, samples = _factored(*shape, dtype, seed=sum(shape))
+        dense = samples.square().sum(0)
+        torch.testing.assert_close(
+            terms.diagonal().double(), dense, rtol=TOL[dtype], atol=TOL[dtype] * dense.max()
+        )
+
+
+def test_the_diagonal_route_is_the_one_with_fewer_flops():
+    # few positions, many columns (a 512-channel convolution at 4 × 4, exact GGN): pairs
+    assert choose_diagonal_route(10, 16, 16, 512, 4608) == "pairs"
+    assert choose_diagonal_route(3, 16, 1, 5, 5) == "pairs"  # one position: (Σ_j g²)(a²)ᵀ
+    # many positions (convolutions at 8 × 8 and more, tokens of a ViT): formed
+    assert choose_diagonal_route(10, 16, 64, 256, 2304) == "formed"
+    assert choose_diagonal_route(10, 16, 65, 192, 768) == "formed"
+
+
 def test_tied_eigenvalues_zero_terms_and_strided_inputs(monkeypatch):
     terms, samples = _factored(2, 6, 4, 5, 3, torch.float64, seed=1)
     # ties: identity factors (every eigenvalue equal) — S is the block's diagonal itself
@@ -147,6 +172,39 @@ def test_non_finite_factors_are_refused():
     left[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="left factor"):
         eigen_corrected(terms, left, torch.eye(2).double())
+
+
+def test_eigh_failures_fall_back_to_float64_then_a_shift(monkeypatch):
+    """Where LAPACK's ``eigh`` does not converge, the basis still comes out (or is named)."""
+    terms, samples = _samples(4, 3, 5, torch.float64, seed=2)
+    left = torch.einsum("kmn,kpn->mp", samples, samples)
+    right = torch.einsum("kmn,kmp->np", samples, samples)
+    expected = eigen_corrected(terms, left, right)
+    eigh, calls = torch.linalg.eigh, []
+
+    def fails_unless(succeeds):
+        def flaky(matrix):
+            calls.append(matrix.dtype)
+            if not succeeds(matrix, len(calls)):
+                raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+            return eigh(matrix)
+
+        monkeypatch.setattr(torch.linalg, "eigh", flaky)
+
+    # float32 fails: solved in float64, returned in float32, the same block
+    fails_unless(lambda matrix, _: matrix.dtype == torch.float64)
+    corrected = eigen_corrected(SampleTerms(samples.float()), left.float(), right.float())
+    assert corrected.left_basis.dtype == torch.float32
+    torch.testing.assert_close(corrected.dense().double(), expected.dense(), rtol=1e-4, atol=1e-4)
+    # float64 fails too, twice per factor: the shifted matrix has the same eigenvectors
+    calls.clear()
+    fails_unless(lambda _, call: call % 3 == 0)
+    torch.testing.assert_close(eigen_corrected(terms, left, right).dense(), expected.dense())
+    assert calls == [torch.float64] * 6
+    # nothing converges: a clear error naming the factor
+    fails_unless(lambda *_: False)
+    with pytest.raises(FloatingPointError, match=r"left factor \(3 × 3\) has no eigendecomp"):
+        eigen_corrected(terms, left, right)
 
 
 @pytest.mark.parametrize(("curvature", "fisher_type"), [("ggn", "type-2"), ("ef", "empirical")])

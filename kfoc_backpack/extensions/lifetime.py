@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from backpack import extend, memory_cleanup
+from backpack import extend
 from backpack.context import CTX
 from torch import Tensor
 from torch.nn import Module
@@ -42,7 +42,23 @@ def extended(*modules: Module) -> Iterator[None]:
             for sub in module.modules():
                 if id(sub) not in flagged and getattr(sub, "_backpack_extend", False):
                     sub._backpack_extend = False
-                memory_cleanup(sub)
+                forget_io(sub)
+
+
+def forget_io(module: Module) -> None:
+    """Delete the ``input0``, ``input1``, … and ``output`` tensors BackPACK's hooks stored.
+
+    Unlike BackPACK's ``memory_cleanup``, attributes that are the module's own children,
+    parameters or buffers are kept: Hugging Face's ``BertAttention`` and ``BertLayer``
+    have a child module named ``output``, which a plain ``delattr`` would remove.
+    """
+    registered = {*module._modules, *module._parameters, *module._buffers}
+    names = ["output"]
+    while f"input{len(names) - 1}" in module.__dict__:
+        names.append(f"input{len(names) - 1}")
+    for name in names:
+        if name not in registered and name in module.__dict__:
+            delattr(module, name)
 
 
 @contextmanager

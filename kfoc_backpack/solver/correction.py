@@ -76,15 +76,45 @@ def eigenbases(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
         left: ``[M, M]`` factor.
         right: ``[N, N]`` factor.
 
+    Returns:
+        ``[M, M]`` ``U_L`` and ``[N, N]`` ``U_R``, in the factors' dtype.
+
     Raises:
-        FloatingPointError: If a factor is not finite.
+        FloatingPointError: If a factor is not finite or has no eigendecomposition.
     """
     bases = []
     for name, factor in (("left", left), ("right", right)):
         if not torch.isfinite(factor).all():
             raise FloatingPointError(f"the {name} factor is not finite; it has no eigenbasis.")
-        bases.append(torch.linalg.eigh((factor + factor.mT) / 2).eigenvectors)
+        bases.append(_eigenvectors(name, (factor + factor.mT) / 2))
     return bases[0], bases[1]
+
+
+def _eigenvectors(name: str, symmetric: Tensor) -> Tensor:
+    """Eigenvectors of a symmetric ``[D, D]`` matrix, also where ``eigh`` fails to converge.
+
+    LAPACK's divide-and-conquer ``eigh`` can fail in float32 on large rank-deficient
+    factors (thousands of tied zero eigenvalues, e.g. ResNet-18's 4608-wide input factors
+    from a few batches). Then it is solved in float64, and failing that in float64 with
+    the diagonal shifted by its mean magnitude, which leaves the eigenvectors unchanged.
+    """
+    try:
+        return torch.linalg.eigh(symmetric).eigenvectors
+    except torch.linalg.LinAlgError:
+        pass
+    wide = symmetric.to(torch.float64)
+    shift = wide.diagonal().abs().mean()
+    shift = shift if shift > 0 else torch.ones_like(shift)
+    eye = torch.eye(len(wide), dtype=wide.dtype, device=wide.device)
+    for attempt in (wide, wide + shift * eye):
+        try:
+            return torch.linalg.eigh(attempt).eigenvectors.to(symmetric.dtype)
+        except torch.linalg.LinAlgError as error:
+            failure = error
+    raise FloatingPointError(
+        f"the {name} factor ({len(wide)} × {len(wide)}) has no eigendecomposition, also in "
+        f"float64 with a diagonal shift: {failure}"
+    )
 
 
 def basis_diagonal(terms: RotatableTerms, left_basis: Tensor, right_basis: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from kfoc_backpack.solver._common import (
     working_tensors,
     zero_solution,
 )
+from kfoc_backpack.solver.conv_cost import choose_diagonal_route
 from kfoc_backpack.solver.error import _finish
 from kfoc_backpack.solver.power import factor_power_iteration
 from kfoc_backpack.solver.rescale import mean_squares_summary
@@ -170,12 +171,17 @@ class FactoredTerms:
     def diagonal(self) -> Tensor:
         """``diag(F) = Σ_{j,k} X_{j,k} ⊙ X_{j,k}`` as an ``[M, N]`` matrix (row-major ``vec``).
 
-        Each entry squares a sum over the positions, so the per-sample matrices are
-        formed — ``J·K·T·M·N`` multiply-adds, as the ``formed`` route pays once — a block
-        of samples at a time (at most :data:`DIAGONAL_CHUNK` numbers).
+        Each entry squares a sum over the positions. The route with fewer multiply-adds
+        (:func:`~kfoc_backpack.solver.conv_cost.choose_diagonal_route`) either forms the
+        per-sample matrices (``formed``: ``J·K·T·M·N``, as the ``formed`` solver route
+        pays once) or expands the squares over position pairs (``pairs``:
+        ``K·T(T+1)/2·M·N`` in one product); a block of samples at a time, at most
+        :data:`DIAGONAL_CHUNK` numbers.
         """
-        cols, num, _, m = self.grads.shape
+        cols, num, pos, m = self.grads.shape
         n = self.inputs.shape[-1]
+        if choose_diagonal_route(cols, num, pos, m, n) == "pairs":
+            return self._diagonal_by_pairs()
         total = self.grads.new_zeros(m, n)
         step = max(1, DIAGONAL_CHUNK // max(cols * m * n, 1))
         for start in range(0, num, step):
@@ -185,6 +191,27 @@ class FactoredTerms:
                 self.inputs[start : start + step],
             )
             total += block.square().sum((0, 1))
+        return total
+
+    def _diagonal_by_pairs(self) -> Tensor:
+        """Sum the diagonal over position pairs (the ``pairs`` route).
+
+        ``Σ_k Σ_{t≤t'} w_{tt'} (Σ_j g_{jkt} ⊙ g_{jkt'}) (a_{kt} ⊙ a_{kt'})ᵀ`` with
+        ``w = 2`` off the diagonal, since entrywise
+        ``(Σ_t g_t a_tᵀ)² = Σ_{t,t'} (g_t ⊙ g_{t'}) (a_t ⊙ a_{t'})ᵀ``.
+        """
+        cols, num, pos, m = self.grads.shape
+        n = self.inputs.shape[-1]
+        first, second = torch.triu_indices(pos, pos, device=self.grads.device)
+        weight = torch.where(first == second, 1.0, 2.0).to(self.grads.dtype)
+        total = self.grads.new_zeros(m, n)
+        step = max(1, DIAGONAL_CHUNK // max(len(first) * (cols * m + n), 1))
+        for start in range(0, num, step):
+            g = self.grads[:, start : start + step]
+            a = self.inputs[start : start + step]
+            left = (g[:, :, first] * g[:, :, second]).sum(0) * weight[:, None]  # [k, P, M]
+            right = a[:, first] * a[:, second]  # [k, P, N]
+            total += left.reshape(-1, m).T @ right.reshape(-1, n)
         return total
 
     def dense(self) -> Tensor:
