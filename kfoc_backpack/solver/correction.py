@@ -25,6 +25,7 @@ Vectorisation is row-major, as everywhere in :mod:`kfoc_backpack.solver`:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,23 +99,27 @@ def _eigenvectors(name: str, symmetric: Tensor) -> Tensor:
     from a few batches). Then it is solved in float64, and failing that in float64 with
     the diagonal shifted by its mean magnitude, which leaves the eigenvectors unchanged.
     """
-    try:
-        return torch.linalg.eigh(symmetric).eigenvectors
-    except torch.linalg.LinAlgError:
-        pass
-    wide = symmetric.to(torch.float64)
-    shift = wide.diagonal().abs().mean()
-    shift = shift if shift > 0 else torch.ones_like(shift)
-    eye = torch.eye(len(wide), dtype=wide.dtype, device=wide.device)
-    for attempt in (wide, wide + shift * eye):
+    failure = None
+    for attempt in _eigh_attempts(symmetric):
         try:
             return torch.linalg.eigh(attempt).eigenvectors.to(symmetric.dtype)
         except torch.linalg.LinAlgError as error:
             failure = error
     raise FloatingPointError(
-        f"the {name} factor ({len(wide)} × {len(wide)}) has no eigendecomposition, also in "
-        f"float64 with a diagonal shift: {failure}"
+        f"the {name} factor ({len(symmetric)} × {len(symmetric)}) has no eigendecomposition, "
+        f"also in float64 with a diagonal shift: {failure}"
     )
+
+
+def _eigh_attempts(symmetric: Tensor) -> Iterator[Tensor]:
+    """Yield the matrix, then (each only if the last failed) float64 unless it was, then shifted."""
+    yield symmetric
+    wide = symmetric.to(torch.float64)
+    if symmetric.dtype != torch.float64:
+        yield wide
+    shift = wide.diagonal().abs().mean()
+    shift = shift if shift > 0 else torch.ones_like(shift)
+    yield wide + shift * torch.eye(len(wide), dtype=wide.dtype, device=wide.device)
 
 
 def basis_diagonal(terms: RotatableTerms, left_basis: Tensor, right_basis: Tensor) -> Tensor:
