@@ -45,7 +45,7 @@ import kfoc_backpack  # noqa: E402, F401  (registers hessian_structure="kfoc")
 from integration import cli  # noqa: E402
 from integration.benchmark import mlp_1000  # noqa: E402
 from integration.models import lenet5  # noqa: E402
-from kfoc_backpack.collect.route import TermCollector  # noqa: E402
+from kfoc_backpack.collect.hooks import TermCollector  # noqa: E402
 from kfoc_backpack.solver import OuterTerms  # noqa: E402
 
 METHODS = ("kfoc", "kron", "kron-backpack")

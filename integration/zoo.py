@@ -62,7 +62,8 @@ from tqdm import tqdm  # noqa: E402
 import kfoc_backpack  # noqa: E402  (registers hessian_structure="kfoc")
 from integration import cli  # noqa: E402
 from kfoc_backpack import KFOCBackend  # noqa: E402
-from kfoc_backpack.collect.layers import LayerSizes, LayerTerms  # noqa: E402
+from kfoc_backpack.collect.layer_terms import LayerTerms  # noqa: E402
+from kfoc_backpack.solver import LayerSizes  # noqa: E402
 from kfoc_backpack.solver.conv_cost import rank_one_flops, route_flops  # noqa: E402
 from kfoc_backpack.solver.conv_routes import route_of  # noqa: E402
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from ground_truth import optimal_relative_error, relative_error, sum_of_outer
+from layouts import conv_terms
 
-from kfoc_backpack.collect import layers
-from kfoc_backpack.collect.layers import conv_terms, sum_of_squares
+from kfoc_backpack.collect import handover
+from kfoc_backpack.collect.handover import sum_of_squares
 from kfoc_backpack.solver import SolverOptions, conv_cost, conv_routes
 from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route, route_flops
 from kfoc_backpack.solver.conv_routes import route_of
@@ -237,7 +238,7 @@ def test_summed_gram_map_of_one_coefficient_matches():
 @pytest.mark.parametrize("numel", [0, 5, 4096, 3 * 4096 + 17])
 def test_input_trace_is_the_sum_of_squares(numel, dtype, monkeypatch):
     """``sum_of_squares`` (the input trace) against a float64 sum, on strided views too."""
-    monkeypatch.setattr(layers, "SQUARES_MIN", 0)  # the batched-dot path at any size
+    monkeypatch.setattr(handover, "SQUARES_MIN", 0)  # the batched-dot path at any size
     gen = torch.Generator().manual_seed(numel)
     values = torch.randn(2 * numel, generator=gen, dtype=torch.float64)
     strided = values.to(dtype)[::2]  # every other entry: not viewable flat, copied
@@ -265,22 +266,22 @@ def test_route_choice_counts_the_steps_it_is_given():
 
 
 def _weight_terms(unfolded, sqrt, **kwargs):
-    return layers.weight_terms(unfolded.transpose(1, 2), sqrt.transpose(2, 3), **kwargs)
+    return handover.weight_terms(unfolded.transpose(1, 2), sqrt.transpose(2, 3), **kwargs)
 
 
 @pytest.mark.parametrize("route", list(SELECTED))
 def test_a_weight_is_chosen_for_the_steps_its_last_solve_took(route, monkeypatch):
     monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)  # every route runs Lanczos
     unfolded, sqrt = _layer(*SELECTED[route], torch.float64)
-    steps = layers.WeightSteps()
+    steps = handover.WeightSteps()
     seen = []
-    choose = layers.choose_conv_route
+    choose = handover.choose_conv_route
 
     def spy(*args, **kwargs):
         seen.append(kwargs["steps"])
         return choose(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "choose_conv_route", spy)
+    monkeypatch.setattr(handover, "choose_conv_route", spy)
     first = _weight_terms(unfolded, sqrt, steps=steps)
     assert route_of(first.terms) == route and first.steps is steps and steps.last is None
     factors = first.solve(SolverOptions(tol=1e-9, max_iter=500))
@@ -293,7 +294,7 @@ def test_a_weight_is_chosen_for_the_steps_its_last_solve_took(route, monkeypatch
 def test_solves_without_lanczos_note_no_steps():
     # a tiny layer (the power method of SampleTerms.solve) and a rank-one layer
     for shape in (SELECTED["formed"], (2, 3, 1, 4, 5)):
-        steps = layers.WeightSteps()
+        steps = handover.WeightSteps()
         terms = _weight_terms(*_layer(*shape, torch.float64), steps=steps)
         assert terms.solve().iterations >= 1 and steps.last is None
 
@@ -303,7 +304,7 @@ def test_collections_keep_each_weights_steps_across_batches(monkeypatch):
     from torch import nn
 
     from kfoc_backpack import KFOC, KFOCExact
-    from kfoc_backpack.collect.route import TermCollector
+    from kfoc_backpack.collect.hooks import TermCollector
 
     monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)  # every layer on a Lanczos route
     torch.manual_seed(0)

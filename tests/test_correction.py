@@ -12,7 +12,7 @@ import pytest
 import torch
 from ground_truth import sum_of_outer
 
-from kfoc_backpack.collect.layers import weight_terms
+from kfoc_backpack.collect.handover import weight_terms
 from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions, factored
 from kfoc_backpack.solver.conv_cost import DIAGONAL_ROUTES, ROUTES, choose_diagonal_route
 from kfoc_backpack.solver.conv_routes import RANK_ONE, route_of
@@ -220,7 +220,7 @@ def test_kfac_basis_correction_equals_curvlinops_ekfac(curvature, fisher_type, l
     curvlinops = pytest.importorskip("curvlinops")
     from torch import nn
 
-    from kfoc_backpack.collect.route import TermCollector
+    from kfoc_backpack.collect.hooks import TermCollector
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -253,7 +253,7 @@ def test_data_set_pass_sums_each_batchs_diagonal_exactly(reduction):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from kfoc_backpack.collect.route import TermCollector
+    from kfoc_backpack.collect.hooks import TermCollector
     from kfoc_backpack.dataset.correction import corrected_eigenvalues
 
     torch.manual_seed(0)

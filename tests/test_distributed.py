@@ -24,7 +24,7 @@ from ground_truth import optimal_relative_error, relative_error
 from laplace_helpers import dense_ggn_blocks
 
 from kfoc_backpack import optimal_factors
-from kfoc_backpack.collect.route import BatchQuantities
+from kfoc_backpack.collect.hooks import BatchQuantities
 from kfoc_backpack.dataset import BlockAccumulator, OptimalOptions, solve_optimal
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"

@@ -17,7 +17,7 @@ from ground_truth import (
 from torch import nn
 
 from kfoc_backpack import KFOC, KFOCExact
-from kfoc_backpack.collect.route import TermCollector
+from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.extensions import KFOCTerms, LayerTerms
 from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions
 from kfoc_backpack.solver._common import accelerator_routes

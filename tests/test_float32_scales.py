@@ -21,10 +21,11 @@ from laplace_helpers import (
     rel_error,
     single_thread,  # noqa: F401 (autouse fixture)
 )
+from layouts import conv_terms, linear_terms
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kfoc_backpack.collect.layers import conv_terms, linear_terms, named_failures
+from kfoc_backpack.collect.layer_terms import named_failures
 from kfoc_backpack.solver import SolverOptions, merge_kronecker
 from kfoc_backpack.solver._common import accelerator_routes
 from kfoc_backpack.solver.conv_cost import ROUTES

@@ -21,12 +21,13 @@ from laplace_helpers import (
     rel_error,
     single_thread,  # noqa: F401 (autouse fixture)
 )
+from layouts import conv_terms
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kfoc_backpack import KFOCBackend, KFOCExact
-from kfoc_backpack.collect.layers import conv_terms, grouped_kfc_factors, kfc_factors
-from kfoc_backpack.collect.route import TermCollector
+from kfoc_backpack.collect.handover import grouped_kfc_factors, kfc_factors
+from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.solver import SolverOptions
 
 TIGHT = {"tol": 1e-12, "max_iter": 5000}

@@ -35,7 +35,7 @@ from kfoc_backpack import (
     unsupported_parameters,
 )
 from kfoc_backpack.collect.batch_layout import BatchLayout
-from kfoc_backpack.collect.route import TermCollector
+from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.solver import FactoredTerms, SolverOptions
 
 DTYPE = torch.float64

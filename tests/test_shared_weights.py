@@ -1,7 +1,7 @@
 """Weights shared over positions: one hand-over, one route choice, rank one at ``T = 1``.
 
 ``Linear`` layers on tokens and convolutions hand the solver the same description,
-``X_{m,n} = G_{m,n}ᵀ A_n`` over ``T`` positions (:func:`~kfoc_backpack.collect.layers.
+``X_{m,n} = G_{m,n}ᵀ A_n`` over ``T`` positions (:func:`~kfoc_backpack.collect.handover.
 shared_terms`). Tested here against the Frobenius-optimal Kronecker product of the dense
 block (per-sample matrices formed directly, or the GGN block from ``torch.func``, float64):
 
@@ -26,11 +26,12 @@ from laplace_helpers import (
     rel_error,
     single_thread,  # noqa: F401 (autouse fixture)
 )
+from layouts import conv_terms, linear_terms
 from torch import nn
 
 from kfoc_backpack import KFOCBackend, KFOCExact
-from kfoc_backpack.collect.layers import conv_terms, linear_terms, shared_terms, sum_of_squares
-from kfoc_backpack.collect.route import TermCollector
+from kfoc_backpack.collect.handover import shared_terms, sum_of_squares
+from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.solver import OuterTerms, SolverOptions
 from kfoc_backpack.solver.conv_cost import ROUTES
 from kfoc_backpack.solver.conv_routes import RANK_ONE, route_of

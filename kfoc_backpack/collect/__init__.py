@@ -2,7 +2,7 @@
 
 * :mod:`~kfoc_backpack.collect.kinds` — one file per layer kind: the layer's inputs and
   output-side vectors at its positions (both routes use them);
-* :mod:`~kfoc_backpack.collect.layers` — the one hand-over to the solver
+* :mod:`~kfoc_backpack.collect.handover` — the one hand-over to the solver
   (``weight_terms``: rank one, route choice, grouped form, K-FAC's factors, bias block);
 * :mod:`~kfoc_backpack.collect.registry` — which layers have K-FOC factors (the one
   list), the checks that name every unsupported trainable parameter at once, and
@@ -11,7 +11,7 @@
   (dimension 0 or 1, or folded into dimension 0, e.g. a reward model's pairs);
 * :mod:`~kfoc_backpack.collect.loss` — output-side vectors of the three curvature
   targets (exact GGN, Monte-Carlo Fisher, empirical Fisher);
-* :mod:`~kfoc_backpack.collect.route` — the hook route: module hooks plus autograd, on
+* :mod:`~kfoc_backpack.collect.hooks` — the hook route: module hooks plus autograd, on
   any ``nn.Module`` (custom ``forward``, residual sums, attention, dict inputs).
 
 BackPACK's extensions (:mod:`kfoc_backpack.extensions`) are the other route, for

@@ -22,7 +22,7 @@ import tqdm
 from torch import Tensor
 from torch.nn import Parameter
 
-from kfoc_backpack.collect.layers import LayerTerms
+from kfoc_backpack.collect.layer_terms import LayerTerms
 from kfoc_backpack.dataset.distributed import Reducer
 from kfoc_backpack.dataset.optimal import split_batch
 from kfoc_backpack.dataset.options import REDUCTIONS, check_choice
@@ -47,7 +47,7 @@ def corrected_eigenvalues(
 
     Args:
         collect: ``collect(X, y) -> BatchQuantities`` (the hook route's
-            :class:`~kfoc_backpack.collect.route.TermCollector` or a backend's).
+            :class:`~kfoc_backpack.collect.hooks.TermCollector` or a backend's).
         bases: ``(U_L, U_R)`` per weight name (``[M, M]``, ``[N, N]``), the same on
             every rank.
         params: The model's parameters by name (their devices seed Monte-Carlo draws).

@@ -28,8 +28,8 @@ from backpack import backpack
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.collect.layers import LayerTerms
-from kfoc_backpack.collect.route import BatchQuantities
+from kfoc_backpack.collect.hooks import BatchQuantities
+from kfoc_backpack.collect.layer_terms import LayerTerms
 from kfoc_backpack.dataset.blocks import BlockAccumulator
 from kfoc_backpack.dataset.correction import corrected_eigenvalues
 from kfoc_backpack.dataset.distributed import Reducer, combine_blocks

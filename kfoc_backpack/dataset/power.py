@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.utils.data import RandomSampler
 
-from kfoc_backpack.collect.layers import LayerTerms, named_failures
-from kfoc_backpack.collect.route import BatchQuantities
+from kfoc_backpack.collect.hooks import BatchQuantities
+from kfoc_backpack.collect.layer_terms import LayerTerms, named_failures
 from kfoc_backpack.dataset.blocks import (
     BlockAccumulator,
     KroneckerTerm,

@@ -1,7 +1,7 @@
 """Shared part of the K-FOC module extensions: BackPACK's hooks around the layer maths.
 
 The per-layer maths (per-sample terms, scale split, bias block) lives in
-:mod:`kfoc_backpack.collect.layers`, shared with the hook route.
+:mod:`kfoc_backpack.collect.handover`, shared with the hook route.
 
 Index conventions (BackPACK's): ``M`` columns per input (Monte-Carlo samples or
 classes), ``N`` inputs, ``C_out`` output channels or features.
@@ -17,14 +17,9 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
+from kfoc_backpack.collect.handover import bias_block, kfc_factors, weight_terms
 from kfoc_backpack.collect.kinds import LayerKind
-from kfoc_backpack.collect.layers import (
-    LayerTerms,
-    bias_block,
-    kfac_scale_split,
-    kfc_factors,
-    weight_terms,
-)
+from kfoc_backpack.collect.layer_terms import LayerTerms, kfac_scale_split
 from kfoc_backpack.extensions.unsupported import module_path
 from kfoc_backpack.solver import KroneckerFactors
 from kfoc_backpack.solver.conv_routes import route_of

@@ -18,7 +18,7 @@ from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from kfoc_backpack.collect.layers import LayerTerms, WeightSteps
+from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
 from kfoc_backpack.collect.registry import layer_problem
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
@@ -170,7 +170,7 @@ class KFOCBase(SqrtGGN):
         Monte-Carlo samples), not per extension object: BackPACK's idiom builds a new
         extension for every batch (``with backpack(KFOC()):``), and each batch's route
         choice counts the steps the layer's previous solve took
-        (:class:`~kfoc_backpack.collect.layers.WeightSteps`). Only the route depends
+        (:class:`~kfoc_backpack.collect.layer_terms.WeightSteps`). Only the route depends
         on it, never the factors.
         """
         kinds = _LAYER_STEPS.get(module)

@@ -6,7 +6,7 @@ and scaling (the same as its default backend's: the loss is summed over the batc
 the input-side factor is rescaled by ``n/N`` so that factor-wise sums over batches
 approximate the data set, and the likelihood ``factor`` is spread over both
 factors). The per-sample quantities come from the hook route
-(:class:`~kfoc_backpack.collect.route.TermCollector`), so every model laplace-torch's
+(:class:`~kfoc_backpack.collect.hooks.TermCollector`), so every model laplace-torch's
 ``kron`` fits works: ``nn.Module`` subclasses, residual sums, attention blocks with
 frozen attention weights, frozen BatchNorm, dict inputs. The other methods
 (``jacobians``, ``gradients``, ``diag``, ``full``) are laplace-torch's own
@@ -32,9 +32,9 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 from kfoc_backpack._compat import supported_kwargs
-from kfoc_backpack.collect.layers import LayerTerms
+from kfoc_backpack.collect.hooks import BatchQuantities, TermCollector
+from kfoc_backpack.collect.layer_terms import LayerTerms
 from kfoc_backpack.collect.registry import trainable_layers
-from kfoc_backpack.collect.route import BatchQuantities, TermCollector
 from kfoc_backpack.dataset.blocks import zero_block
 from kfoc_backpack.laplace.errors import BatchKeyError
 from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, SolverOptions

@@ -47,6 +47,7 @@ from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_
 from kfoc_backpack.solver.factored import FactoredTerms, nearest_kronecker_factored
 from kfoc_backpack.solver.outer import nearest_kronecker_outer
 from kfoc_backpack.solver.samples import nearest_kronecker_samples
+from kfoc_backpack.solver.sizes import LayerSizes
 from kfoc_backpack.solver.sum import merge_kronecker, nearest_kronecker_sum
 from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecker_terms
 
@@ -58,6 +59,7 @@ __all__ = [
     "DEFAULT_TOL",
     "FactoredTerms",
     "KroneckerFactors",
+    "LayerSizes",
     "OuterTerms",
     "SampleTerms",
     "SolverOptions",

@@ -205,7 +205,7 @@ def choose_conv_route(
     launch-bound route). Else cost: :func:`route_flops` plus :data:`OPS_PER_STEP`
     launches per step at :data:`LAUNCH_FLOPS`, for ``steps`` Lanczos steps — the
     steps the same weight's previous solve took where the caller knows them
-    (:class:`~kfoc_backpack.collect.layers.WeightSteps`), else :func:`assumed_steps`.
+    (:class:`~kfoc_backpack.collect.layer_terms.WeightSteps`), else :func:`assumed_steps`.
     Memory cap (default): the larger of :data:`MEMORY_FLOOR` and :data:`MEMORY_RATIO`
     times the bytes of the layer's own inputs and output-side vectors
     ``K·T·(N + J·M)``, which the collection holds anyway; where no candidate fits, the

@@ -5,7 +5,7 @@ input ``n`` and output-side column ``m``, ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ`
 (docs/conventions.md §1). A :class:`LayerKind` turns what a collection route recorded
 — the layer's input and the vectors at its output, in the layout the layer saw the
 batch in — into the two tensors of that description; everything after it
-(:func:`~kfoc_backpack.collect.layers.weight_terms`: rank one, the route choice, the
+(:func:`~kfoc_backpack.collect.handover.weight_terms`: rank one, the route choice, the
 grouped form, K-FAC's factors, the bias block) is shared by all kinds and by both
 collection routes (the hook route and BackPACK's module extensions).
 

@@ -9,7 +9,7 @@ residual sums, GELU, attention, frozen BatchNorm, dict inputs); one vectorised
 ``C``-class classifier, ``mc_samples`` for the Monte-Carlo Fisher, one for the
 empirical Fisher; one call per vector where a backward formula cannot be vectorised)
 delivers ``g`` at every layer at once. Nothing of size ``N·out·in`` is formed for
-``Linear`` layers (see :mod:`kfoc_backpack.collect.layers`).
+``Linear`` layers (see :mod:`kfoc_backpack.collect.handover`).
 
 Requirements, each checked with an error that names the layer: inputs are
 independent samples (BatchNorm in eval mode, as laplace-torch's ``fit`` sets), every
@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.nn import Module, Parameter
+from torch.nn import Module
 
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
+from kfoc_backpack.collect.handover import bias_block, weight_terms
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layers import LayerTerms, WeightSteps, bias_block, weight_terms
+from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
 from kfoc_backpack.collect.loss import CURVATURES, check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.registry import describe, trainable_layers
 
@@ -134,7 +135,7 @@ class TermCollector:
         self.weight_steps: defaultdict[str, WeightSteps] = defaultdict(WeightSteps)
         """Lanczos steps of each layer's last weight solve, by the names of
         :attr:`layers`: each batch's route choice counts them
-        (:class:`~kfoc_backpack.collect.layers.WeightSteps`)."""
+        (:class:`~kfoc_backpack.collect.layer_terms.WeightSteps`)."""
         self._clone: set[str] = set()
         self._checked = False
         self._batched_backward = True
@@ -367,7 +368,3 @@ class TermCollector:
             elif pname == "bias":
                 quantities[full] = [bias_block(bias_sqrt)]
 
-
-def trainable_parameters(model: Module) -> dict[str, Parameter]:
-    """Trainable parameters by name, in ``named_parameters`` order (laplace-torch's)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
