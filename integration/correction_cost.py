@@ -53,9 +53,8 @@ from tqdm import tqdm  # noqa: E402
 
 import kfoc_backpack  # noqa: E402, F401  (registers the structures)
 from integration import benchmark, cli, zoo  # noqa: E402
-from kfoc_backpack.dataset.correction import corrected_eigenvalues  # noqa: E402
-from kfoc_backpack.extensions.lifetime import extended, preserved_grads  # noqa: E402
-from kfoc_backpack.laplace.aggregate import batch_splitter  # noqa: E402
+from kfoc_backpack.dataset import DataPass, corrected_blocks  # noqa: E402
+from kfoc_backpack.extensions import extended, preserved_grads  # noqa: E402
 
 BENCHMARK_MODELS = {
     "lenet5": 32,
@@ -102,14 +101,14 @@ def correction_pass(case: zoo.Case) -> Callable[[], object]:
     la = Laplace(case.model, "classification", "all", "ekfoc", **case.laplace_kwargs)
     la.fit(case.loader)
     params = la.backend.named_trainable
-    bases = {
-        name: (vectors[0], vectors[1])
-        for name, vectors in zip(params, la.H.eigenvectors)
-        if len(vectors) == 2
-    }
-    split = batch_splitter(la.backend, None, "correction_cost")
-    return lambda: corrected_eigenvalues(
-        la.backend.collect, bases, params, case.loader, split=split
+    bases = {}
+    for name, block in zip(params, la.H_facs.blocks):
+        basis = block.corrected_basis()
+        if basis is not None:  # the weights; biases are exact
+            bases[name] = basis
+    split = la.backend.splitter(owner="correction_cost")
+    return lambda: corrected_blocks(
+        DataPass(la.backend.collector, case.loader, params, split=split), bases
     )
 
 

@@ -203,9 +203,7 @@ def route_flops(name: str, batch: int) -> list[dict[str, object]]:
     batch_terms = collector(X, y)
     modules = dict(model.named_modules())
     rows = []
-    for pname, value in batch_terms.quantities.items():
-        if isinstance(value, list):
-            continue
+    for pname, value in batch_terms.weights.items():
         terms = value.terms
         module = modules[pname.rsplit(".", 1)[0]]
         with FlopCounterMode(display=False) as counter:

@@ -158,7 +158,7 @@ class KFOCInPlaceOfKron:
         import laplace.laplace
         import laplace.lllaplace
 
-        import kfoc_backpack.laplace.laplace as kfoc_laplace
+        import kfoc_backpack.laplace.classes as kfoc_laplace
 
         classes = {
             (cls._key[0], cls._key[1]): cls

@@ -66,8 +66,8 @@ from integration.models import (  # noqa: E402
     train,
 )
 from kfoc_backpack import KFOC  # noqa: E402
+from kfoc_backpack.collect import kfac_scale_split  # noqa: E402
 from kfoc_backpack.extensions import KFOCTerms, LayerTerms  # noqa: E402
-from kfoc_backpack.extensions.base import kfac_scale_split  # noqa: E402
 from kfoc_backpack.solver import (  # noqa: E402
     KroneckerAccumulator,
     OuterTerms,
@@ -305,7 +305,7 @@ def collect_layers(
         inputs = data.inputs[start : start + chunk].to(device)
         targets = data.targets[start : start + chunk].to(device)
         model.zero_grad()
-        with backpack(KFOCTerms(exact=exact)):
+        with backpack(KFOCTerms("ggn" if exact else "mc")):
             loss_fn(model(inputs), targets).backward()
         for name, index in layers.items():
             module = model[index]

@@ -62,7 +62,6 @@ from tqdm import tqdm  # noqa: E402
 import kfoc_backpack  # noqa: E402  (registers hessian_structure="kfoc")
 from integration import cli  # noqa: E402
 from kfoc_backpack import KFOCBackend  # noqa: E402
-from kfoc_backpack.collect.layer_terms import LayerTerms  # noqa: E402
 from kfoc_backpack.solver import LayerSizes  # noqa: E402
 from kfoc_backpack.solver.conv_cost import rank_one_flops, route_flops  # noqa: E402
 from kfoc_backpack.solver.conv_routes import route_of  # noqa: E402
@@ -259,12 +258,10 @@ def layer_solves(case: Case) -> list[dict[str, object]]:
         x, y = batch, batch["labels"]
     else:
         x, y = batch
-    quantities = backend.collect(x, y).quantities
+    weights = backend.collector(x, y).weights
     params = dict(case.model.named_parameters())
     rows = []
-    for name, value in quantities.items():
-        if not isinstance(value, LayerTerms):
-            continue
+    for name, value in weights.items():
         start = time.perf_counter()
         factors = value.solve(backend.solver_options)
         elapsed = time.perf_counter() - start

@@ -3,16 +3,17 @@
 Layers (dependencies point down the list only):
 
 1. :mod:`kfoc_backpack.solver` — nearest-Kronecker solvers on plain tensors (needs
-   only ``torch``);
+   only ``torch``); :mod:`kfoc_backpack.blocks` — the typed curvature blocks;
 2. :mod:`kfoc_backpack.collect` — per-sample quantities of ``Linear``/``Conv`` layers
    (the hook route, and the per-layer maths shared with BackPACK's route);
    :mod:`kfoc_backpack.extensions` — BackPACK extensions ``KFOC``, ``KFOCExact``;
-3. :mod:`kfoc_backpack.dataset` — aggregation over the batches of a data set and
-   over ``torch.distributed`` ranks (``KFOCAccumulator``, ``optimal_factors``);
+3. :mod:`kfoc_backpack.dataset` — the approximations, fitted by passes over a data set
+   and over ``torch.distributed`` ranks (``KFOCAccumulator``, ``optimal_factors``);
 4. :mod:`kfoc_backpack.laplace` — laplace-torch backends and Laplace classes.
 
 ``import kfoc_backpack`` checks the library versions and registers
-``hessian_structure="kfoc"`` with laplace-torch. Without BackPACK and laplace-torch
+``hessian_structure="kfoc"`` (and its siblings) with laplace-torch. Options are the
+``str, Enum`` s of :mod:`kfoc_backpack.enums`. Without BackPACK and laplace-torch
 installed only :mod:`kfoc_backpack.solver` can be used; the other names then raise an
 ``ImportError`` saying what is missing.
 """
@@ -48,17 +49,12 @@ if not _MISSING:
         optimal_factors,
     )
     from kfoc_backpack.extensions import EKFOC, KFOC, EKFOCExact, KFOCExact, KFOCTerms
-    from kfoc_backpack.laplace import (
-        EKFACLaplace,
-        EKFACLLLaplace,
-        EKFOCLaplace,
-        EKFOCLLLaplace,
-        KFOCBackend,
-        KFOCEFBackend,
-        KFOCLaplace,
-        KFOCLLLaplace,
-    )
+    from kfoc_backpack.laplace import KFOCBackend, KFOCEFBackend
+    from kfoc_backpack.laplace.classes import *  # noqa: F403 - every registered Laplace class
+    from kfoc_backpack.laplace.classes import __all__ as _LAPLACE_CLASSES
 else:
+    _LAPLACE_CLASSES = []
+
 
     def __getattr__(name: str):
         """Explain that everything but the solver needs BackPACK and laplace-torch."""
@@ -70,6 +66,14 @@ else:
         )
 
 
+from kfoc_backpack.enums import (  # noqa: E402
+    Aggregation,
+    Curvature,
+    DiagonalRoute,
+    Reduction,
+    Route,
+    Structure,
+)
 from kfoc_backpack.solver import KroneckerFactors, SolverOptions  # noqa: E402
 
 __version__ = "0.1.0"
@@ -77,19 +81,19 @@ __version__ = "0.1.0"
 __all__ = [
     "EKFOC",
     "KFOC",
+    "Aggregation",
+    "Curvature",
+    "DiagonalRoute",
     "EKFOCExact",
     "DistributedFitError",
-    "EKFACLLLaplace",
-    "EKFACLaplace",
-    "EKFOCLLLaplace",
-    "EKFOCLaplace",
     "KFOCAccumulator",
     "KFOCBackend",
     "KFOCEFBackend",
     "KFOCExact",
-    "KFOCLLLaplace",
-    "KFOCLaplace",
     "KFOCTerms",
+    "Reduction",
+    "Route",
+    "Structure",
     "KroneckerFactors",
     "SolverOptions",
     "__version__",
@@ -97,4 +101,5 @@ __all__ = [
     "freeze_unsupported",
     "optimal_factors",
     "unsupported_parameters",
+    *_LAPLACE_CLASSES,
 ]

@@ -25,24 +25,36 @@ class Choice(str, Enum):
         return self.value
 
     @classmethod
-    def parse(cls: type[C], value: object, argument: str | None = None, hint: str = "") -> C:
+    def parse(
+        cls: type[C],
+        value: object,
+        argument: str | None = None,
+        hint: str = "",
+        members: tuple[C, ...] | None = None,
+    ) -> C:
         """Return the member for ``value`` (a member or its string value).
 
         Args:
             value: A member of this enum or its value.
             argument: The argument's name, for the message (default: the enum's name).
             hint: A sentence appended to the message.
+            members: The members the caller supports (default: all).
 
         Raises:
-            ValueError: For any other value, naming the argument and the members.
+            ValueError: For any other value, naming the argument and the supported
+                members.
         """
+        allowed = tuple(cls) if members is None else members
         try:
-            return cls(value)
+            member = cls(value)
         except ValueError:
-            pass
+            member = None
+        if member in allowed:
+            return member
         name = argument or cls.__name__
-        members = ", ".join(repr(member.value) for member in cls)
-        raise ValueError(f"Unknown {name} {value!r}; supported: {members}.{hint}") from None
+        shown = value.value if isinstance(value, Enum) else value
+        supported = ", ".join(repr(m.value) for m in allowed)
+        raise ValueError(f"Unknown {name} {shown!r}; supported: {supported}.{hint}")
 
     @classmethod
     def values(cls) -> tuple[str, ...]:
@@ -88,6 +100,11 @@ class Aggregation(Choice):
     def per_batch(self) -> bool:
         """Whether it combines per-batch factors (``approx``, ``running``), not terms."""
         return self is not Aggregation.OPTIMAL
+
+    @classmethod
+    def of_factors(cls) -> tuple[Aggregation, ...]:
+        """Return the aggregations of per-batch factors (the optimum needs the terms)."""
+        return cls.APPROX, cls.RUNNING
 
 
 class Reduction(Choice):

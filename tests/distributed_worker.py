@@ -149,7 +149,7 @@ def replayed_terms(arch: str, rank: int, world: int) -> list[tuple[int, dict]]:
     params = dict(model.named_parameters())
     result = []
     for index, (X, y) in enumerate(cases.shard(arch, rank, world)):
-        ext = KFOCTerms(exact=False)
+        ext = KFOCTerms("mc")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cases.MC_SEED + index + rank * cases.RANK_SEED_STRIDE)
             with preserved_grads(params.values()), extended(model, lossfunc):
@@ -171,7 +171,7 @@ def backpack_fits(arch: str, rank: int, world: int) -> dict:
             cases.make_model(arch),
             cases.loss_for(arch),
             data,
-            exact=False,
+            curvature="mc",
             seed=cases.MC_SEED,
             tol=1e-12,
             max_passes=400,
@@ -187,8 +187,8 @@ def backpack_fits(arch: str, rank: int, world: int) -> dict:
         for num, quantities in replay:  # the per-batch K-FOC factors of the replayed terms
             for name, param in model.named_parameters():
                 value = quantities[name]
-                block = value.kfoc(value.solve()) if hasattr(value, "solve") else value
-                param.kfoc = block
+                # a savefield as KFOC writes it: [L_out, R_in] or [B]
+                param.kfoc = list(value.kfoc(value.solve())) if hasattr(value, "solve") else value
             acc.update(num)
         out[(aggregation, None)] = acc.factors()
     return out

@@ -160,6 +160,16 @@ def assert_optimal(blocks, params, kfacs, tol=1e-6):
         assert rel_error(block, *factors) == pytest.approx(best, abs=tol), name
 
 
+def fit_seed(seed: int, index: int = 0) -> int:
+    """The seed a fit started after ``torch.manual_seed(seed)`` draws batch ``index`` under.
+
+    The package's Monte-Carlo seed policy: one base seed drawn from torch's global
+    generator when the fit starts, batch ``i`` drawn under ``base + i``.
+    """
+    torch.manual_seed(seed)
+    return int(torch.randint(0, 2**31 - 1, ()).item()) + index
+
+
 def mc_draws(f, likelihood, seed):
     """Re-draw the route's Monte-Carlo labels/noise (torch's global generator)."""
     torch.manual_seed(seed)

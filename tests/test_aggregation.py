@@ -27,7 +27,6 @@ from laplace_helpers import (
 )
 
 from kfoc_backpack import KFOCAccumulator, KFOCExact, KFOCLaplace, optimal_factors
-from kfoc_backpack.dataset import BlockAccumulator
 from kfoc_backpack.extensions import KFOCTerms
 
 # The paper (docs/conventions.md §7) reports K-FOC_running within about 0.02 of its best value
@@ -208,7 +207,7 @@ def test_optimal_streaming_mc_fisher_reproducible(mlp_problem):
             problem.fresh_model(),
             lossfunc,
             problem.loader(),
-            exact=False,
+            curvature="mc",
             seed=3,
             tol=1e-9,
             max_passes=400,
@@ -280,8 +279,8 @@ def test_unknown_aggregation_named():
         KFOCLaplace(problem.fresh_model(), "classification", aggregation="mean")
     with pytest.raises(ValueError, match="optimal_factors"):
         KFOCAccumulator(problem.fresh_model(), aggregation="optimal")
-    with pytest.raises(ValueError, match="'approx', 'running'"):
-        BlockAccumulator("exact")
+    with pytest.raises(ValueError, match=r"aggregation 'exact'; supported: 'approx', 'running'\."):
+        KFOCAccumulator(problem.fresh_model(), aggregation="exact")
     with pytest.raises(ValueError, match="reduction"):
         KFOCAccumulator(problem.fresh_model(), reduction="none")
 
@@ -295,7 +294,7 @@ def test_accumulator_misuse():
     with pytest.raises(RuntimeError, match="KFOCExact"):
         acc.update(3)
     lossfunc = extend(torch.nn.CrossEntropyLoss())
-    with backpack(KFOCTerms(exact=True)):
+    with backpack(KFOCTerms("ggn")):
         lossfunc(model(problem.X), problem.y).backward()
     with pytest.raises(TypeError, match="optimal_factors"):
         KFOCAccumulator(model, savefield="kfoc_terms").update(NUM_DATA)

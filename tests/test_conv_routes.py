@@ -311,11 +311,11 @@ def test_collections_keep_each_weights_steps_across_batches(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
     X, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
     collect = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))
-    terms = collect(X, y).quantities["0.weight"]
+    terms = collect(X, y).weights["0.weight"]
     assert terms.steps is collect.weight_steps["0"] and terms.steps.last is None
     factors = terms.solve()
     assert collect.weight_steps["0"].last == factors.iterations
-    assert collect(X, y).quantities["0.weight"].steps is collect.weight_steps["0"]
+    assert collect(X, y).weights["0.weight"].steps is collect.weight_steps["0"]
 
     # BackPACK's idiom: a new extension per batch; the layer's record outlives it
     model, lossfunc = extend(model), extend(nn.CrossEntropyLoss())

@@ -12,11 +12,12 @@ import pytest
 import torch
 from ground_truth import sum_of_outer
 
+from kfoc_backpack.blocks import EigenCorrected
 from kfoc_backpack.collect.handover import weight_terms
 from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions, factored
 from kfoc_backpack.solver.conv_cost import DIAGONAL_ROUTES, ROUTES, choose_diagonal_route
 from kfoc_backpack.solver.conv_routes import RANK_ONE, route_of
-from kfoc_backpack.solver.correction import basis_diagonal, eigen_corrected, eigenbases
+from kfoc_backpack.solver.correction import basis_diagonal, eigenbases
 
 TOL = {torch.float64: 1e-8, torch.float32: 2e-4}
 
@@ -63,7 +64,7 @@ def _dense_diagonal(samples, left_basis, right_basis):
 
 
 def _check(terms, samples, left, right, dtype):
-    corrected = eigen_corrected(terms, left, right)
+    corrected = EigenCorrected.of_terms(terms, left, right)
     s_dense, dense = _dense_diagonal(samples, corrected.left_basis, corrected.right_basis)
     scale = s_dense.abs().max()
     assert corrected.diagonal.dtype == dtype
@@ -161,7 +162,7 @@ def test_tied_eigenvalues_zero_terms_and_strided_inputs(monkeypatch):
     )
     # all-zero terms: zero eigenvalues in any basis
     zero = OuterTerms(torch.zeros(3, 2, 4), torch.zeros(3, 5))
-    corrected = eigen_corrected(zero, torch.eye(4), torch.eye(5))
+    corrected = EigenCorrected.of_terms(zero, torch.eye(4), torch.eye(5))
     assert torch.equal(corrected.diagonal, torch.zeros(4, 5))
     assert torch.equal(corrected.dense(), torch.zeros(20, 20))
 
@@ -171,7 +172,7 @@ def test_non_finite_factors_are_refused():
     left = torch.eye(2).double()
     left[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="left factor"):
-        eigen_corrected(terms, left, torch.eye(2).double())
+        EigenCorrected.of_terms(terms, left, torch.eye(2).double())
 
 
 def test_eigh_failures_fall_back_to_float64_then_a_shift(monkeypatch):
@@ -179,33 +180,34 @@ def test_eigh_failures_fall_back_to_float64_then_a_shift(monkeypatch):
     terms, samples = _samples(4, 3, 5, torch.float64, seed=2)
     left = torch.einsum("kmn,kpn->mp", samples, samples)
     right = torch.einsum("kmn,kmp->np", samples, samples)
-    expected = eigen_corrected(terms, left, right)
+    expected = EigenCorrected.of_terms(terms, left, right)
     eigh, calls = torch.linalg.eigh, []
 
     def fails_unless(succeeds):
-        def flaky(matrix):
+        def flaky(matrix, **kwargs):
             calls.append(matrix.dtype)
             if not succeeds(matrix, len(calls)):
                 raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
-            return eigh(matrix)
+            return eigh(matrix, **kwargs)
 
         monkeypatch.setattr(torch.linalg, "eigh", flaky)
 
     # float32 fails: solved in float64, returned in float32, the same block
     fails_unless(lambda matrix, _: matrix.dtype == torch.float64)
-    corrected = eigen_corrected(SampleTerms(samples.float()), left.float(), right.float())
+    corrected = EigenCorrected.of_terms(SampleTerms(samples.float()), left.float(), right.float())
     assert corrected.left_basis.dtype == torch.float32
     torch.testing.assert_close(corrected.dense().double(), expected.dense(), rtol=1e-4, atol=1e-4)
     # float64 fails (and is not retried unchanged): the shifted matrix has the same
     # eigenvectors
     calls.clear()
     fails_unless(lambda _, call: call % 2 == 0)
-    torch.testing.assert_close(eigen_corrected(terms, left, right).dense(), expected.dense())
+    again = EigenCorrected.of_terms(terms, left, right)
+    torch.testing.assert_close(again.dense(), expected.dense())
     assert calls == [torch.float64] * 4
     # nothing converges: a clear error naming the factor
     fails_unless(lambda *_: False)
     with pytest.raises(FloatingPointError, match=r"left factor \(3 × 3\) has no eigendecomp"):
-        eigen_corrected(terms, left, right)
+        EigenCorrected.of_terms(terms, left, right)
 
 
 @pytest.mark.parametrize(("curvature", "fisher_type"), [("ggn", "type-2"), ("ef", "empirical")])
@@ -239,8 +241,8 @@ def test_kfac_basis_correction_equals_curvlinops_ekfac(curvature, fisher_type, l
     for name, param in model.named_parameters():
         size = param.numel()
         if name.endswith("weight"):
-            layer = batch.quantities[name]
-            ours = eigen_corrected(layer.terms, *layer.kfac).dense()
+            layer = batch.weights[name]
+            ours = EigenCorrected.of_terms(layer.terms, *layer.kfac).dense()
             theirs = dense_ekfac[offset : offset + size, offset : offset + size]
             assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6 * theirs.abs().max()), name
         offset += size
@@ -254,7 +256,13 @@ def test_data_set_pass_sums_each_batchs_diagonal_exactly(reduction):
     from torch.utils.data import DataLoader, TensorDataset
 
     from kfoc_backpack.collect.hooks import TermCollector
-    from kfoc_backpack.dataset.correction import corrected_eigenvalues
+    from kfoc_backpack.dataset import DataPass
+    from kfoc_backpack.dataset.correction import corrected_blocks
+
+    def corrected_eigenvalues(collect, bases, params, loader, reduction="sum"):
+        data = DataPass(collect, loader, params, reduction=reduction)
+        zero = {n: EigenCorrected(a, b, a.new_zeros(len(a), len(b))) for n, (a, b) in bases.items()}
+        return {n: block.diagonal for n, block in corrected_blocks(data, zero).items()}
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -290,5 +298,3 @@ def test_data_set_pass_sums_each_batchs_diagonal_exactly(reduction):
             ]
             s_dense = sum(len(xb) * s for (xb, _), s in zip(loader, per_batch)) / 11
         assert torch.allclose(S[name], s_dense, rtol=1e-10, atol=1e-12 * s_dense.abs().max())
-    with pytest.raises(ValueError, match="seed"):
-        corrected_eigenvalues(collect, bases, params, loader, stochastic=True)

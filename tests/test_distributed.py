@@ -24,8 +24,10 @@ from ground_truth import optimal_relative_error, relative_error
 from laplace_helpers import dense_ggn_blocks
 
 from kfoc_backpack import optimal_factors
-from kfoc_backpack.collect.hooks import BatchQuantities
-from kfoc_backpack.dataset import BlockAccumulator, OptimalOptions, solve_optimal
+from kfoc_backpack.blocks import KroneckerBlock
+from kfoc_backpack.collect.batch import BatchQuantities, model_zero_blocks
+from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.dataset import DataPass, KFOCFactors
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 TIME_LIMIT = 420
@@ -282,22 +284,18 @@ def test_optimal_factors_match_one_process(fitted, arch, store):
     batches = replayed(ranks, arch)
     reduction = cases.loss_for(arch).reduction
 
-    def collect(index, _):
-        num, quantities = batches[index]
-        return BatchQuantities(torch.tensor(0.0), num, quantities)
-
     model = cases.make_model(arch)
     params = dict(model.named_parameters())
-    ref = solve_optimal(
-        collect,
-        params,
+    data = DataPass(
+        Replay(batches, model),
         list(range(len(batches))),
+        params,
         split=lambda i: (i, None),
         reduction=reduction,
-        options=OptimalOptions(tol=1e-12, max_passes=400),
     )
+    ref = KFOCFactors("optimal", tol=1e-12, max_passes=400).fit(data)
     for name, param in params.items():
-        for factor, ref_factor in zip(results[0].factors[name], ref.factors[name]):
+        for factor, ref_factor in zip(results[0].factors[name], ref.blocks[name].kfacs):
             assert close(factor, ref_factor, 1e-12 if param.dim() == 1 else 1e-6), name
         if param.dim() > 1:
             F = dense_target(batches, name, reduction)
@@ -309,8 +307,31 @@ def test_optimal_factors_match_one_process(fitted, arch, store):
         assert result.communication.bytes == results[0].communication.bytes > 0
 
 
-def batch_factors(value):
-    return value.kfoc(value.solve()) if hasattr(value, "solve") else value
+class Replay:
+    """A collector that replays the per-batch quantities a rank recorded (savefields)."""
+
+    def __init__(self, batches: list[tuple[int, dict]], model: torch.nn.Module):
+        self.batches, self.zeros = batches, model_zero_blocks(model)
+
+    def __call__(self, index: int, _, *, with_kfac: bool = False) -> BatchQuantities:
+        num, quantities = self.batches[index]
+        batch = BatchQuantities(torch.tensor(0.0), num, {}, {})
+        for name, value in quantities.items():
+            if isinstance(value, LayerTerms):
+                batch.weights[name] = value
+            else:
+                batch.exact[name] = self.zeros[name].from_kfacs(value)
+        return batch
+
+    def zero_blocks(self):
+        return self.zeros
+
+
+def batch_block(zero, value):
+    """The batch's K-FOC block of a weight's terms, or a bias's exact block."""
+    if isinstance(value, LayerTerms):
+        return value.kfoc(value.solve())
+    return zero.from_kfacs(value)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -320,14 +341,16 @@ def test_accumulator_approx_matches_one_process(fitted, arch):
     results = [r[arch]["backpack"][("approx", None)] for r in ranks]
     batches = replayed(ranks, arch)
     reduction = cases.loss_for(arch).reduction
+    zeros = model_zero_blocks(cases.make_model(arch))
     for name, factors in results[0].items():
-        ref = BlockAccumulator("approx")
+        ref = zeros[name].new_sum("approx")
         for num, quantities in batches:
-            ref.update(batch_factors(quantities[name]), num, num if reduction == "mean" else 1.0)
-        expected = ref.factors()
+            block = batch_block(zeros[name], quantities[name])
+            ref.add(block, num, num if reduction == "mean" else 1.0)
+        expected = ref.result()
         if reduction == "mean":
-            expected[0] = expected[0] / cases.NUM_DATA
-        for factor, ref_factor in zip(factors, expected):
+            expected = expected.scaled(1 / cases.NUM_DATA)
+        for factor, ref_factor in zip(factors, expected.kfacs):
             assert close(factor, ref_factor, 1e-12), name
         for other in results[1:]:
             assert all(torch.equal(a, b) for a, b in zip(other[name], factors))
@@ -341,25 +364,25 @@ def test_accumulator_running_within_bound(fitted, arch):
     reduction = cases.loss_for(arch).reduction
     all_batches = replayed(ranks, arch)
     scale = 1 / cases.NUM_DATA if reduction == "mean" else 1.0
+    zeros = model_zero_blocks(cases.make_model(arch))
     for name, factors in result.items():
-        if len(factors) == 1:
-            continue
+        if not isinstance(zeros[name], KroneckerBlock):
+            continue  # biases: exact
         F = dense_target(all_batches, name, reduction)
         rank_errors = 0.0
         for r in range(world):
             own = ranks[r][arch]["backpack"]["replay"]
             if not own:
                 continue
-            local = BlockAccumulator("running")
+            local = zeros[name].new_sum("running")
             for num, quantities in own:
-                local.update(
-                    batch_factors(quantities[name]), num, num if reduction == "mean" else 1.0
-                )
+                block = batch_block(zeros[name], quantities[name])
+                local.add(block, num, num if reduction == "mean" else 1.0)
             F_r = sum(
                 (num * scale if reduction == "mean" else 1.0) * q[name].terms.dense()
                 for num, q in own
             )
-            left, right = local.factors()
+            left, right = local.result()
             rank_errors += (F_r - torch.kron(left * scale, right)).norm()
         m = factors[0].shape[0]
         n = factors[1].shape[0]
@@ -387,5 +410,7 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
 
 def test_process_group_needs_initialised_distributed():
     """A ``process_group`` without ``torch.distributed`` is an error, not ignored."""
+    model = cases.make_model("mlp")
+    data = cases.shard("mlp", 0, 2)
     with pytest.raises(ValueError, match="not initialised"):
-        solve_optimal(lambda X, y: None, {}, [], process_group=object())
+        optimal_factors(model, cases.loss_for("mlp"), data, process_group=object())

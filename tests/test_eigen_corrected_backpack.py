@@ -26,7 +26,7 @@ from kfoc_backpack import (
     eigenvalue_correction,
     optimal_factors,
 )
-from kfoc_backpack.solver.correction import EigenCorrected
+from kfoc_backpack.blocks import EigenCorrected
 
 __all__ = ["single_thread"]
 
@@ -145,18 +145,18 @@ def test_data_set_correction_in_kfoc_and_kfac_bases(arch, reduction):
 def test_data_set_monte_carlo_needs_the_factors_seed():
     model, X, y = problem("mlp")
     lossfunc = nn.CrossEntropyLoss()
-    result = optimal_factors(model, lossfunc, batches(X, y), exact=False, seed=3)
+    result = optimal_factors(model, lossfunc, batches(X, y), curvature="mc", seed=3)
     with pytest.raises(ValueError, match="seed"):
-        eigenvalue_correction(model, lossfunc, batches(X, y), result.factors, exact=False)
+        eigenvalue_correction(model, lossfunc, batches(X, y), result.factors, curvature="mc")
     corrected = eigenvalue_correction(
-        model, lossfunc, batches(X, y), result.factors, exact=False, seed=3
+        model, lossfunc, batches(X, y), result.factors, curvature="mc", seed=3
     )
     # the labels are the seed's: the same seed gives the same S, another seed another
     again = eigenvalue_correction(
-        model, lossfunc, batches(X, y), result.factors, exact=False, seed=3
+        model, lossfunc, batches(X, y), result.factors, curvature="mc", seed=3
     )
     other = eigenvalue_correction(
-        model, lossfunc, batches(X, y), result.factors, exact=False, seed=4
+        model, lossfunc, batches(X, y), result.factors, curvature="mc", seed=4
     )
     for name, block in corrected.items():
         assert_diagonalises(block, result.factors[name])

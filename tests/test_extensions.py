@@ -227,7 +227,7 @@ def test_linear_with_extra_input_dimensions(routes):
 def test_terms_extension_matches_dense_and_kfac():
     model, lossfunc, inputs, targets = problem(cnn, nn.CrossEntropyLoss, "mean")
     sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
-    terms = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCTerms(exact=True))
+    terms = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCTerms("ggn"))
     kflr = run(copy.deepcopy(model), lossfunc, inputs, targets, KFLR())
     for name, value in terms.items():
         if not name.endswith("weight"):
@@ -254,7 +254,7 @@ def test_exact_cross_entropy_backpropagates_classes_minus_one_columns(classes, r
         cnn, nn.CrossEntropyLoss, reduction, batch=3, out=classes
     )
     sqrt = dense_ggn_sqrt(model, lossfunc, inputs, targets)
-    terms = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCTerms(exact=True))
+    terms = run(copy.deepcopy(model), lossfunc, inputs, targets, KFOCTerms("ggn"))
     kflr = run(copy.deepcopy(model), lossfunc, inputs, targets, KFLR())
     head = terms["7.weight"].terms
     assert isinstance(head, OuterTerms) and head.sqrt_out.shape[:2] == (3, classes - 1)
@@ -266,11 +266,11 @@ def test_exact_cross_entropy_backpropagates_classes_minus_one_columns(classes, r
                 torch.testing.assert_close(value.kfac[1], kflr[name][1])
         else:
             torch.testing.assert_close(value[0], dense_ggn_block(sqrt[name]))
-    hooked = TermCollector(copy.deepcopy(model), lossfunc)(inputs, targets).quantities
+    hooked = TermCollector(copy.deepcopy(model), lossfunc)(inputs, targets).weights
     assert hooked["7.weight"].terms.sqrt_out.shape[:2] == (3, classes - 1)
     torch.testing.assert_close(hooked["7.weight"].terms.dense(), head.dense())
     mse = problem(cnn, nn.MSELoss, reduction, batch=3, out=classes)
-    head_mse = run(*mse, KFOCTerms(exact=True))["7.weight"].terms
+    head_mse = run(*mse, KFOCTerms("ggn"))["7.weight"].terms
     assert head_mse.sqrt_out.shape[:2] == (3, classes)
 
 
@@ -349,11 +349,11 @@ def test_fail_mode_warning_skips_unsupported_conv_settings(conv, problem_text):
     for p in reference[1].parameters():
         p.requires_grad_(False)
     batch = TermCollector(reference, nn.CrossEntropyLoss())(inputs, targets)
-    expected = batch.quantities["0.weight"]
+    expected = batch.weights["0.weight"]
     left, right = expected.kfoc(expected.solve(SolverOptions(**tight)))
     torch.testing.assert_close(factors["0.weight"][0], left, rtol=1e-7, atol=1e-12)
     torch.testing.assert_close(factors["0.weight"][1], right, rtol=1e-7, atol=1e-12)
-    torch.testing.assert_close(factors["0.bias"][0], batch.quantities["0.bias"][0])
+    torch.testing.assert_close(factors["0.bias"][0], batch.exact["0.bias"].matrix)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="Full backward hook")

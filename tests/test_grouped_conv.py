@@ -93,7 +93,7 @@ def test_float32_matches_float64(case):
     products = []
     for model, X in ((model64, X64), (model32, X32)):
         batch = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))(X, y)
-        terms = batch.quantities["0.weight"]
+        terms = batch.weights["0.weight"]
         left, right = terms.kfoc(terms.solve(SolverOptions(tol=1e-7)))
         assert left.dtype == X.dtype
         products.append(torch.kron(left.double(), right.double()))

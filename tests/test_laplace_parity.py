@@ -19,6 +19,7 @@ from laplace import KronLaplace, Laplace
 from laplace_helpers import (
     assert_optimal,
     dense_blocks,
+    fit_seed,
     mc_draws,
     single_thread,  # noqa: F401 (autouse fixture)
 )
@@ -144,7 +145,8 @@ def test_reward_modeling_one_batch_is_optimal(name, curvature):
     assert type(la) is KFOCLaplace
     torch.manual_seed(5)
     la.fit([(X, y)])
-    draws = mc_draws(model(X).detach(), "classification", 5) if curvature == "mc" else None
+    seed = fit_seed(5)
+    draws = mc_draws(model(X).detach(), "classification", seed) if curvature == "mc" else None
     blocks = dense_blocks(model, X, y, "classification", curvature, draws)
     assert_optimal(blocks, list(model.named_parameters()), la.H_facs.kfacs)
     assert la.n_data == NUM and la.n_outputs == 2
@@ -182,7 +184,8 @@ def test_reward_modeling_last_layer_block_is_exact(curvature):
     assert type(la) is KFOCLLLaplace
     torch.manual_seed(5)
     la.fit([(X, y)])
-    draws = mc_draws(model(X).detach(), "classification", 5) if curvature == "mc" else None
+    seed = fit_seed(5)
+    draws = mc_draws(model(X).detach(), "classification", seed) if curvature == "mc" else None
     blocks = dense_blocks(model, X, y, "classification", curvature, draws)
     head = [(f"net.4.{n}", p) for n, p in model.net[4].named_parameters()]
     assert_optimal(blocks, head, la.H_facs.kfacs, tol=1e-12)

@@ -148,7 +148,7 @@ def assert_weight_optimal(block, weight, factors):
 def test_one_position_layers_on_the_hook_route(case):
     model, X, y, name = one_position_problem(case)
     batch = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))(X, y)
-    assert isinstance(batch.quantities[name].terms, OuterTerms)
+    assert isinstance(batch.weights[name].terms, OuterTerms)
     _, kron = KFOCBackend(model, "classification", **TIGHT).kron(X, y, N=NUM)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     blocks = dense_ggn_blocks(model, X, "classification")

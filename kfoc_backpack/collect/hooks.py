@@ -34,32 +34,15 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from kfoc_backpack.blocks import Block, DenseBlock
+from kfoc_backpack.collect.batch import BatchQuantities, layer_zero_blocks
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
 from kfoc_backpack.collect.handover import bias_block, weight_terms
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
-from kfoc_backpack.collect.loss import CURVATURES, check_loss, loss_value, output_vectors
+from kfoc_backpack.collect.layer_terms import WeightSteps
+from kfoc_backpack.collect.loss import check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.registry import describe, trainable_layers
-
-Quantity = LayerTerms | list[Tensor]
-"""A weight's :class:`LayerTerms` or a bias's exact block ``[B]``."""
-
-
-@dataclass
-class BatchQuantities:
-    """What one batch contributes.
-
-    Attributes:
-        loss: The batch's loss as ``lossfunc`` reduces it (detached).
-        num_samples: Number of inputs ``N``.
-        quantities: Per trainable parameter name, :class:`LayerTerms` (weights) or
-            ``[B]`` (biases); parameters the batch's forward pass did not use are
-            absent.
-    """
-
-    loss: Tensor
-    num_samples: int
-    quantities: dict[str, Quantity]
+from kfoc_backpack.enums import Curvature
 
 
 @dataclass
@@ -88,15 +71,15 @@ class TermCollector:
 
         collect = TermCollector(model, torch.nn.CrossEntropyLoss(reduction="sum"))
         batch = collect(X, y)           # BatchQuantities
-        L, R = batch.quantities["fc1.weight"].solve()
+        L, R, *_ = batch.weights["fc1.weight"].solve()
 
     Args:
         model: The module whose trainable parameters get curvature (hooks go on its
             supported layers).
         lossfunc: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
             (``reduction`` ``"mean"`` or ``"sum"``).
-        curvature: ``"ggn"`` (exact GGN), ``"mc"`` (Monte-Carlo Fisher) or ``"ef"``
-            (empirical Fisher).
+        curvature: The target (:class:`~kfoc_backpack.enums.Curvature`): ``"ggn"`` (exact
+            GGN), ``"mc"`` (Monte-Carlo Fisher) or ``"ef"`` (empirical Fisher).
         mc_samples: Labels drawn per input for ``"mc"``.
         forward: ``forward(X) -> output``; default ``model(X)`` (e.g. a
             last-layer Laplace runs the whole network while hooking the last layer).
@@ -114,20 +97,19 @@ class TermCollector:
         self,
         model: Module,
         lossfunc: Module,
-        curvature: str = "ggn",
+        curvature: Curvature | str = Curvature.GGN,
         mc_samples: int = 1,
         forward: Callable[[object], Tensor] | None = None,
         with_kfac: bool = False,
         owner: str = "K-FOC",
         last_layer_hint: bool = True,
     ):
-        if curvature not in CURVATURES:
-            raise ValueError(f"Unknown curvature {curvature!r}; supported: {CURVATURES}.")
         if int(mc_samples) != mc_samples or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         check_loss(lossfunc, owner)
         self.model, self.lossfunc, self.owner = model, lossfunc, owner
-        self.curvature, self.mc_samples, self.with_kfac = curvature, int(mc_samples), with_kfac
+        self.curvature = Curvature.parse(curvature, "curvature")
+        self.mc_samples, self.with_kfac = int(mc_samples), with_kfac
         self.forward = model if forward is None else forward
         self.layers = trainable_layers(model, owner, last_layer_hint=last_layer_hint)
         self.param_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
@@ -176,13 +158,15 @@ class TermCollector:
             if not self._checked:
                 self._first_batch_checks(calls, output, num)
             grads = self._backward(calls, output, vectors)
-        quantities: dict[str, Quantity] = {}
+        batch = BatchQuantities(loss, num, {}, {})
         for name, module in self.layers.items():
             if calls[name].inputs:
-                self._layer_quantities(
-                    name, module, calls[name], grads[name], num, quantities, kfac
-                )
-        return BatchQuantities(loss, num, quantities)
+                self._layer_quantities(name, module, calls[name], grads[name], batch, kfac)
+        return batch
+
+    def zero_blocks(self) -> dict[str, Block]:
+        """Every trainable parameter's all-zero block, in ``named_parameters`` order."""
+        return layer_zero_blocks(self.layers, self.param_names)
 
     # ----------------------------------------------------------------------------------
 
@@ -339,8 +323,7 @@ class TermCollector:
         module: Module,
         record: _Calls,
         grads: list[Tensor],
-        num: int,
-        quantities: dict[str, Quantity],
+        batch: BatchQuantities,
         with_kfac: bool,
     ) -> None:
         layout = self._layouts.get(name, PLAIN)
@@ -364,7 +347,7 @@ class TermCollector:
                 continue
             full = self.param_names[id(param)]
             if pname == "weight":
-                quantities[full] = weight
+                batch.weights[full] = weight
             elif pname == "bias":
-                quantities[full] = [bias_block(bias_sqrt)]
+                batch.exact[full] = DenseBlock(bias_block(bias_sqrt))
 

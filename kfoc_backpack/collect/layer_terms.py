@@ -11,6 +11,7 @@ Index conventions of this module: ``M`` columns per input, ``N`` inputs of the b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kfoc_backpack.blocks import KroneckerBlock
 from kfoc_backpack.solver import (
     FactoredTerms,
     KroneckerFactors,
@@ -122,12 +124,25 @@ class LayerTerms:
             self.steps.note(self.terms, factors)
         return factors
 
-    def kfoc(self, factors: KroneckerFactors) -> list[Tensor]:
-        """``[L_out, R_in]`` from factors in any split, rescaled to K-FAC's split."""
+    def kfoc(self, factors: KroneckerFactors) -> KroneckerBlock:
+        """Return the block ``L_out ⊗ R_in`` of factors in any split, rescaled to K-FAC's split."""
         return kfac_scale_split(factors, self.input_trace)
 
-    def kfac_blocks(self) -> list[Tensor]:
-        """K-FAC's ``[L_out, R_in]`` of the same samples in :meth:`solve`'s split.
+    def kfoc_block(
+        self, options: SolverOptions | None = None, what: Naming = None
+    ) -> KroneckerBlock:
+        """K-FOC's optimal block in K-FAC's split: :meth:`solve`, then :meth:`kfoc`.
+
+        Warns (``RuntimeWarning``, naming ``what``) where the solve stopped at
+        ``max_iter`` before reaching ``tol``: the block is then the last iterate's.
+        """
+        factors = self.solve(options, what)
+        if not factors.converged:
+            warn_unconverged(what, options)
+        return self.kfoc(factors)
+
+    def kfac_block(self) -> KroneckerBlock:
+        """K-FAC's ``L_out ⊗ R_in`` of the same samples in :meth:`solve`'s split.
 
         ``tr(R_in) = input_trace``, as BackPACK's ``KFAC``/``KFLR`` and
         laplace-torch's ``kron`` split their factors (for shared positions the
@@ -171,7 +186,20 @@ def named_failures(what: Naming) -> Iterator[None]:
         raise FloatingPointError(f"{name}: {error}") from error
 
 
-def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Tensor]:
+def warn_unconverged(what: Naming, options: SolverOptions | None, stacklevel: int = 3) -> None:
+    """Warn that the power method of ``what`` stopped at ``max_iter`` before ``tol``."""
+    opts = SolverOptions() if options is None else options
+    name = what() if callable(what) else (what or "K-FOC")
+    warnings.warn(
+        f"{name}: the power method stopped at max_iter={opts.max_iter} before reaching "
+        f"tol={opts.tol:g}; the factors are the last iterate. Increase max_iter for an "
+        "optimal result.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> KroneckerBlock:
     """Rescale ``left ⊗ right`` (product unchanged) so that ``tr(right) = input_trace``.
 
     Args:
@@ -180,7 +208,7 @@ def kfac_scale_split(factors: KroneckerFactors, input_trace: Tensor) -> list[Ten
             ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``.
 
     Returns:
-        ``[left, right]`` in K-FAC's split (see :meth:`LayerTerms.solve`).
+        The block in K-FAC's split (see :meth:`LayerTerms.solve`).
     """
     left, right = finalize(factors.left, factors.right, factors.left.dtype, right_trace=input_trace)
-    return [left, right]
+    return KroneckerBlock(left, right)

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, Module, MSELoss
 
-CURVATURES = ("ggn", "mc", "ef")
-"""Curvature targets: exact GGN, Monte-Carlo Fisher, empirical Fisher."""
+from kfoc_backpack.enums import Curvature
 
 LOSSES = (MSELoss, CrossEntropyLoss, BCEWithLogitsLoss)
 
@@ -72,7 +71,11 @@ def loss_value(lossfunc: Module, output: Tensor, target: Tensor) -> Tensor:
 
 
 def output_vectors(
-    lossfunc: Module, output: Tensor, target: Tensor, curvature: str, mc_samples: int = 1
+    lossfunc: Module,
+    output: Tensor,
+    target: Tensor,
+    curvature: Curvature | str,
+    mc_samples: int = 1,
 ) -> Tensor:
     """Return the vectors ``v`` whose backpropagation gives the per-sample quantities.
 
@@ -81,7 +84,7 @@ def output_vectors(
         output: ``[N, *]`` model output (detached or not).
         target: Targets (class indices for cross-entropy; the true labels are only
             used by ``"ef"``).
-        curvature: ``"ggn"``, ``"mc"`` or ``"ef"``.
+        curvature: The target (:class:`~kfoc_backpack.enums.Curvature` or its value).
         mc_samples: Labels drawn per input for ``"mc"``.
 
     Returns:
@@ -89,6 +92,7 @@ def output_vectors(
         output entries per input (MSE, BCE) for ``"ggn"``, ``mc_samples`` for
         ``"mc"`` and one for ``"ef"``.
     """
+    curvature = Curvature.parse(curvature, "curvature")
     f = output.detach()
     num = f.shape[0]
     reduction = check_loss(lossfunc)
@@ -116,17 +120,17 @@ def _per_entry(scale: Tensor) -> Tensor:
     return (eye.unsqueeze(1) * flat.unsqueeze(0)).reshape(entries, *scale.shape)
 
 
-def _cross_entropy(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:
+def _cross_entropy(f: Tensor, target: Tensor, curvature: Curvature, mc_samples: int) -> Tensor:
     classes = f.shape[-1]
     rows = f.reshape(f.shape[0], -1, classes)  # [N, R, C]
     probs = rows.softmax(-1)
-    if curvature == "ggn":
+    if curvature is Curvature.GGN:
         num, num_rows, _ = rows.shape
         cols = _cross_entropy_sqrt(probs)  # [C − 1, N, R, C]
         row_eye = torch.eye(num_rows, dtype=f.dtype, device=f.device)
         vecs = torch.einsum("cnrd,rs->rcnsd", cols, row_eye)  # [R, C − 1, N, R, C]
         return vecs.reshape(num_rows * (classes - 1), *f.shape)
-    if curvature == "mc":
+    if curvature is Curvature.MC:
         flat = probs.reshape(-1, classes)
         labels = torch.multinomial(flat, mc_samples, replacement=True).T  # [S, N·R]
         onehot = torch.nn.functional.one_hot(labels, classes).to(f.dtype)
@@ -181,21 +185,21 @@ def drop_null_direction(cols: Tensor, root: Tensor) -> Tensor:
     return cols[1:] - root[..., 1:].movedim(-1, 0).unsqueeze(-1) * coef
 
 
-def _mse(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:
-    if curvature == "ggn":  # Hessian 2·I
+def _mse(f: Tensor, target: Tensor, curvature: Curvature, mc_samples: int) -> Tensor:
+    if curvature is Curvature.GGN:  # Hessian 2·I
         return _per_entry(torch.full_like(f, math.sqrt(2.0)))
-    if curvature == "mc":  # ∇ of (f − ŷ)² at ŷ ~ N(f, 1/2): −√2·ε
+    if curvature is Curvature.MC:  # ∇ of (f − ŷ)² at ŷ ~ N(f, 1/2): −√2·ε
         return math.sqrt(2.0 / mc_samples) * torch.randn(mc_samples, *f.shape, dtype=f.dtype).to(
             f.device
         )
     return (2 * (f - target.reshape(f.shape).to(f.dtype))).unsqueeze(0)
 
 
-def _bce(f: Tensor, target: Tensor, curvature: str, mc_samples: int) -> Tensor:
+def _bce(f: Tensor, target: Tensor, curvature: Curvature, mc_samples: int) -> Tensor:
     probs = torch.sigmoid(f)
-    if curvature == "ggn":  # Hessian diag(p(1 − p))
+    if curvature is Curvature.GGN:  # Hessian diag(p(1 − p))
         return _per_entry((probs * (1 - probs)).sqrt())
-    if curvature == "mc":
+    if curvature is Curvature.MC:
         draws = torch.bernoulli(probs.unsqueeze(0).expand(mc_samples, *f.shape))
         return (probs.unsqueeze(0) - draws) / math.sqrt(mc_samples)
     return (probs - target.reshape(f.shape).to(f.dtype)).unsqueeze(0)

@@ -1,105 +1,142 @@
 r"""The eigenvalue correction over a data set: one pass once the bases are known.
 
-For each weight with factors fitted over the data (K-FOC's, K-FAC's), the corrected
-eigenvalues of the data set's block in the factors' eigenbasis ``U_L ⊗ U_R`` are the
-sum over batches (and ``torch.distributed`` ranks) of each batch's
-:func:`~kfoc_backpack.solver.correction.basis_diagonal`:
+For each weight with Kronecker factors fitted over the data (K-FOC's, K-FAC's), the
+corrected eigenvalues of the data set's block in the factors' eigenbasis
+``U_L ⊗ U_R`` are the sum over batches (and ``torch.distributed`` ranks) of each batch's
+diagonal in that basis (docs/conventions.md §9):
 
 .. math::
     S = Σ_p s_p \, S_p , \qquad S_p[i, j] = Σ_{k ∈ p} ((U_Lᵀ X_k U_R)[i, j])^2 ,
 
-with ``s_p = 1`` for batches of a summed loss and ``s_p = n_p / N`` for a mean
-reduction (as :func:`~kfoc_backpack.dataset.solve_optimal`'s target). Sums are exact
-under any split of the data into batches and ranks. Index conventions:
-:mod:`kfoc_backpack.dataset.options`.
+with ``s_p = 1`` for batches of a summed loss and ``s_p = n_p`` (then divided by ``N``)
+for a mean reduction. Sums are exact under any split of the data into batches and
+ranks. The pass draws the same Monte-Carlo labels as the factors' passes (one
+:class:`~kfoc_backpack.dataset.data_pass.DataPass` per fit).
+
+:class:`EigenCorrection` puts the correction after any approximation's fit:
+``EKFOCFactors`` (``hessian_structure="ekfoc"``) and ``EKFACFactors`` (``"ekfac"``).
+Index conventions: :mod:`kfoc_backpack.dataset.options`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 
-import tqdm
-from torch import Tensor
-from torch.nn import Parameter
-
-from kfoc_backpack.collect.layer_terms import LayerTerms
-from kfoc_backpack.dataset.distributed import Reducer
-from kfoc_backpack.dataset.optimal import split_batch
-from kfoc_backpack.dataset.options import REDUCTIONS, check_choice
-from kfoc_backpack.dataset.power import BatchCollector, BatchSplitter
-from kfoc_backpack.solver.correction import basis_diagonal
+from kfoc_backpack.blocks import Block, EigenCorrected
+from kfoc_backpack.collect.batch import BatchQuantities
+from kfoc_backpack.dataset.approximation import Approximation, Fitted
+from kfoc_backpack.dataset.data_pass import DataPass
+from kfoc_backpack.dataset.kfac import KFACFactors
+from kfoc_backpack.dataset.kfoc import KFOCFactors
+from kfoc_backpack.enums import Aggregation, Reduction, Structure
 
 
-def corrected_eigenvalues(
-    collect: BatchCollector,
-    bases: dict[str, tuple[Tensor, Tensor]],
-    params: dict[str, Parameter],
-    loader: Iterable,
-    *,
-    split: BatchSplitter | None = None,
-    stochastic: bool = False,
-    seed: int | None = None,
-    reduction: str = "sum",
-    progress_bar: bool = False,
-    process_group: object | None = None,
-) -> dict[str, Tensor]:
-    """Corrected eigenvalues ``S`` (``[M, N]``) of each weight over the whole data set.
+def corrected_blocks(data: DataPass, bases: dict[str, EigenCorrected]) -> dict[str, EigenCorrected]:
+    """Return the data set's eigenvalues ``S`` in each weight's basis: one pass over ``data``.
 
     Args:
-        collect: ``collect(X, y) -> BatchQuantities`` (the hook route's
-            :class:`~kfoc_backpack.collect.hooks.TermCollector` or a backend's).
-        bases: ``(U_L, U_R)`` per weight name (``[M, M]``, ``[N, N]``), the same on
-            every rank.
-        params: The model's parameters by name (their devices seed Monte-Carlo draws).
-        loader: Batches (this rank's shard).
-        split: ``split(batch) -> (X, y)`` (default: pairs of tensors).
-        stochastic: Whether ``collect`` draws labels (Monte-Carlo Fisher): every batch
-            is then collected under the fit's per-batch seed, so ``S`` belongs to the
-            Fisher the factors were fitted to.
-        seed: That fit's shared base seed (required when ``stochastic``).
-        reduction: ``"sum"`` (``Σ_p S_p``) or ``"mean"`` (``Σ_p n_p S_p / N``).
-        progress_bar: Show a tqdm progress bar.
-        process_group: The ``torch.distributed`` group to sum over (default: the world
-            when initialised), or a :class:`~kfoc_backpack.dataset.distributed.Reducer`.
+        data: The fit's passes (the same labels as the factors' passes).
+        bases: Per weight name, its eigenbasis
+            (:meth:`~kfoc_backpack.blocks.Block.corrected_basis`), the same on every rank.
 
     Returns:
-        ``S`` per name of ``bases``, in the dtype of the bases.
+        Per name of ``bases``, the basis with the data set's ``S`` (zero for a weight
+        no batch used).
 
     Raises:
-        ValueError: For an unknown reduction, a stochastic pass without its seed, or a
-            name of ``bases`` whose quantity is not a weight's :class:`LayerTerms`.
+        ValueError: For a name of ``bases`` that the collection gives no per-sample
+            terms (not a weight).
     """
-    check_choice(reduction, "reduction", REDUCTIONS)
-    if stochastic and seed is None:
-        raise ValueError("corrected_eigenvalues: a Monte-Carlo pass needs the fit's seed.")
-    split = split_batch if split is None else split
-    reducer = Reducer.of(process_group)
-    totals = {name: left.new_zeros(len(left), len(right)) for name, (left, right) in bases.items()}
-    num_samples = 0
-    batches = tqdm.tqdm(loader, desc="[eigenvalue correction]", disable=not progress_bar)
-    with reducer.guard("the eigenvalue correction's pass over the data"):
-        for index, batch in enumerate(batches):
-            X, y = split(batch)
-            if stochastic:
-                with reducer.seeded(seed, index, params.values()):
-                    result = collect(X, y)
-            else:
-                result = collect(X, y)
-            num_samples += result.num_samples
-            scale = float(result.num_samples) if reduction == "mean" else 1.0
-            for name, (left, right) in bases.items():
-                value = result.quantities.get(name)
-                if value is None:
-                    continue
-                if not isinstance(value, LayerTerms):
-                    raise ValueError(f"corrected_eigenvalues: {name!r} is not a weight.")
-                diagonal = basis_diagonal(value.terms, left, right).to(totals[name].dtype)
-                totals[name].add_(diagonal, alpha=scale)
-    names = list(totals)
-    if reducer.active:
-        summed = reducer.all_reduce([totals[name] for name in names])
-        totals = dict(zip(names, summed))
-        (num_samples,) = reducer.sum_scalars([num_samples])
-    if reduction == "mean" and num_samples > 0:
-        totals = {name: total / num_samples for name, total in totals.items()}
-    return totals  # a weight no batch used keeps S = 0: its block is zero
+    sums = {name: basis.new_sum(Aggregation.APPROX) for name, basis in bases.items()}
+
+    def add(batch: BatchQuantities, scale: float) -> None:
+        for name, total in sums.items():
+            terms = batch.weights.get(name)
+            if terms is None:
+                if name in batch.exact:
+                    raise ValueError(f"corrected eigenvalues: {name!r} is not a weight.")
+                continue
+            basis = bases[name]
+            total.add(basis.with_diagonal(basis.diagonal_of(terms.terms)), batch.num_samples, scale)
+
+    local = data.run(add, "[eigenvalue correction]")
+    combined = data.combine(sums)
+    num_samples = data.totals(*local)[1] if data.reduction is Reduction.MEAN else 0
+    result = {}
+    for name, basis in bases.items():
+        block = combined[name][0] if name in combined else basis
+        if num_samples > 0:
+            block = block.scaled(1.0 / num_samples)
+        result[name] = block
+    return result  # type: ignore[return-value]
+
+
+class EigenCorrection(Approximation):
+    """The eigenbasis of an approximation's factors with the data set's own eigenvalues.
+
+    Put before the approximation it corrects (``class EKFOCFactors(EigenCorrection,
+    KFOCFactors)``): the approximation fits its factors, then one more pass gives each
+    weight's ``S`` in their eigenbasis (:func:`corrected_blocks`) — never farther from
+    the block in the Frobenius norm than ``L ⊗ R``, and trace-exact. Biases stay exact.
+    Online, the earlier factors enter the approximation's fit as one more term, and the
+    earlier ``S`` is projected onto the new basis
+    (:meth:`~kfoc_backpack.blocks.EigenCorrected.projected`) and added.
+    """
+
+    supports_damping = False
+    block_kinds = ("corrected", "dense")
+
+    def fit(self, data: DataPass, earlier: Fitted | None = None) -> Fitted:
+        """Fit the factors, then ``S`` in one pass (plus the earlier ``S`` projected)."""
+        uncorrected = None
+        if earlier is not None:
+            factors = {name: block.uncorrected() for name, block in earlier.blocks.items()}
+            uncorrected = Fitted(earlier.loss, factors, earlier.num_samples)
+        fitted = super().fit(data, uncorrected)  # type: ignore[safe-super]
+        bases = {}
+        for name, block in fitted.blocks.items():
+            basis = block.corrected_basis(f"'{name}'")
+            if basis is not None:
+                bases[name] = basis
+        corrected = corrected_blocks(data, bases)  # type: ignore[arg-type]
+        blocks: dict[str, Block] = {}
+        for name, block in fitted.blocks.items():
+            if name not in corrected:
+                blocks[name] = block
+                continue
+            new = corrected[name]
+            old = None if earlier is None else earlier.blocks.get(name)
+            if old is not None:
+                new = new.with_diagonal(new.diagonal + old.projected(new))  # type: ignore[attr-defined]
+            blocks[name] = new
+        return Fitted(
+            fitted.loss,
+            blocks,
+            fitted.num_samples,
+            data.passes,
+            fitted.iterations,
+            fitted.converged,
+            fitted.stored,
+        )
+
+
+@dataclass
+class EKFOCFactors(EigenCorrection, KFOCFactors):
+    """The eigenvalue-corrected K-FOC (``hessian_structure="ekfoc"``): arguments as K-FOC's."""
+
+    structure = Structure.EKFOC
+
+    def describe(self) -> str:
+        """``"ekfoc: kfoc (running)"``."""
+        return f"{self.structure}: {Structure.KFOC} ({self.aggregation})"
+
+
+@dataclass
+class EKFACFactors(EigenCorrection, KFACFactors):
+    """EK-FAC (``hessian_structure="ekfac"``): K-FAC's eigenbasis, the data's eigenvalues."""
+
+    structure = Structure.EKFAC
+
+    def describe(self) -> str:
+        """``"ekfac: kfac"``."""
+        return f"{self.structure}: {Structure.KFAC}"

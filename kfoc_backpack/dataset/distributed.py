@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 from torch import distributed as dist
 
-from kfoc_backpack.dataset.blocks import BlockAccumulator, zero_block
-from kfoc_backpack.solver import nearest_kronecker_sum
+from kfoc_backpack.blocks import Block, BlockSum
 
 RANK_SEED_STRIDE = 1 << 32
 """Rank ``r``'s batch ``i`` draws Monte-Carlo labels with seed ``seed + i + r·stride``."""
@@ -225,74 +224,43 @@ class Reducer:
         return self.all_reduce([local])[0].tolist()
 
 
-def combine_blocks(
-    blocks: Mapping[str, BlockAccumulator],
-    params: Mapping[str, Tensor],
-    reducer: Reducer,
-) -> dict[str, tuple[list[Tensor], int]]:
-    """Combine every rank's per-parameter aggregates (``"approx"`` or ``"running"``).
+def reduce_sums(sums: Mapping[str, BlockSum], reducer: Reducer) -> dict[str, tuple[Block, int]]:
+    """Combine every rank's per-parameter sums: one all-gather, one all-reduce, one all-gather.
 
-    Biases are summed. Weights: ``"approx"`` sums the left factors and averages the
-    right ones by sample count, as one process does over all batches (equal up to
-    rounding); ``"running"`` takes the optimal Kronecker product of the ranks'
-    sample-weighted products ``Σ_r L_r ⊗ R_r`` (docs/conventions.md §8 bounds its
-    distance to the single-process result), with K-FAC's split over all inputs.
+    The one place a fit's data-set sums cross ranks. Each rank's sums list the same
+    parameters in the same order; a parameter that no batch of a rank used contributes
+    zeros (its sum's zero block). The numbers of inputs and the sums' presence travel in
+    one all-gather; every sum's :meth:`~kfoc_backpack.blocks.BlockSum.summed` parts (bias
+    blocks, ``approx``'s factor sums, corrected eigenvalues) in one all-reduce; every
+    sum's :meth:`~kfoc_backpack.blocks.BlockSum.gathered` parts (``running``'s products)
+    in one all-gather.
 
     Args:
-        blocks: This rank's aggregates by parameter name (missing or empty: no data).
-        params: The parameters, by name, in the same order on every rank.
-        reducer: The ranks to combine.
+        sums: This rank's sums by parameter name.
+        reducer: The ranks to combine (inactive: this process's sums as they are).
 
     Returns:
-        Per name with data on some rank: the combined ``[L, R]`` or ``[B]`` and the
-        number of inputs behind it.
+        Per parameter with data on some rank: its block over all ranks and the number of
+        inputs behind it.
     """
-    names = list(params)
-    aggregation = next((b.aggregation for b in blocks.values()), "approx")
-    counts = [float(blocks[n].num_samples) if n in blocks else 0.0 for n in names]
-    local = {
-        n: (blocks[n].factors() if n in blocks and not blocks[n].empty else None) for n in names
-    }
+    names = list(sums)
     if not reducer.active:
-        return {n: (f, int(c)) for n, f, c in zip(names, local.values(), counts) if f is not None}
-    flags = torch.tensor([float(local[n] is not None) for n in names], dtype=torch.float64)
-    gathered = reducer.all_gather([torch.tensor(counts, dtype=torch.float64), flags])
+        return {n: (s.result(), s.num_samples) for n, s in sums.items() if not s.empty}
+    counts = torch.tensor([float(sums[n].num_samples) for n in names], dtype=torch.float64)
+    flags = torch.tensor([float(not sums[n].empty) for n in names], dtype=torch.float64)
+    gathered = reducer.all_gather([counts, flags])
     all_counts = torch.stack([g[0] for g in gathered])  # [W, P]
     present = torch.stack([g[1] for g in gathered]).sum(0) > 0
-    biases = [n for n in names if params[n].dim() < 2]
-    weights = [n for n in names if params[n].dim() >= 2]
-    filled = {n: local[n] or zero_block(params[n]) for n in names}
-    summed = reducer.all_reduce([filled[n][0] for n in biases])
-    result = {n: ([b], int(all_counts[:, names.index(n)].sum())) for n, b in zip(biases, summed)}
-    if aggregation == "approx":
-        parts = []
-        for n, count in zip(weights, (counts[names.index(n)] for n in weights)):
-            left, right = filled[n]
-            parts += [left, right * count]
-        reduced = reducer.all_reduce(parts)
-        for i, n in enumerate(weights):
-            total = float(all_counts[:, names.index(n)].sum())
-            left, right_sum = reduced[2 * i], reduced[2 * i + 1]
-            result[n] = ([left, right_sum / total if total > 0 else right_sum], int(total))
-    else:
-        per_rank = reducer.all_gather([f for n in weights for f in filled[n]])
-        for i, n in enumerate(weights):
-            column = all_counts[:, names.index(n)]
-            ranks = [r for r in range(reducer.world) if column[r] > 0]
-            if ranks:
-                result[n] = (merge_ranks(per_rank, ranks, i, column), int(column.sum()))
-    return {n: result[n] for n in names if n in result and bool(present[names.index(n)])}
-
-
-def merge_ranks(
-    per_rank: list[list[Tensor]], ranks: list[int], index: int, counts: Tensor
-) -> list[Tensor]:
-    """Optimal ``[L, R]`` for ``Σ_r L_r ⊗ R_r`` over ``ranks``, K-FAC split over all inputs."""
-    lefts = torch.stack([per_rank[r][2 * index] for r in ranks])
-    rights = torch.stack([per_rank[r][2 * index + 1] for r in ranks])
-    if len(ranks) == 1:
-        return [lefts[0], rights[0]]
-    weights = counts[ranks].to(rights)
-    trace = (weights * torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)).sum() / weights.sum()
-    merged = nearest_kronecker_sum(lefts, rights, right_trace=trace)
-    return [merged.left, merged.right]
+    summed_parts = {n: sums[n].summed() for n in names}
+    summed = iter(reducer.all_reduce([t for n in names for t in summed_parts[n]]))
+    gathered_parts = {n: sums[n].gathered() for n in names}
+    flat = [t for n in names for t in gathered_parts[n]]
+    per_rank = [iter(parts) for parts in reducer.all_gather(flat)] if flat else []
+    result = {}
+    for index, name in enumerate(names):
+        own = [next(summed) for _ in summed_parts[name]]
+        ranks = [[next(parts) for _ in gathered_parts[name]] for parts in per_rank]
+        column = all_counts[:, index]
+        if bool(present[index]):
+            result[name] = (sums[name].combine(own, ranks, column), int(column.sum()))
+    return result

@@ -1,4 +1,7 @@
-"""Names and options of the data-set level, in one place (docs/conventions.md §4).
+"""The options of the data-set optimum (docs/conventions.md §4).
+
+The aggregations and reductions are :class:`~kfoc_backpack.enums.Aggregation` and
+:class:`~kfoc_backpack.enums.Reduction`.
 
 Index conventions of the data-set level: ``p`` batches, ``n_p`` inputs of batch ``p``,
 ``N = Σ_p n_p`` inputs in all, ``s_p`` the scale of batch ``p``'s block in the target
@@ -8,18 +11,7 @@ sizes of a weight's left (output) and right (input) factors, ``W`` ranks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-from kfoc_backpack.solver import AGGREGATIONS as BATCH_AGGREGATIONS
-
-REDUCTIONS = ("mean", "sum")
-"""Loss reductions a data-set target supports."""
-
-AGGREGATIONS = (*BATCH_AGGREGATIONS, "optimal")
-"""All aggregations over batches: the solver's aggregations of per-batch factors
-(``"approx"``, ``"running"``: the paper's K-FOC_approx and K-FOC_running) and the
-data-set optimum ``"optimal"``, which needs the per-sample terms."""
 
 DEFAULT_MAX_MEMORY = 1 << 30
 """Bytes of per-sample terms ``"optimal"`` keeps in memory by default."""
@@ -29,18 +21,6 @@ DEFAULT_OPTIMAL_TOL = 1e-6
 
 DEFAULT_MAX_PASSES = 50
 """Cap on ``"optimal"``'s iterations (stored terms) or passes over the data (streaming)."""
-
-
-def check_choice(value: str, name: str, choices: Sequence[str], hint: str = "") -> str:
-    """Return ``value`` if it is one of ``choices``, else raise naming the argument.
-
-    Raises:
-        ValueError: For a value not in ``choices``.
-    """
-    if value not in choices:
-        supported = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"Unknown {name} {value!r}; supported: {supported}.{hint}")
-    return value
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ classes), ``N`` inputs, ``C_out`` output channels or features.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 from backpack.core.derivatives.basederivatives import BaseDerivatives
@@ -17,18 +16,13 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.collect.handover import bias_block, kfc_factors, weight_terms
+from kfoc_backpack.blocks import EigenCorrected
+from kfoc_backpack.collect.handover import bias_block, weight_terms
 from kfoc_backpack.collect.kinds import LayerKind
-from kfoc_backpack.collect.layer_terms import LayerTerms, kfac_scale_split
-from kfoc_backpack.extensions.unsupported import module_path
-from kfoc_backpack.solver import KroneckerFactors
-from kfoc_backpack.solver.conv_routes import route_of
-from kfoc_backpack.solver.correction import EigenCorrected
+from kfoc_backpack.collect.layer_terms import LayerTerms
 
 if TYPE_CHECKING:
     from kfoc_backpack.extensions.kfoc import KFOCBase
-
-__all__ = ["KFOCBaseModule", "LayerTerms", "kfac_scale_split", "kfc_factors"]
 
 
 class KFOCBaseModule(SqrtGGNBaseModule):
@@ -54,7 +48,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         return weight_terms(
             self.kind.inputs(module, module.input0),
             self.kind.vectors(module, backproped),
-            with_kfac=not ext.solves,
+            with_kfac=ext.with_kfac,
             groups=self.kind.groups(module),
             steps=ext.weight_steps(module),
         )
@@ -77,25 +71,13 @@ class KFOCBaseModule(SqrtGGNBaseModule):
             backproped: ``[M, N, C_out, *spatial]`` GGN/Fisher square root.
 
         Returns:
-            ``[L_out, R_in]`` (``[C_out, C_out]`` and ``[C_in·Πkernel, C_in·Πkernel]``),
-            what the extension makes of them (:meth:`KFOCBase.weight_result`: the
-            eigenvalue-corrected block for ``EKFOC``), or the :class:`LayerTerms`
-            themselves for ``KFOCTerms``.
+            What the extension makes of the weight's :class:`LayerTerms`
+            (:meth:`KFOCBase.weight_result`): ``[L_out, R_in]`` (``[C_out, C_out]`` and
+            ``[C_in·Πkernel, C_in·Πkernel]``) for ``KFOC``/``KFOCExact``, the
+            eigenvalue-corrected block for ``EKFOC``, the terms themselves for
+            ``KFOCTerms``.
         """
-        terms = self.layer_terms(ext, module, backproped)
-        if not ext.solves:
-            return terms
-        ext.note_route(module, route_of(terms.terms))
-
-        def what() -> str:
-            return (
-                f"{type(ext).__name__}: the K-FOC solve of the weight "
-                f"{tuple(module.weight.shape)} of {module_path(module)}"
-            )
-
-        factors = terms.solve(ext.solver_options, what=what)
-        self.record(ext, module, factors)
-        return ext.weight_result(terms, factors)
+        return ext.weight_result(module, self.layer_terms(ext, module, backproped))
 
     def bias(
         self,
@@ -113,17 +95,3 @@ class KFOCBaseModule(SqrtGGNBaseModule):
             ``[B]``, ``B`` of shape ``[C_out, C_out]``.
         """
         return [bias_block(self.kind.vectors(module, backproped).sum(2))]
-
-    def record(self, ext: KFOCBase, module: Module, factors: KroneckerFactors) -> None:
-        """Log the solve on the extension and warn if it did not converge."""
-        ext.log_solve(module, factors)
-        if not factors.converged:
-            warnings.warn(
-                f"{type(ext).__name__}: the power method for the weight "
-                f"{tuple(module.weight.shape)} of {module_path(module)} stopped at "
-                f"max_iter={ext.solver_options.max_iter}"
-                f" before reaching tol={ext.solver_options.tol:g}; the factors are the "
-                "last iterate. Increase max_iter for an optimal result.",
-                RuntimeWarning,
-                stacklevel=2,
-            )

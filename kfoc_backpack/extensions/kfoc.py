@@ -6,6 +6,7 @@ siblings ``EKFOC`` and ``EKFOCExact``, and ``KFOCTerms``.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
@@ -18,8 +19,10 @@ from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
+from kfoc_backpack.blocks import EigenCorrected
+from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps, warn_unconverged
 from kfoc_backpack.collect.registry import layer_problem
+from kfoc_backpack.enums import Curvature
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
 from kfoc_backpack.extensions.module_map import (
@@ -31,6 +34,7 @@ from kfoc_backpack.extensions.unsupported import (
     SkippedConvModule,
     UnsupportedParamsModule,
     handle_unsupported,
+    module_path,
 )
 from kfoc_backpack.solver import (
     DEFAULT_EXACT_MAX_TERMS,
@@ -39,7 +43,7 @@ from kfoc_backpack.solver import (
     KroneckerFactors,
     SolverOptions,
 )
-from kfoc_backpack.solver.correction import EigenCorrected, eigen_corrected
+from kfoc_backpack.solver.conv_routes import route_of
 
 
 class SolveRecord(NamedTuple):
@@ -105,7 +109,6 @@ class KFOCBase(SqrtGGN):
         tol: float = DEFAULT_TOL,
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
-        solves: bool = True,
         mc_samples: int = 1,
         exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
     ):
@@ -122,7 +125,6 @@ class KFOCBase(SqrtGGN):
             tol=tol, max_iter=max_iter, exact_max_terms=exact_max_terms
         )
         self.fail_mode = fail_mode
-        self.solves = solves
         module_exts: dict[type[Module], ModuleExtension] = {
             **sqrt_ggn_module_extensions(),
             **{
@@ -182,11 +184,29 @@ class KFOCBase(SqrtGGN):
             steps = kinds[key] = WeightSteps()
         return steps
 
-    def weight_result(
-        self, terms: LayerTerms, factors: KroneckerFactors
-    ) -> list[Tensor] | EigenCorrected:
+    with_kfac = False
+    """Whether the weights' terms carry K-FAC's factors of the samples (``KFOCTerms``)."""
+
+    def weight_result(self, module: Module, terms: LayerTerms) -> list[Tensor] | object:
         """Return what the weight's savefield holds: ``[L_out, R_in]`` in K-FAC's split."""
+        factors = self.solve(module, terms)
         return [factors.left, factors.right]
+
+    def solve(self, module: Module, terms: LayerTerms) -> KroneckerFactors:
+        """K-FOC's factors of the weight's terms: logged, and warned about unconverged."""
+        self.note_route(module, route_of(terms.terms))
+
+        def what() -> str:
+            return (
+                f"{type(self).__name__}: the K-FOC solve of the weight "
+                f"{tuple(module.weight.shape)} of {module_path(module)}"
+            )
+
+        factors = terms.solve(self.solver_options, what=what)
+        self.log_solve(module, factors)
+        if not factors.converged:
+            warn_unconverged(what, self.solver_options)
+        return factors
 
     def note_route(self, module: Module, route: str) -> None:
         """Remember the solve route of ``module``'s weight for its :class:`SolveRecord`."""
@@ -292,24 +312,78 @@ class KFOCExact(KFOCBase):
 class KFOCTerms(KFOCBase):
     """Store each weight's per-sample quantities instead of solving (savefield ``kfoc_terms``).
 
-    ``weight.kfoc_terms`` is a :class:`~kfoc_backpack.extensions.base.LayerTerms`:
-    the structured block ``F`` (``OuterTerms`` for ``Linear``, ``SampleTerms`` for
-    convolutions), K-FOC's input trace and K-FAC's factors of the same samples. It is
-    what aggregation over a data set and the paper's comparison build on: every
-    estimator and the ground truth from one backward pass with shared samples.
-    ``bias.kfoc_terms`` is ``[B]``, the exact bias block.
+    ``weight.kfoc_terms`` is a :class:`~kfoc_backpack.collect.layer_terms.LayerTerms`:
+    the structured block ``F`` (``OuterTerms`` for a ``Linear`` on 2-d input, the
+    route's terms for weights shared over positions), K-FOC's input trace and, with
+    ``with_kfac``, K-FAC's factors of the same samples. It is what aggregation over a
+    data set and the paper's comparison build on: every estimator and the ground truth
+    from one backward pass with shared samples. ``bias.kfoc_terms`` is ``[B]``, the
+    exact bias block.
 
     Args:
-        exact: Exact GGN (``True``) or Monte-Carlo Fisher (``False``, default).
+        curvature: ``"mc"`` (Monte-Carlo Fisher, default) or ``"ggn"`` (exact GGN)
+            (:class:`~kfoc_backpack.enums.Curvature`).
         mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
         fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
+        with_kfac: Also compute K-FAC's factors of the same samples.
+        exact: Deprecated spelling of ``curvature`` (``True``: ``"ggn"``).
+
+    Raises:
+        ValueError: For a curvature BackPACK's route does not backpropagate.
     """
 
-    def __init__(self, exact: bool = False, mc_samples: int = 1, fail_mode: str = FAIL_ERROR):
-        strategy = LossHessianStrategy.EXACT if exact else LossHessianStrategy.SAMPLING
-        super().__init__(
-            strategy, "kfoc_terms", fail_mode=fail_mode, solves=False, mc_samples=mc_samples
+    def __init__(
+        self,
+        curvature: Curvature | str = Curvature.MC,
+        mc_samples: int = 1,
+        fail_mode: str = FAIL_ERROR,
+        with_kfac: bool = True,
+        *,
+        exact: bool | None = None,
+    ):
+        self.curvature = self.check_curvature(curvature, exact)
+        strategy = (
+            LossHessianStrategy.EXACT
+            if self.curvature is Curvature.GGN
+            else LossHessianStrategy.SAMPLING
         )
+        super().__init__(strategy, "kfoc_terms", fail_mode=fail_mode, mc_samples=mc_samples)
+        self.with_kfac = with_kfac
+
+    @staticmethod
+    def check_curvature(curvature: Curvature | str | bool, exact: bool | None = None) -> Curvature:
+        """Return the target BackPACK's route backpropagates: ``"ggn"`` or ``"mc"``.
+
+        Args:
+            curvature: A :class:`~kfoc_backpack.enums.Curvature` or its value (a bool is
+                read as the deprecated ``exact``).
+            exact: Deprecated: ``True`` for ``"ggn"``, ``False`` for ``"mc"``.
+
+        Raises:
+            ValueError: For ``"ef"`` (BackPACK's square root has no empirical Fisher)
+                or an unknown value.
+        """
+        if isinstance(curvature, bool):
+            curvature, exact = Curvature.MC, curvature
+        if exact is not None:
+            warnings.warn(
+                "exact= is deprecated; pass curvature='ggn' (exact=True) or curvature='mc'.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return Curvature.GGN if exact else Curvature.MC
+        target = Curvature.parse(curvature, "curvature")
+        if target is Curvature.EF:
+            raise ValueError(
+                "curvature='ef': BackPACK's route backpropagates the exact GGN ('ggn') and "
+                "the Monte-Carlo Fisher ('mc'); for the empirical Fisher use the hook "
+                "route (kfoc_backpack.collect.hooks.TermCollector, KFOCEFBackend)."
+            )
+        return target
+
+    def weight_result(self, module: Module, terms: LayerTerms) -> LayerTerms:
+        """Return the terms themselves."""
+        return terms
 
 
 class EKFOCBase(KFOCBase):
@@ -324,9 +398,10 @@ class EKFOCBase(KFOCBase):
     exact block ``[B]``.
     """
 
-    def weight_result(self, terms: LayerTerms, factors: KroneckerFactors) -> EigenCorrected:
+    def weight_result(self, module: Module, terms: LayerTerms) -> EigenCorrected:
         """Return the K-FOC factors' eigenbasis with the block's own eigenvalues in it."""
-        return eigen_corrected(terms.terms, factors.left, factors.right)
+        factors = self.solve(module, terms)
+        return EigenCorrected.of_terms(terms.terms, factors.left, factors.right)
 
 
 class EKFOC(EKFOCBase, KFOC):

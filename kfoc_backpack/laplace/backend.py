@@ -26,17 +26,18 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
-from laplace.curvature import EFInterface, GGNInterface
+from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
 from laplace.utils import Kron
 from torch import Tensor
 from torch.nn import Module, Parameter
 
 from kfoc_backpack._compat import supported_kwargs
-from kfoc_backpack.collect.hooks import BatchQuantities, TermCollector
-from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.collect.registry import trainable_layers
-from kfoc_backpack.dataset.blocks import zero_block
+from kfoc_backpack.dataset.kfoc import KFOCFactors
+from kfoc_backpack.enums import Aggregation, Curvature
 from kfoc_backpack.laplace.errors import BatchKeyError
+from kfoc_backpack.laplace.posterior import BlockKron
 from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, SolverOptions
 
 
@@ -75,14 +76,43 @@ def batch_inputs(batch: object, dict_key_x: str, dict_key_y: str, owner: str) ->
     )
 
 
+def resolve_backend(backend: type | None, owner: str = "KFOCLaplace") -> type[KFOCKronMixin]:
+    """Return the backend class a Laplace class of this package uses for ``backend``.
+
+    ``None`` gives :class:`KFOCBackend`; subclasses of :class:`KFOCBackend` or
+    :class:`KFOCEFBackend` are used as they are. Another GGN backend (e.g. ``AsdlGGN``,
+    which ``marglik_training`` passes on) is replaced by ``KFOCBackend``, an
+    empirical-Fisher backend (``CurvlinopsEF``, ``AsdlEF``, ``BackPackEF``) by
+    ``KFOCEFBackend``, with a warning naming the replacement: the curvature comes
+    from the package's own collection of per-sample quantities.
+
+    Raises:
+        ValueError: For something that is not a laplace-torch curvature class.
+    """
+    if backend is None:
+        return KFOCBackend
+    if not isinstance(backend, type) or not issubclass(backend, CurvatureInterface):
+        raise ValueError(f"backend must be a laplace-torch curvature class, got {backend!r}.")
+    if issubclass(backend, KFOCKronMixin):
+        return backend
+    ours = KFOCEFBackend if issubclass(backend, EFInterface) else KFOCBackend
+    warnings.warn(
+        f"{owner} computes its curvature with {ours.__name__}; "
+        f"backend={backend.__name__} is replaced by {ours.__name__}.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return ours
+
+
 class KFOCKronMixin:
-    """K-FOC's ``kron()`` for a laplace-torch curvature interface.
+    """K-FOC's collection and ``kron()`` for a laplace-torch curvature interface.
 
     The host class (a laplace-torch curvature interface) calls :meth:`_init_kfoc`
-    from its ``__init__`` with its curvature target (``"ggn"``, ``"mc"``, ``"ef"``).
+    from its ``__init__`` with its curvature target.
     """
 
-    curvature: str
+    curvature: Curvature
     num_samples: int
     solver_options: SolverOptions
 
@@ -92,7 +122,7 @@ class KFOCKronMixin:
         model: Module,
         likelihood: str,
         kwargs: dict[str, Any],
-        curvature: str,
+        curvature: Curvature,
         num_samples: int,
         tol: float,
         max_iter: int,
@@ -104,8 +134,7 @@ class KFOCKronMixin:
             kwargs["subnetwork_indices"],
         )
         self.dict_key_x, self.dict_key_y = kwargs["dict_key_x"], kwargs["dict_key_y"]
-        self.stochastic, self.num_samples = curvature == "mc", num_samples
-        self.curvature = curvature
+        self.curvature, self.num_samples = curvature, num_samples
         self.solver_options = SolverOptions(tol=tol, max_iter=max_iter)
         self.collector = TermCollector(
             self._model,
@@ -122,74 +151,31 @@ class KFOCKronMixin:
         """Trainable parameters that get curvature, by name, in laplace's order."""
         return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
 
-    def collect(self, x: Any, y: Tensor) -> BatchQuantities:
-        """Per-sample quantities of one batch for the summed loss (no ``factor``)."""
-        return self.collector(x, y)
+    def splitter(
+        self, check_batch: Callable[[Any, Tensor], None] | None = None, owner: str = "KFOCLaplace"
+    ) -> Callable[[object], tuple[Any, Tensor]]:
+        """``batch -> (X, y)`` as every pass of a fit reads the loader's batches.
 
-    def kfoc(self, x: Any, y: Tensor) -> tuple[Tensor, list[list[Tensor]], int]:
-        """K-FOC factors of one batch for the summed loss, without rescaling.
-
-        Args:
-            x: ``[n, *]`` inputs (or a dict-like batch).
-            y: Targets.
-
-        Returns:
-            ``(loss, blocks, n)``: the summed loss, per trainable parameter
-            ``[L_out, R_in]`` with ``L_out ⊗ R_in`` optimal for the batch's block of
-            the curvature of the *summed* loss and ``tr(R_in) = (1/n) Σ_i ‖â_i‖²``
-            (K-FAC's split), or ``[B]``; and the number of inputs ``n``.
-            laplace-torch's ``factor`` is not applied.
+        ``(X, y)`` pairs or dict-like batches (``dict_key_y`` the targets), moved to the
+        parameters' device and checked by ``check_batch``.
         """
-        return self._batch_blocks(self.collect(x, y), self._kfoc_block)
+        device = next(iter(self.named_trainable.values())).device
 
-    def _kfoc_block(self, name: str, param: Parameter, value: LayerTerms) -> list[Tensor]:
-        """K-FOC's ``[L_out, R_in]`` of one weight, warning if the solve did not converge."""
-        what = f"{type(self).__name__}: the K-FOC solve of '{name}' {tuple(param.shape)}"
-        factors = value.solve(self.solver_options, what=what)
-        if not factors.converged:
-            warnings.warn(
-                f"{type(self).__name__}: the power method for '{name}' "
-                f"{tuple(param.shape)} stopped at max_iter="
-                f"{self.solver_options.max_iter} before reaching "
-                f"tol={self.solver_options.tol:g}; the factors are the last iterate. "
-                "Increase max_iter (backend_kwargs) for an optimal result.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return value.kfoc(factors)
+        def split(batch: object) -> tuple[Any, Tensor]:
+            X, y = batch_inputs(batch, self.dict_key_x, self.dict_key_y, owner)
+            X, y = (X.to(device) if isinstance(X, Tensor) else X), y.to(device)
+            if check_batch is not None:
+                check_batch(X, y)
+            return X, y
 
-    def _batch_blocks(
-        self,
-        batch: BatchQuantities,
-        weight_block: Callable[[str, Parameter, LayerTerms], list[Tensor]],
-    ) -> tuple[Tensor, list[list[Tensor]], int]:
-        """``(loss, blocks, n)``: ``weight_block`` per weight, biases' exact blocks."""
-        blocks = []
-        for name, param in self.named_trainable.items():
-            value = batch.quantities.get(name)
-            if value is None:  # not used by the forward pass
-                blocks.append(zero_block(param))
-            elif isinstance(value, LayerTerms):
-                blocks.append(weight_block(name, param, value))
-            else:
-                blocks.append(value)
-        return batch.loss, blocks, batch.num_samples
-
-    def kfac(self, x: Any, y: Tensor) -> tuple[Tensor, list[list[Tensor]], int]:
-        """K-FAC's factors of one batch from the same per-sample quantities.
-
-        The reference of :meth:`kfoc`: per weight K-FAC's ``[L_out, R_in]`` (KFC for
-        weights shared over positions) of the same samples, labels and curvature, in
-        the same split (``tr(R_in) = (1/n) Σ_i ‖â_i‖²``); biases' exact blocks.
-
-        Returns:
-            ``(loss, blocks, n)`` as :meth:`kfoc`.
-        """
-        batch = self.collector(x, y, with_kfac=True)
-        return self._batch_blocks(batch, lambda name, param, value: value.kfac_blocks())
+        return split
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """K-FOC factors of one batch in laplace-torch's ``Kron`` layout and scaling.
+
+        Per weight the Frobenius-optimal ``L_out ⊗ R_in`` of the batch's block of the
+        curvature of the summed loss (K-FAC's split, ``tr(R_in) = (1/n) Σ_i ‖â_i‖²``),
+        per bias its exact block; labels drawn from torch's global generator.
 
         Args:
             x: ``[n, *]`` inputs (or a dict-like batch).
@@ -202,11 +188,19 @@ class KFOCKronMixin:
             laplace-torch's default backend, so that factor-wise sums over the batches
             give K-FOC_approx of the data set.
         """
-        loss, blocks, num = self.kfoc(x, y)
-        for block in blocks:
-            if len(block) == 2:
-                block[1] = block[1] * (num / N)
-        return self.factor * loss, Kron(blocks) * self.factor
+        batch = self.collector(x, y)
+        approximation = KFOCFactors(Aggregation.APPROX)
+        approximation.solver_options = self.solver_options
+        solve = approximation.weight_block(type(self).__name__, self.named_trainable)
+        zeros = self.collector.zero_blocks()
+        blocks = []
+        for name in self.named_trainable:
+            if name in batch.weights:
+                block = solve(name, batch.weights[name])
+            else:
+                block = batch.exact.get(name, zeros[name])
+            blocks.append(block.input_scaled(batch.num_samples / N))
+        return self.factor * batch.loss, BlockKron(blocks) * self.factor
 
 
 class KFOCBackend(KFOCKronMixin, GGNInterface):
@@ -261,7 +255,7 @@ class KFOCBackend(KFOCKronMixin, GGNInterface):
             "stochastic": stochastic,
             "num_samples": int(num_samples),
         }
-        curvature = "mc" if stochastic else "ggn"
+        curvature = Curvature.MC if stochastic else Curvature.GGN
         self._init_kfoc(
             GGNInterface, model, likelihood, kwargs, curvature, int(num_samples), tol, max_iter
         )
@@ -294,4 +288,4 @@ class KFOCEFBackend(KFOCKronMixin, EFInterface):
             "dict_key_x": dict_key_x,
             "dict_key_y": dict_key_y,
         }
-        self._init_kfoc(EFInterface, model, likelihood, kwargs, "ef", 1, tol, max_iter)
+        self._init_kfoc(EFInterface, model, likelihood, kwargs, Curvature.EF, 1, tol, max_iter)

@@ -42,7 +42,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
 )
-from kfoc_backpack.solver.aggregation import AGGREGATIONS, KroneckerAccumulator
+from kfoc_backpack.solver.aggregation import KroneckerAccumulator
 from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
 from kfoc_backpack.solver.factored import FactoredTerms, nearest_kronecker_factored
 from kfoc_backpack.solver.outer import nearest_kronecker_outer
@@ -52,7 +52,6 @@ from kfoc_backpack.solver.sum import merge_kronecker, nearest_kronecker_sum
 from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecker_terms
 
 __all__ = [
-    "AGGREGATIONS",
     "KroneckerAccumulator",
     "DEFAULT_EXACT_MAX_TERMS",
     "DEFAULT_MAX_ITER",

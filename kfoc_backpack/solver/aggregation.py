@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kfoc_backpack.enums import Aggregation
 from kfoc_backpack.solver.scale import finalize
 from kfoc_backpack.solver.sum import merge_kronecker
-
-AGGREGATIONS = ("approx", "running")
 
 
 class KroneckerAccumulator:
@@ -43,19 +42,20 @@ class KroneckerAccumulator:
         L, R = acc.factors(normalize=True)   # weights divided by their sum
 
     Args:
-        aggregation: ``"approx"`` or ``"running"``.
+        aggregation: ``"approx"`` or ``"running"``
+            (:class:`~kfoc_backpack.enums.Aggregation`).
 
     Raises:
-        ValueError: For an unknown aggregation.
+        ValueError: For another aggregation, listing these two.
     """
 
-    def __init__(self, aggregation: str = "running"):
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"Unknown aggregation {aggregation!r}; supported: {', '.join(AGGREGATIONS)} "
-                "(the data-set optimum needs the per-sample terms)."
-            )
-        self.aggregation = aggregation
+    def __init__(self, aggregation: Aggregation | str = Aggregation.RUNNING):
+        self.aggregation = Aggregation.parse(
+            aggregation,
+            "aggregation",
+            " The data-set optimum needs the per-sample terms.",
+            members=Aggregation.of_factors(),
+        )
         self.total_weight = 0.0
         self._left: Tensor | None = None
         self._right: Tensor | None = None
@@ -85,7 +85,7 @@ class KroneckerAccumulator:
         left = left * (scale / weight) if weight > 0 else left * 0
         trace = torch.diagonal(right).sum() * weight
         if self._left is None:
-            first_right = right * weight if self.aggregation == "approx" else right
+            first_right = right * weight if self.aggregation is Aggregation.APPROX else right
             self._left, self._right, self._right_trace = left * weight, first_right, trace
             self.total_weight = float(weight)
             return
@@ -96,7 +96,7 @@ class KroneckerAccumulator:
             )
         self.total_weight += float(weight)
         self._right_trace = self._right_trace + trace
-        if self.aggregation == "approx":
+        if self.aggregation is Aggregation.APPROX:
             self._left = self._left + weight * left
             self._right = self._right + weight * right
         else:
@@ -119,7 +119,7 @@ class KroneckerAccumulator:
         if self._left is None:
             raise RuntimeError("KroneckerAccumulator.factors() called before any update().")
         total = self.total_weight
-        if self.aggregation == "approx":
+        if self.aggregation is Aggregation.APPROX:
             left = self._left
             right = self._right / total if total > 0 else self._right
         else:

@@ -9,10 +9,11 @@ weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``, the correction keeps the basis
     \qquad
     F ≈ (U_L ⊗ U_R)\, \mathrm{diag}(\mathrm{vec}\, S)\, (U_L ⊗ U_R)ᵀ .
 
-The corrected matrix is the Frobenius projection of ``F`` onto the matrices with that
-eigenbasis, so it is never farther from ``F`` than ``L ⊗ R`` (one of those matrices),
-and it is trace-exact: ``Σ S = tr F``. In K-FAC's basis this is EK-FAC (George et al.,
-2018); in K-FOC's basis, the eigenvalue-corrected K-FOC.
+The corrected block (:class:`~kfoc_backpack.blocks.EigenCorrected`) is the Frobenius
+projection of ``F`` onto the matrices with that eigenbasis, so it is never farther from
+``F`` than ``L ⊗ R`` (one of those matrices), and it is trace-exact: ``Σ S = tr F``.
+In K-FAC's basis this is EK-FAC (George et al., 2018); in K-FOC's basis, the
+eigenvalue-corrected K-FOC.
 
 ``S`` comes from the terms rotated into the basis (``terms.rotated(U_L, U_R).diagonal()``):
 for rank-one terms ``(S_k U_L)`` and ``(U_Rᵀ a_k)``, for weights shared over positions
@@ -25,12 +26,12 @@ Vectorisation is row-major, as everywhere in :mod:`kfoc_backpack.solver`:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from kfoc_backpack.solver.eigen import stable_eigh
 
 
 class RotatableTerms(Protocol):
@@ -43,31 +44,6 @@ class RotatableTerms(Protocol):
     def diagonal(self) -> Tensor:
         """Return ``Σ_k X_k ⊙ X_k``, ``[M, N]``."""
         ...
-
-
-@dataclass(frozen=True)
-class EigenCorrected:
-    """A weight block ``(U_L ⊗ U_R) diag(vec S) (U_L ⊗ U_R)ᵀ``.
-
-    Attributes:
-        left_basis: ``[M, M]`` ``U_L``, orthonormal columns.
-        right_basis: ``[N, N]`` ``U_R``, orthonormal columns.
-        diagonal: ``[M, N]`` ``S``, the block's eigenvalues (``S[i, j]`` belongs to the
-            eigenvector ``U_L[:, i] ⊗ U_R[:, j]``).
-    """
-
-    left_basis: Tensor
-    right_basis: Tensor
-    diagonal: Tensor
-
-    def dense(self) -> Tensor:
-        """Return the block as a dense ``[M·N, M·N]`` matrix (small layers and tests)."""
-        basis = torch.kron(self.left_basis, self.right_basis)
-        return (basis * self.diagonal.reshape(1, -1)) @ basis.T
-
-    def trace(self) -> Tensor:
-        """``tr = Σ S``."""
-        return self.diagonal.sum()
 
 
 def eigenbases(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,39 +63,8 @@ def eigenbases(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     for name, factor in (("left", left), ("right", right)):
         if not torch.isfinite(factor).all():
             raise FloatingPointError(f"the {name} factor is not finite; it has no eigenbasis.")
-        bases.append(_eigenvectors(name, (factor + factor.mT) / 2))
+        bases.append(stable_eigh((factor + factor.mT) / 2, f"the {name} factor")[1])
     return bases[0], bases[1]
-
-
-def _eigenvectors(name: str, symmetric: Tensor) -> Tensor:
-    """Eigenvectors of a symmetric ``[D, D]`` matrix, also where ``eigh`` fails to converge.
-
-    LAPACK's divide-and-conquer ``eigh`` can fail in float32 on large rank-deficient
-    factors (thousands of tied zero eigenvalues, e.g. ResNet-18's 4608-wide input factors
-    from a few batches). Then it is solved in float64, and failing that in float64 with
-    the diagonal shifted by its mean magnitude, which leaves the eigenvectors unchanged.
-    """
-    failure = None
-    for attempt in _eigh_attempts(symmetric):
-        try:
-            return torch.linalg.eigh(attempt).eigenvectors.to(symmetric.dtype)
-        except torch.linalg.LinAlgError as error:
-            failure = error
-    raise FloatingPointError(
-        f"the {name} factor ({len(symmetric)} × {len(symmetric)}) has no eigendecomposition, "
-        f"also in float64 with a diagonal shift: {failure}"
-    )
-
-
-def _eigh_attempts(symmetric: Tensor) -> Iterator[Tensor]:
-    """Yield the matrix, then (each only if the last failed) float64 unless it was, then shifted."""
-    yield symmetric
-    wide = symmetric.to(torch.float64)
-    if symmetric.dtype != torch.float64:
-        yield wide
-    shift = wide.diagonal().abs().mean()
-    shift = shift if shift > 0 else torch.ones_like(shift)
-    yield wide + shift * torch.eye(len(wide), dtype=wide.dtype, device=wide.device)
 
 
 def basis_diagonal(terms: RotatableTerms, left_basis: Tensor, right_basis: Tensor) -> Tensor:
@@ -136,19 +81,3 @@ def basis_diagonal(terms: RotatableTerms, left_basis: Tensor, right_basis: Tenso
         ``[M, N]`` ``S``, in the terms' dtype.
     """
     return terms.rotated(left_basis, right_basis).diagonal()
-
-
-def eigen_corrected(terms: RotatableTerms, left: Tensor, right: Tensor) -> EigenCorrected:
-    """Correct ``left ⊗ right``: its eigenbasis, with the diagonal of ``terms``' block in it.
-
-    Args:
-        terms: The block's per-sample terms.
-        left: ``[M, M]`` left factor (K-FOC's, K-FAC's, any symmetric one).
-        right: ``[N, N]`` right factor.
-
-    Returns:
-        The :class:`EigenCorrected` block: never farther from ``F`` in the Frobenius
-        norm than ``left ⊗ right``, with ``Σ S = tr F``.
-    """
-    left_basis, right_basis = eigenbases(left, right)
-    return EigenCorrected(left_basis, right_basis, basis_diagonal(terms, left_basis, right_basis))

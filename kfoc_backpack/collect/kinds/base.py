@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from torch import Tensor
 from torch.nn import Module
 
+from kfoc_backpack.blocks import Block, DenseBlock, KroneckerBlock
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout
 
 
@@ -53,3 +54,18 @@ class LayerKind(ABC):
     @abstractmethod
     def vectors(self, module: Module, g: Tensor, layout: BatchLayout = PLAIN) -> Tensor:
         """``[M, N, T, O]``: the output-side vectors ``g`` (``[M, *output]``) at the positions."""
+
+    def zero_blocks(self, module: Module) -> dict[str, Block]:
+        """Return the all-zero blocks of the layer's parameters: weight ``0 ⊗ 0``, bias ``[0]``.
+
+        The weight ``W`` is the ``O × I`` matrix of its first dimension against the rest
+        (a grouped convolution's ``I`` is its group's ``C_in/groups·Πkernel``); the bias
+        gets its exact ``O × O`` block.
+        """
+        weight = module.weight
+        blocks: dict[str, Block] = {
+            "weight": KroneckerBlock.zeros(weight.shape[0], weight[0].numel(), weight.detach())
+        }
+        if getattr(module, "bias", None) is not None:
+            blocks["bias"] = DenseBlock.zeros(module.bias.numel(), module.bias.detach())
+        return blocks

@@ -1,0 +1,247 @@
+r"""A weight's Kronecker block ``L ⊗ R`` (K-FOC's or K-FAC's factors).
+
+``L`` (``[M, M]``, output side) and ``R`` (``[N, N]``, input side) of a weight ``W``
+(``M × N``, row-major ``vec``): ``torch.kron(L, R)`` approximates the weight's block. The
+factors keep K-FAC's split (``tr R`` the data's mean squared input, docs/conventions.md
+§3), so scaling the block scales ``L``; laplace-torch's ``Kron * factor`` spreads a factor
+evenly (``even=True``). Over batches the factors are aggregated as ``approx`` or
+``running`` says (:class:`KroneckerSum`); over ranks ``approx`` sums them, ``running``
+merges the ranks' products (docs/conventions.md §8). The eigenform is
+``(Q_L ⊗ Q_R) diag(λ_L ⊗ λ_R) (Q_L ⊗ Q_R)ᵀ``, as laplace-torch's ``KronDecomposed``.
+
+Index conventions: ``M``/``N`` the sizes of the left/right factors, ``R`` rows
+multiplied, ``W`` ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed
+from kfoc_backpack.enums import Aggregation
+from kfoc_backpack.solver import KroneckerAccumulator, nearest_kronecker_sum
+from kfoc_backpack.solver.eigen import symeig
+
+
+@dataclass(frozen=True)
+class KroneckerBlock(Block):
+    """``L ⊗ R`` of a weight.
+
+    Attributes:
+        left: ``[M, M]`` output-side factor, symmetric.
+        right: ``[N, N]`` input-side factor, symmetric.
+    """
+
+    left: Tensor
+    right: Tensor
+    kind = "kronecker"
+
+    @classmethod
+    def zeros(cls, out_features: int, in_features: int, like: Tensor) -> KroneckerBlock:
+        """``0 ⊗ 0`` with factors ``[M, M]``, ``[N, N]`` on ``like``'s device and dtype."""
+        zeros = like.new_zeros
+        return cls(zeros(out_features, out_features), zeros(in_features, in_features))
+
+    def __iter__(self):
+        """``L, R = block``: the two factors (BackPACK's ``[L_out, R_in]`` layout)."""
+        return iter((self.left, self.right))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(M, N)``."""
+        return self.left.shape[-1], self.right.shape[-1]
+
+    @property
+    def size(self) -> int:
+        """``M·N``."""
+        return self.left.shape[-1] * self.right.shape[-1]
+
+    @property
+    def kfacs(self) -> list[Tensor]:
+        """``[L, R]``."""
+        return [self.left, self.right]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """``{"left": L, "right": R}``."""
+        return {"left": self.left, "right": self.right}
+
+    def scaled(self, factor: Tensor | float, even: bool = False) -> KroneckerBlock:
+        """``factor · L ⊗ R``: on ``L`` (K-FAC's split kept), or ``√factor`` on each."""
+        if even:
+            root = pow(factor, 1 / 2)
+            return KroneckerBlock(root * self.left, root * self.right)
+        return KroneckerBlock(self.left * factor, self.right)
+
+    def input_scaled(self, ratio: float) -> KroneckerBlock:
+        """``L ⊗ (ratio · R)``."""
+        return KroneckerBlock(self.left, self.right * ratio)
+
+    def decompose(self, what: str = "the block") -> DecomposedKronecker:
+        """Each factor's ``symeig``, as laplace-torch's ``Kron.decompose``."""
+        l_left, q_left = symeig(self.left, f"the left factor of {what}")
+        l_right, q_right = symeig(self.right, f"the right factor of {what}")
+        return DecomposedKronecker(q_left, q_right, l_left, l_right)
+
+    def corrected_basis(self, what: str = "the block") -> Block:
+        """Return the factors' eigenbasis with ``S = 0`` (and the factors, for online fits)."""
+        from kfoc_backpack.blocks.corrected import EigenCorrected
+
+        return EigenCorrected.basis_of(self, what)
+
+    def new_sum(self, aggregation: Aggregation) -> KroneckerSum:
+        """Return a sum of products aggregated as ``aggregation`` (``approx`` or ``running``)."""
+        return KroneckerSum(self, aggregation)
+
+    def dense(self) -> Tensor:
+        """``torch.kron(L, R)``."""
+        return torch.kron(self.left, self.right)
+
+    def trace(self) -> Tensor:
+        """``tr L · tr R``."""
+        return self.left.diagonal().sum() * self.right.diagonal().sum()
+
+
+@dataclass(frozen=True)
+class TwoSided(Decomposed):
+    """An eigenform in the basis ``Q_L ⊗ Q_R`` with an ``[M, N]`` spectrum.
+
+    Attributes:
+        left_basis: ``[M, M]`` orthonormal ``Q_L``.
+        right_basis: ``[N, N]`` orthonormal ``Q_R``.
+    """
+
+    left_basis: Tensor
+    right_basis: Tensor
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        """``M·N``."""
+        return self.left_basis.shape[-1] * self.right_basis.shape[-1]
+
+    @property
+    def eigenvectors(self) -> list[Tensor]:
+        """``[Q_L, Q_R]``."""
+        return [self.left_basis, self.right_basis]
+
+    def rotate(self, rows: Tensor) -> Tensor:
+        """``Q_Lᵀ W Q_R`` per row ``W`` (``[R, M, N]``)."""
+        m, n = self.left_basis.shape[-1], self.right_basis.shape[-1]
+        return self.left_basis.T @ rows.reshape(-1, m, n) @ self.right_basis
+
+    def unrotate(self, rotated: Tensor) -> Tensor:
+        """``Q_L V Q_Rᵀ`` per row, flattened to ``[R, M·N]``."""
+        return (self.left_basis @ rotated @ self.right_basis.T).reshape(-1, self.size)
+
+    def basis(self) -> Tensor:
+        """``Q_L ⊗ Q_R``."""
+        return torch.kron(self.left_basis, self.right_basis)
+
+    def diag(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
+        """``((Q_L ⊙ Q_L) E (Q_R ⊙ Q_R)ᵀ)`` flattened, ``E`` the spectrum."""
+        spectrum = self.spectrum(delta, exponent, damping)
+        return (self.left_basis.square() @ spectrum @ self.right_basis.square().T).flatten()
+
+
+@dataclass(frozen=True)
+class DecomposedKronecker(TwoSided):
+    """``(Q_L ⊗ Q_R) diag(λ_L ⊗ λ_R) (Q_L ⊗ Q_R)ᵀ``.
+
+    Attributes:
+        left_values: ``[M]`` eigenvalues ``λ_L`` of ``L``.
+        right_values: ``[N]`` eigenvalues ``λ_R`` of ``R``.
+    """
+
+    left_values: Tensor
+    right_values: Tensor
+
+    @property
+    def eigenvalues(self) -> list[Tensor]:
+        """``[λ_L, λ_R]``."""
+        return [self.left_values, self.right_values]
+
+    def spectrum(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
+        """``(λ_L λ_Rᵀ + δ)^exponent``; with ``damping``, ``((λ_L + √δ)(λ_R + √δ)ᵀ)^exponent``."""
+        if damping:
+            root = torch.sqrt(delta)
+            values = torch.outer(self.left_values + root, self.right_values + root)
+        else:
+            values = torch.outer(self.left_values, self.right_values) + delta
+        return values if exponent == 1 else torch.pow(values, exponent)
+
+    def scaled(self, factor: Tensor | float) -> DecomposedKronecker:
+        """``√factor`` on each factor's eigenvalues (laplace-torch's convention)."""
+        root = pow(factor, 1 / 2)
+        return DecomposedKronecker(
+            self.left_basis, self.right_basis, root * self.left_values, root * self.right_values
+        )
+
+
+class KroneckerSum(BlockSum):
+    """``Σ_p s_p L_p ⊗ R_p`` aggregated as ``approx`` or ``running`` (docs/conventions.md §4).
+
+    :class:`~kfoc_backpack.solver.KroneckerAccumulator` with sample-count weights, so the
+    input-side factor keeps K-FAC's split over all inputs seen. Over ranks, ``approx``
+    sums ``Σ L`` and ``Σ n R``; ``running`` gathers every rank's product and takes the
+    optimal Kronecker product of their sum.
+    """
+
+    def __init__(self, zero: KroneckerBlock, aggregation: Aggregation):
+        super().__init__(zero)
+        self.aggregation = Aggregation.parse(
+            aggregation,
+            "aggregation",
+            " The data-set optimum needs the per-sample terms: use optimal_factors().",
+            members=Aggregation.of_factors(),
+        )
+        self._accumulator: KroneckerAccumulator | None = None
+
+    def _add(self, block: Block, num_samples: int, scale: float) -> None:
+        if self._accumulator is None:
+            self._accumulator = KroneckerAccumulator(self.aggregation)
+        self._accumulator.update(block.left, block.right, weight=num_samples, scale=scale)  # type: ignore[attr-defined]
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was added yet."""
+        return self._accumulator is None
+
+    def result(self) -> KroneckerBlock:
+        """Return the aggregate in K-FAC's split over all inputs added (zero while empty)."""
+        if self._accumulator is None:
+            return self.zero  # type: ignore[return-value]
+        return KroneckerBlock(*self._accumulator.factors(normalize=False))
+
+    def summed(self) -> list[Tensor]:
+        """``approx``: ``[Σ s L, Σ n R]``; ``running``: nothing."""
+        if self.aggregation is not Aggregation.APPROX:
+            return []
+        block = self.result()
+        return [block.left, block.right * float(self.num_samples)]
+
+    def gathered(self) -> list[Tensor]:
+        """Return ``running``: ``[L, R]`` of this rank's aggregate; ``approx``: nothing."""
+        if self.aggregation is Aggregation.APPROX:
+            return []
+        block = self.result()
+        return [block.left, block.right]
+
+    def combine(
+        self, summed: list[Tensor], gathered: list[list[Tensor]], counts: Tensor
+    ) -> KroneckerBlock:
+        """``approx``: ``Σ L ⊗ (Σ n R / Σ n)``; ``running``: the optimum of ``Σ_r L_r ⊗ R_r``."""
+        total = float(counts.sum())
+        if self.aggregation is Aggregation.APPROX:
+            left, right_sum = summed
+            return KroneckerBlock(left, right_sum / total if total > 0 else right_sum)
+        ranks = [r for r in range(len(counts)) if counts[r] > 0]
+        lefts = torch.stack([gathered[r][0] for r in ranks])
+        rights = torch.stack([gathered[r][1] for r in ranks])
+        if len(ranks) == 1:
+            return KroneckerBlock(lefts[0], rights[0])
+        weights = counts[ranks].to(rights)
+        trace = (weights * torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)).sum() / weights.sum()
+        merged = nearest_kronecker_sum(lefts, rights, right_trace=trace)
+        return KroneckerBlock(merged.left, merged.right)

@@ -1,0 +1,37 @@
+r"""K-FAC's factors of the same per-sample quantities, the reference of K-FOC.
+
+Per weight, K-FAC's ``Σ_p L_p ⊗ Σ_p (n_p/N) R_p`` (KFC for weights shared over positions,
+in K-FOC's scale split): left factors summed, right factors averaged over the inputs,
+whatever the batches. Biases exact. Index conventions: :mod:`kfoc_backpack.dataset.options`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kfoc_backpack.blocks import KroneckerBlock
+from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.dataset.approximation import Approximation, Fitted, fit_per_batch
+from kfoc_backpack.dataset.data_pass import DataPass
+from kfoc_backpack.enums import Aggregation, Structure
+
+
+@dataclass
+class KFACFactors(Approximation):
+    """K-FAC's factors of the data set's blocks (``hessian_structure="kfac"``).
+
+    No arguments: K-FAC's factors are sums over the batches.
+    """
+
+    structure = Structure.KFAC
+    with_kfac = True
+
+    def fit(self, data: DataPass, earlier: Fitted | None = None) -> Fitted:
+        """K-FAC's blocks; earlier factors are added (weighted by inputs)."""
+        return fit_per_batch(
+            data, self._batch_block, Aggregation.APPROX, earlier, with_kfac=self.with_kfac
+        )
+
+    @staticmethod
+    def _batch_block(name: str, terms: LayerTerms) -> KroneckerBlock:
+        return terms.kfac_block()
