@@ -26,7 +26,7 @@ from laplace_helpers import dense_ggn_blocks
 from kfoc_backpack import optimal_factors
 from kfoc_backpack.blocks import KroneckerBlock
 from kfoc_backpack.collect.batch import BatchQuantities, model_zero_blocks
-from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
 from kfoc_backpack.dataset import DataPass, KFOCFactors
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -320,7 +320,7 @@ class Replay:
             if isinstance(value, LayerTerms):
                 batch.weights[name] = value
             else:
-                batch.exact[name] = self.zeros[name].from_kfacs(value)
+                batch.biases[name] = BiasTerms(self.zeros[name].from_kfacs(value))
         return batch
 
     def zero_blocks(self):

@@ -18,7 +18,7 @@ from torch.nn import Module
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
 
 BATCH_FORMAT = "K-FOC needs batches (X, y) of tensors (BackPACK does not support dict-like inputs)"
 """What the BackPACK route accepts as a batch, the start of its error messages."""
@@ -53,7 +53,8 @@ class BatchQuantities:
         num_samples: Number of inputs ``N``.
         weights: Per trainable weight's name, its per-sample :class:`LayerTerms`, which
             an approximation turns into its block.
-        exact: Per trainable parameter whose block is exact already (biases), its block.
+        biases: Per trainable bias's name, its :class:`BiasTerms` (the exact block,
+            and K-FAC's where asked).
 
     Parameters the batch's forward pass did not use are absent from both.
     """
@@ -61,7 +62,7 @@ class BatchQuantities:
     loss: Tensor
     num_samples: int
     weights: dict[str, LayerTerms]
-    exact: dict[str, Block]
+    biases: dict[str, BiasTerms]
 
 
 class Collector(Protocol):

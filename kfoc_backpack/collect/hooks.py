@@ -39,7 +39,7 @@ from kfoc_backpack.collect.batch import BatchQuantities, layer_zero_blocks
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
 from kfoc_backpack.collect.handover import bias_block, weight_terms
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layer_terms import WeightSteps
+from kfoc_backpack.collect.layer_terms import BiasTerms, WeightSteps
 from kfoc_backpack.collect.loss import check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.registry import describe, trainable_layers
 from kfoc_backpack.enums import Curvature
@@ -349,5 +349,6 @@ class TermCollector:
             if pname == "weight":
                 batch.weights[full] = weight
             elif pname == "bias":
-                batch.exact[full] = DenseBlock(bias_block(bias_sqrt))
+                kfac = DenseBlock(bias_block(vectors.flatten(1, 2))) if with_kfac else None
+                batch.biases[full] = BiasTerms(DenseBlock(bias_block(bias_sqrt)), kfac)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kfoc_backpack.blocks import KroneckerBlock
+from kfoc_backpack.blocks import DenseBlock, KroneckerBlock
 from kfoc_backpack.solver import (
     FactoredTerms,
     KroneckerFactors,
@@ -82,10 +82,9 @@ class LayerTerms:
             for shared positions the KFC approximation (paper eq. 9),
             ``Σ_{k,t} ds_{k,t} ds_{k,t}ᵀ ⊗ (1/(N·T)) Σ_{n,t} â_{n,t} â_{n,t}ᵀ``.
             Only computed on request (``None`` otherwise). Its *split* is the
-            paper's: with ``T`` shared positions its right factor is ``T`` times
-            smaller (and its left ``T`` times larger) than the split of
-            :meth:`solve` and of BackPACK's ``KFAC``; the products are on the same
-            (the dense block's) scale.
+            paper's and laplace-torch's: with ``T`` shared positions its right factor
+            is ``T`` times smaller (and its left ``T`` times larger) than the split of
+            :meth:`solve`; the products are on the same (the dense block's) scale.
         sizes: The sizes the terms came from (cost models and reports), where known.
         steps: Where each solve's Lanczos steps are noted for the weight's next route
             choice (:class:`WeightSteps`), or ``None``.
@@ -142,19 +141,20 @@ class LayerTerms:
         return self.kfoc(factors)
 
     def kfac_block(self) -> KroneckerBlock:
-        """K-FAC's ``L_out ⊗ R_in`` of the same samples in :meth:`solve`'s split.
+        """K-FAC's ``L_out ⊗ R_in`` of the same samples, in laplace-torch's split.
 
-        ``tr(R_in) = input_trace``, as BackPACK's ``KFAC``/``KFLR`` and
-        laplace-torch's ``kron`` split their factors (for shared positions the
-        paper's split of :attr:`kfac` has a ``T`` times smaller right factor).
+        :attr:`kfac` as it is: for weights shared over ``T`` positions the KFC split of
+        laplace-torch's ``kron`` (curvlinops' ``"expand"``), ``L = Σ_{k,t} ds dsᵀ`` and
+        ``R = (1/(N·T)) Σ_{n,t} â âᵀ`` — ``T`` times larger on the left than
+        :meth:`solve`'s split, the same product. Damping (``√δ`` per factor) then acts
+        as it does on laplace-torch's ``kron``.
 
         Raises:
             ValueError: If the quantities were collected without K-FAC's factors.
         """
         if self.kfac is None:
             raise ValueError("K-FAC's factors were not collected (with_kfac=False).")
-        left, right = self.kfac
-        return kfac_scale_split(KroneckerFactors(left, right, 0, True), self.input_trace)
+        return KroneckerBlock(*self.kfac)
 
     def detach(self) -> LayerTerms:
         """Return the same quantities, detached from any autograd graph."""
@@ -162,6 +162,31 @@ class LayerTerms:
         return LayerTerms(
             self.terms.detach(), self.input_trace.detach(), kfac, self.sizes, self.steps
         )
+
+
+@dataclass(frozen=True)
+class BiasTerms:
+    """The per-sample quantities of one bias: its exact block, and K-FAC's where asked.
+
+    Attributes:
+        exact: ``Σ_{m,n} b_{m,n} b_{m,n}ᵀ`` with ``b_{m,n} = Σ_t g_{m,n,t}``: the exact block.
+        kfac: K-FAC's (KFC's) block of the same samples, the positions counted as
+            samples, ``Σ_{m,n,t} g g ᵀ`` — laplace-torch's ``kron`` bias block; equal
+            to :attr:`exact` for a single position. ``None`` unless collected.
+    """
+
+    exact: DenseBlock
+    kfac: DenseBlock | None = None
+
+    def kfac_block(self) -> DenseBlock:
+        """Return K-FAC's block.
+
+        Raises:
+            ValueError: If the quantities were collected without K-FAC's blocks.
+        """
+        if self.kfac is None:
+            raise ValueError("K-FAC's blocks were not collected (with_kfac=False).")
+        return self.kfac
 
 
 Naming = str | Callable[[], str] | None

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities
-from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
 from kfoc_backpack.dataset.data_pass import DataPass
 from kfoc_backpack.enums import Aggregation, Reduction, Structure
 
@@ -97,6 +97,10 @@ class Approximation(ABC):
         (``earlier.num_samples`` inputs), the same on every rank; they count once.
         """
 
+    def bias_block(self, terms: BiasTerms) -> Block:
+        """Return the block the approximation gives a bias: its exact block (default)."""
+        return terms.exact
+
     def describe(self) -> str:
         """Short name for messages."""
         return self.structure.value
@@ -108,27 +112,26 @@ WeightBlock = Callable[[str, LayerTerms], Block]
 
 def fit_per_batch(
     data: DataPass,
+    approximation: Approximation,
     weight_block: WeightBlock,
     aggregation: Aggregation,
     earlier: Fitted | None = None,
-    *,
-    with_kfac: bool = False,
-    visit: Callable[[BatchQuantities, float], None] | None = None,
 ) -> Fitted:
     """One pass: every batch's blocks added in each parameter's sum, combined over ranks.
 
     Weights get ``weight_block``'s block of their batch terms, aggregated as
-    ``aggregation`` says; blocks that are exact already (biases) are summed. Earlier
-    blocks (online) enter as one more term, on one rank only. A mean reduction divides
-    the sums by the number of inputs.
+    ``aggregation`` says; biases get the approximation's
+    :meth:`~Approximation.bias_block`, summed. Earlier blocks (online) enter as one
+    more term, on one rank only. A mean reduction divides the sums by the number of
+    inputs.
 
     Args:
         data: The fit's passes.
+        approximation: The approximation (its biases' blocks, whether it needs K-FAC's
+            factors).
         weight_block: A weight's block from its batch terms.
         aggregation: ``approx`` or ``running``.
         earlier: Blocks of earlier data (online) with their number of inputs.
-        with_kfac: Collect K-FAC's factors of the samples.
-        visit: Also called with every batch (e.g. to keep its terms).
 
     Returns:
         The blocks (zero for a parameter no batch of any rank used), loss and inputs.
@@ -143,12 +146,10 @@ def fit_per_batch(
     def add(batch: BatchQuantities, scale: float) -> None:
         for name, terms in batch.weights.items():
             sums[name].add(weight_block(name, terms), batch.num_samples, scale)
-        for name, block in batch.exact.items():
-            sums[name].add(block, batch.num_samples, scale)
-        if visit is not None:
-            visit(batch, scale)
+        for name, bias in batch.biases.items():
+            sums[name].add(approximation.bias_block(bias), batch.num_samples, scale)
 
-    local = data.run(add, "[Computing Hessian]", with_kfac=with_kfac)
+    local = data.run(add, "[Computing Hessian]", with_kfac=approximation.with_kfac)
     combined = data.combine(sums)
     loss, num_samples = data.totals(*local)
     blocks = {}

@@ -76,7 +76,7 @@ class KFOCFactors(Approximation):
             return OptimalSolver(data, self.options, self.init).solve(earlier)
 
         block = self.weight_block(data.owner, data.params)
-        return fit_per_batch(data, block, self.aggregation, earlier)
+        return fit_per_batch(data, self, block, self.aggregation, earlier)
 
     def weight_block(self, owner: str, params: Mapping[str, Tensor]) -> WeightBlock:
         """Return a batch's K-FOC block of a weight, its failures and warnings naming the weight.

@@ -80,8 +80,8 @@ class OptimalSolver:
 
     def _first_visit(self, batch: BatchQuantities, scale: float) -> None:
         num = batch.num_samples
-        for name, block in batch.exact.items():
-            self._exact_sum(name).add(block, num, scale)
+        for name, bias in batch.biases.items():
+            self._exact_sum(name).add(bias.exact, num, scale)
         for name, value in batch.weights.items():
             state = self._state(name)
             state.trace_sum = state.trace_sum + num * value.input_trace

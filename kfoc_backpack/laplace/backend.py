@@ -198,7 +198,8 @@ class KFOCKronMixin:
             if name in batch.weights:
                 block = solve(name, batch.weights[name])
             else:
-                block = batch.exact.get(name, zeros[name])
+                terms = batch.biases.get(name)
+                block = zeros[name] if terms is None else approximation.bias_block(terms)
             blocks.append(block.input_scaled(batch.num_samples / N))
         return self.factor * batch.loss, BlockKron(blocks) * self.factor
 
