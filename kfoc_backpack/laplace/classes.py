@@ -22,7 +22,7 @@ from laplace.utils.feature_extractor import FeatureExtractor
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kfoc_backpack.dataset import EKFACFactors, EKFOCFactors, KFOCFactors
+from kfoc_backpack.dataset import EKFACFactors, EKFOCFactors, KFACFactors, KFOCFactors
 from kfoc_backpack.laplace.backend import check_supported_layers
 from kfoc_backpack.laplace.base import LAPLACE_ARGUMENTS, BlockLaplace, zero_kron
 
@@ -122,6 +122,27 @@ class KFOCLLLaplace(BlockLLLaplace):
     approximation_class = KFOCFactors
 
 
+class KFACLaplace(BlockLaplace):
+    """K-FAC's factors of the same per-sample pass: ``Laplace(model, likelihood, "all", "kfac")``.
+
+    laplace-torch's ``kron`` with this package's fit (:class:`~kfoc_backpack.dataset.KFACFactors`:
+    left factors summed, right factors averaged over the inputs, KFC for weights shared
+    over positions): dict batches, reward modeling, ``torch.distributed`` fits and
+    whatever model ``kfoc`` fits. Arguments as laplace-torch's ``KronLaplace`` and
+    ``process_group``; K-FAC takes none of its own.
+    """
+
+    _key = ("all", "kfac")
+    approximation_class = KFACFactors
+
+
+class KFACLLLaplace(BlockLLLaplace):
+    """Last-layer K-FAC: ``Laplace(model, likelihood, "last_layer", "kfac")``."""
+
+    _key = ("last_layer", "kfac")
+    approximation_class = KFACFactors
+
+
 class EKFOCLaplace(BlockLaplace):
     r"""Eigenvalue-corrected K-FOC Laplace: ``Laplace(model, likelihood, "all", "ekfoc")``.
 
@@ -170,6 +191,8 @@ __all__ = [
     "EKFACLaplace",
     "EKFOCLLLaplace",
     "EKFOCLaplace",
+    "KFACLLLaplace",
+    "KFACLaplace",
     "KFOCLLLaplace",
     "KFOCLaplace",
 ]
