@@ -26,9 +26,9 @@ from kfoc_backpack.solver import (
     SampleTerms,
     SolverOptions,
 )
-from kfoc_backpack.solver.conv_routes import lanczos_steps
 from kfoc_backpack.solver.rescale import solve_rescaled
 from kfoc_backpack.solver.scale import finalize
+from kfoc_backpack.solver.shared.route import lanczos_steps
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
 """The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""

@@ -22,7 +22,6 @@ from kfoc_backpack.collect.kinds import LayerKind
 from kfoc_backpack.collect.layer_terms import LayerTerms, kfac_scale_split
 from kfoc_backpack.extensions.unsupported import module_path
 from kfoc_backpack.solver import KroneckerFactors
-from kfoc_backpack.solver.conv_routes import route_of
 from kfoc_backpack.solver.correction import EigenCorrected
 
 if TYPE_CHECKING:
@@ -85,7 +84,7 @@ class KFOCBaseModule(SqrtGGNBaseModule):
         terms = self.layer_terms(ext, module, backproped)
         if not ext.solves:
             return terms
-        ext.note_route(module, route_of(terms.terms))
+        ext.note_route(module, terms.terms.route)
 
         def what() -> str:
             return (
