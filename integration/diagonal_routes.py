@@ -3,7 +3,7 @@
 :meth:`~kfoc_backpack.solver.factored.FactoredTerms.diagonal` sums
 ``Σ_{j,k} X_{j,k} ⊙ X_{j,k}`` (``[M, N]``) for a weight shared over ``T`` positions either
 by forming every ``X_{j,k}`` (``formed``) or over position pairs (``pairs``), whichever
-:func:`~kfoc_backpack.solver.conv_cost.choose_diagonal_route` counts fewer multiply-adds
+:func:`~kfoc_backpack.solver.factored.choose_diagonal_route` counts fewer multiply-adds
 for. This script forces each route on random per-sample factors of one
 ``Conv2d(C, C, 3, padding=1)`` per ResNet-18 stage on 32 × 32 images (``C`` = 64 … 512 at
 32² … 4² positions; ``J = 9`` columns of the exact GGN, ``K`` samples) and reports the
@@ -29,8 +29,8 @@ from unittest import mock  # noqa: E402
 import torch  # noqa: E402
 
 from integration import cli  # noqa: E402
-from kfoc_backpack.solver import FactoredTerms, factored  # noqa: E402
-from kfoc_backpack.solver.conv_cost import (  # noqa: E402
+from kfoc_backpack.solver import FactoredTerms, LayerSizes, factored  # noqa: E402
+from kfoc_backpack.solver.factored import (  # noqa: E402
     DIAGONAL_ROUTES,
     choose_diagonal_route,
     diagonal_flops,
@@ -46,7 +46,7 @@ def measure(name: str, cols: int, num: int, repeats: int, max_ratio: float) -> d
     pos, m, n = side * side, channels, 9 * channels
     torch.manual_seed(0)
     terms = FactoredTerms(torch.randn(cols, num, pos, m), torch.randn(num, pos, n))
-    flops = diagonal_flops(cols, num, pos, m, n)
+    flops = diagonal_flops(LayerSizes(cols, num, pos, m, n))
     timed = [r for r in DIAGONAL_ROUTES if flops[r] <= max_ratio * min(flops.values())]
     seconds: dict[str, list[float]] = {route: [] for route in timed}
     for round_ in range(repeats + 1):  # round 0 warms up
@@ -60,7 +60,7 @@ def measure(name: str, cols: int, num: int, repeats: int, max_ratio: float) -> d
     record = {
         "layer": name,
         "J·K·T·M·N": f"{cols}·{num}·{pos}·{m}·{n}",
-        "chosen": choose_diagonal_route(cols, num, pos, m, n),
+        "chosen": choose_diagonal_route(LayerSizes(cols, num, pos, m, n)),
         **{f"{route}_gflop": flops[route] / 1e9 for route in DIAGONAL_ROUTES},
         **{f"{route}_s": statistics.median(values) for route, values in seconds.items()},
     }

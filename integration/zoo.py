@@ -62,9 +62,9 @@ from tqdm import tqdm  # noqa: E402
 import kfoc_backpack  # noqa: E402  (registers hessian_structure="kfoc")
 from integration import cli  # noqa: E402
 from kfoc_backpack import KFOCBackend  # noqa: E402
+from kfoc_backpack.enums import Route  # noqa: E402
 from kfoc_backpack.solver import LayerSizes  # noqa: E402
-from kfoc_backpack.solver.conv_cost import rank_one_flops, route_flops  # noqa: E402
-from kfoc_backpack.solver.conv_routes import route_of  # noqa: E402
+from kfoc_backpack.solver.shared.table import route_flops  # noqa: E402
 
 METHODS = ("kron", "kfoc")
 CLASSES = 10
@@ -229,16 +229,16 @@ def fit_once(case: Case, method: str) -> tuple[float, float]:
 def layer_flops(sizes: LayerSizes, route: str, steps: int) -> dict[str, float]:
     """Multiply-adds of the route taken, of the cheapest route, and of K-FAC's factors.
 
-    At the ``steps`` the solve took (:func:`~kfoc_backpack.solver.conv_cost.route_flops`,
-    :func:`~kfoc_backpack.solver.conv_cost.rank_one_flops`); a grouped convolution's
+    At the ``steps`` the solve took (:func:`~kfoc_backpack.solver.shared.table.route_flops`,
+    the ``rank-one`` route's for ``T = 1``); a grouped convolution's
     formed route and its K-FAC (the input factor over ``groups·T`` positions of
     ``C_in/groups·Πkernel`` features) likewise.
     """
     cols, num, pos, m, n, groups = sizes
     if pos == 1 and groups == 1:
-        taken = floor = rank_one_flops(cols, num, m, n)
+        taken = floor = route_flops(sizes)[Route.RANK_ONE]
     else:
-        flops = route_flops(cols, num, pos, m, n, steps=max(steps, 1))
+        flops = route_flops(sizes, steps=max(steps, 1))
         allowed = ("formed", "operator") if groups > 1 else list(flops)
         taken, floor = flops[route], min(flops[r] for r in allowed)
     kfac = num * pos * groups * n * n + cols * num * pos * m * m
@@ -265,7 +265,7 @@ def layer_solves(case: Case) -> list[dict[str, object]]:
         start = time.perf_counter()
         factors = value.solve(backend.solver_options)
         elapsed = time.perf_counter() - start
-        route = route_of(value.terms)
+        route = value.terms.route
         row = {
             "weight": name,
             "shape": list(params[name].shape),

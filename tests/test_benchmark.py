@@ -30,7 +30,7 @@ def test_benchmark_quick_writes_records(tmp_path):
 def test_benchmark_resnet_row_records_routes(tmp_path):
     """A ResNet-sized row through the CLI: ``--resnet`` picks the rows, and
     each K-FOC convolution solve records its route."""
-    from kfoc_backpack.solver.conv_cost import ROUTES
+    from kfoc_backpack.enums import Route
 
     args = ["--resnet", "--models", "conv128", "--batch-sizes", "2", "--skip-ops"]
     records = main([*args, "--repeats", str(MIN_REPEATS), "--warmup", "0", "--out", str(tmp_path)])
@@ -39,7 +39,7 @@ def test_benchmark_resnet_row_records_routes(tmp_path):
         assert r["ops"] is None and r["median_ms"] > 0
         if r["method"].startswith("KFOC"):
             conv = [v for k, v in r["routes"].items() if "Conv2d" in k]
-            assert len(conv) == 1 and conv[0] in ROUTES
+            assert len(conv) == 1 and conv[0] in Route.values()
 
 
 def test_resnet18_has_resnet18_convolutions():

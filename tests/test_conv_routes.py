@@ -1,4 +1,4 @@
-"""Every convolution route gives the dense optimum.
+"""Every route of a weight shared over positions gives the dense optimum (convolutions).
 
 Layers shaped so that the route choice selects each route (``T < M``, ``T > M``,
 ``K·T < N``), and each route forced on one small problem; float64 and float32. The
@@ -14,13 +14,22 @@ from layouts import conv_terms
 
 from kfoc_backpack.collect import handover
 from kfoc_backpack.collect.handover import sum_of_squares
-from kfoc_backpack.solver import SolverOptions, conv_cost, conv_routes
-from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route, route_flops
-from kfoc_backpack.solver.conv_routes import route_of
+from kfoc_backpack.enums import Route
+from kfoc_backpack.solver import ROUTE_TABLE, LayerSizes, SolverOptions, choose_route
+from kfoc_backpack.solver.shared import formed as formed_routes
+from kfoc_backpack.solver.shared import gram as gram_routes
+from kfoc_backpack.solver.shared.table import route_flops
 from kfoc_backpack.solver.symmetric import congruence_sum, sym_gram
 
 DTYPES = [torch.float64, torch.float32]
 SLACK = {torch.float64: 1e-9, torch.float32: 2e-4}
+ROUTES = tuple(route.route for route in ROUTE_TABLE if route.route is not Route.RANK_ONE)
+"""The routes over positions (every one but ``rank-one``, which needs a single position)."""
+
+
+def chosen_route(*shape, **kwargs):
+    """The chosen route's name for ``(J, K, T, M, N)``."""
+    return choose_route(LayerSizes(*shape), **kwargs).route
 
 
 def _layer(cols, num, pos, m, n, dtype, seed=0):
@@ -67,12 +76,12 @@ SELECTED = {
 @pytest.mark.parametrize("route", list(SELECTED))
 def test_selected_route_is_optimal(route, dtype, monkeypatch):
     # the shapes are tiny (dense ground truth): let the flop model choose, as for large layers
-    monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)
+    monkeypatch.setattr(formed_routes, "TINY_STEP_FLOPS", 0)
     cols, num, pos, m, n = SELECTED[route]
-    assert choose_conv_route(cols, num, pos, m, n) == route
+    assert chosen_route(cols, num, pos, m, n) == route
     unfolded, sqrt = _layer(cols, num, pos, m, n, dtype)
     layer_terms = conv_terms(unfolded, sqrt)
-    assert route_of(layer_terms.terms) == route
+    assert layer_terms.terms.route == route
     _check_optimal(layer_terms, _dense(unfolded, sqrt), m, n, dtype)
 
 
@@ -85,7 +94,7 @@ def test_every_route_forced_on_the_same_problem_agrees(shape, dtype):
     products = {}
     for route in ROUTES:
         layer_terms = conv_terms(unfolded, sqrt, route=route)
-        assert route_of(layer_terms.terms) == route
+        assert layer_terms.terms.route == route
         left, right = _check_optimal(layer_terms, dense, m, n, dtype)
         products[route] = torch.kron(left.double(), right.double())
     ref = products["factored"]
@@ -109,9 +118,9 @@ def test_half_steps_stream_as_the_factored_ones(route):
 
 
 def test_chunked_gram_map_matches(monkeypatch):
-    monkeypatch.setattr(conv_routes, "GRAM_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(gram_routes, "GRAM_CHUNK_ELEMENTS", 1)
     unfolded, sqrt = _layer(1, 5, 3, 4, 50, torch.float64, seed=3)
-    gram = conv_routes.PositionGram(unfolded.transpose(1, 2))
+    gram = gram_routes.PositionGram(unfolded.transpose(1, 2))
     assert gram.chunks > 1
     coef = torch.randn(5, 3, 3, dtype=torch.float64)
     inputs = unfolded.transpose(1, 2)
@@ -138,13 +147,13 @@ def test_symmetric_products_are_exact():
 
 def test_route_choice_follows_the_flop_model():
     # the issue's layers at batch 16, one column
-    assert choose_conv_route(1, 16, 64, 256, 2304) == "gram"  # K·T = 1024 < N
-    assert choose_conv_route(1, 16, 16, 512, 4608) == "gram"
-    assert choose_conv_route(1, 16, 1024, 64, 576) == "operator"  # M ≪ T
+    assert chosen_route(1, 16, 64, 256, 2304) == "gram"  # K·T = 1024 < N
+    assert chosen_route(1, 16, 16, 512, 4608) == "gram"
+    assert chosen_route(1, 16, 1024, 64, 576) == "operator"  # M ≪ T
     # tiny layers (LeNet-5's second convolution, ResNet's stem) keep SampleTerms.solve
-    assert choose_conv_route(1, 32, 64, 16, 150) == "formed"
-    assert choose_conv_route(10, 16, 1024, 64, 27) == "formed"
-    flops = route_flops(1, 16, 64, 256, 2304)
+    assert chosen_route(1, 32, 64, 16, 150) == "formed"
+    assert chosen_route(10, 16, 1024, 64, 27) == "formed"
+    flops = route_flops(LayerSizes(1, 16, 64, 256, 2304))
     assert flops["gram"] < flops["factored"] < flops["formed"]
     with pytest.raises(ValueError, match="route"):
         conv_terms(*_layer(1, 2, 3, 4, 5, torch.float64), route="dense")
@@ -225,7 +234,7 @@ def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_expon
 def test_summed_gram_map_of_one_coefficient_matches():
     """The operator route's map ``Σ_{k,m} Q_km W Q_kmᵀ`` equals the per-sample map, summed."""
     unfolded, _ = _layer(1, 4, 3, 2, 7, torch.float64, seed=5)
-    gram = conv_routes.PositionGram(unfolded.transpose(1, 2))
+    gram = gram_routes.PositionGram(unfolded.transpose(1, 2))
     coef = torch.randn(3, 3, dtype=torch.float64)  # not symmetric: the map is linear in W
     inputs = unfolded.transpose(1, 2)
     blocks = (inputs @ inputs.reshape(-1, 7).T).view(4, 3, 4, 3).permute(0, 2, 1, 3)
@@ -256,13 +265,13 @@ def test_route_choice_counts_the_steps_it_is_given():
     # conv128 with the exact GGN's C − 1 = 9 columns at batch 16: at the assumed 6 steps
     # the position Gram's set-up pays off, at the 3 steps such blocks take it does not
     shape = (9, 16, 256, 128, 1152)
-    assert choose_conv_route(*shape) == choose_conv_route(*shape, steps=6) == "gram"
-    assert choose_conv_route(*shape, steps=3) == "factored"
-    flops = {s: route_flops(*shape, s) for s in (3, 6)}
+    assert chosen_route(*shape) == chosen_route(*shape, steps=6) == "gram"
+    assert chosen_route(*shape, steps=3) == "factored"
+    flops = {s: route_flops(LayerSizes(*shape), s) for s in (3, 6)}
     assert flops[3]["factored"] < flops[3]["gram"] and flops[6]["gram"] < flops[6]["factored"]
     # candidates: a grouped layer's formed matrices take formed or operator
-    assert choose_conv_route(*shape, routes=("formed", "operator")) in ("formed", "operator")
-    assert choose_conv_route(1, 16, 1024, 64, 576, routes=("formed",)) == "formed"
+    assert chosen_route(*shape, routes=("formed", "operator")) in ("formed", "operator")
+    assert chosen_route(1, 16, 1024, 64, 576, routes=("formed",)) == "formed"
 
 
 def _weight_terms(unfolded, sqrt, **kwargs):
@@ -271,19 +280,19 @@ def _weight_terms(unfolded, sqrt, **kwargs):
 
 @pytest.mark.parametrize("route", list(SELECTED))
 def test_a_weight_is_chosen_for_the_steps_its_last_solve_took(route, monkeypatch):
-    monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)  # every route runs Lanczos
+    monkeypatch.setattr(formed_routes, "TINY_STEP_FLOPS", 0)  # every route runs Lanczos
     unfolded, sqrt = _layer(*SELECTED[route], torch.float64)
     steps = handover.WeightSteps()
     seen = []
-    choose = handover.choose_conv_route
+    choose = handover.choose_route
 
     def spy(*args, **kwargs):
         seen.append(kwargs["steps"])
         return choose(*args, **kwargs)
 
-    monkeypatch.setattr(handover, "choose_conv_route", spy)
+    monkeypatch.setattr(handover, "choose_route", spy)
     first = _weight_terms(unfolded, sqrt, steps=steps)
-    assert route_of(first.terms) == route and first.steps is steps and steps.last is None
+    assert first.terms.route == route and first.steps is steps and steps.last is None
     factors = first.solve(SolverOptions(tol=1e-9, max_iter=500))
     assert seen == [None] and steps.last == factors.iterations >= 1
     _weight_terms(unfolded, sqrt, steps=steps)
@@ -306,7 +315,7 @@ def test_collections_keep_each_weights_steps_across_batches(monkeypatch):
     from kfoc_backpack import KFOC, KFOCExact
     from kfoc_backpack.collect.hooks import TermCollector
 
-    monkeypatch.setattr(conv_cost, "TINY_STEP_FLOPS", 0)  # every layer on a Lanczos route
+    monkeypatch.setattr(formed_routes, "TINY_STEP_FLOPS", 0)  # every layer on a Lanczos route
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
     X, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))

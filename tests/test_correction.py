@@ -14,10 +14,18 @@ from ground_truth import sum_of_outer
 
 from kfoc_backpack.blocks import EigenCorrected
 from kfoc_backpack.collect.handover import weight_terms
-from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions, factored
-from kfoc_backpack.solver.conv_cost import DIAGONAL_ROUTES, ROUTES, choose_diagonal_route
-from kfoc_backpack.solver.conv_routes import RANK_ONE, route_of
+from kfoc_backpack.enums import Route
+from kfoc_backpack.solver import (
+    ROUTE_TABLE,
+    FactoredTerms,
+    LayerSizes,
+    OuterTerms,
+    SampleTerms,
+    SolverOptions,
+    factored,
+)
 from kfoc_backpack.solver.correction import basis_diagonal, eigenbases
+from kfoc_backpack.solver.factored import DIAGONAL_ROUTES, choose_diagonal_route
 
 TOL = {torch.float64: 1e-8, torch.float32: 2e-4}
 
@@ -103,14 +111,14 @@ def test_diagonal_in_the_kfac_basis_is_the_dense_blocks(case):
     _check(terms, samples, left, right, torch.float64)
 
 
-@pytest.mark.parametrize("route", (RANK_ONE, *ROUTES))
+@pytest.mark.parametrize("route", [route.route for route in ROUTE_TABLE])
 def test_every_route_gives_the_same_diagonal(route):
     gen = _gen(3)
-    positions = 1 if route == RANK_ONE else 5
+    positions = 1 if route == Route.RANK_ONE else 5
     inputs = torch.randn(4, positions, 6, generator=gen, dtype=torch.float64)
     vectors = torch.randn(2, 4, positions, 3, generator=gen, dtype=torch.float64)
     layer = weight_terms(inputs, vectors, route=route)
-    assert route_of(layer.terms) == route
+    assert layer.terms.route == route
     samples = torch.einsum("jktm,ktn->jkmn", vectors, inputs).flatten(end_dim=1)
     factors = layer.solve(SolverOptions(tol=1e-10, max_iter=500))
     _check(layer.terms, samples, factors.left, factors.right, torch.float64)
@@ -134,11 +142,12 @@ def test_both_diagonal_routes_give_the_dense_diagonal(monkeypatch, diagonal_rout
 
 def test_the_diagonal_route_is_the_one_with_fewer_flops():
     # few positions, many columns (a 512-channel convolution at 4 × 4, exact GGN): pairs
-    assert choose_diagonal_route(10, 16, 16, 512, 4608) == "pairs"
-    assert choose_diagonal_route(3, 16, 1, 5, 5) == "pairs"  # one position: (Σ_j g²)(a²)ᵀ
+    assert choose_diagonal_route(LayerSizes(10, 16, 16, 512, 4608)) == "pairs"
+    # one position: (Σ_j g²)(a²)ᵀ
+    assert choose_diagonal_route(LayerSizes(3, 16, 1, 5, 5)) == "pairs"
     # many positions (convolutions at 8 × 8 and more, tokens of a ViT): formed
-    assert choose_diagonal_route(10, 16, 64, 256, 2304) == "formed"
-    assert choose_diagonal_route(10, 16, 65, 192, 768) == "formed"
+    assert choose_diagonal_route(LayerSizes(10, 16, 64, 256, 2304)) == "formed"
+    assert choose_diagonal_route(LayerSizes(10, 16, 65, 192, 768)) == "formed"
 
 
 def test_tied_eigenvalues_zero_terms_and_strided_inputs(monkeypatch):

@@ -26,11 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kfoc_backpack.collect.layer_terms import named_failures
-from kfoc_backpack.solver import SolverOptions, merge_kronecker
+from kfoc_backpack.enums import Route
+from kfoc_backpack.solver import ROUTE_TABLE, SolverOptions, merge_kronecker
 from kfoc_backpack.solver._common import accelerator_routes
-from kfoc_backpack.solver.conv_cost import ROUTES
 
 OPTIONS = SolverOptions(tol=1e-7, max_iter=1000)
+ROUTES = tuple(route.route for route in ROUTE_TABLE if route.route is not Route.RANK_ONE)
 
 
 def _base(seed: int, *shape: int) -> torch.Tensor:

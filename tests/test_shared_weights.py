@@ -2,7 +2,7 @@
 
 ``Linear`` layers on tokens and convolutions hand the solver the same description,
 ``X_{m,n} = G_{m,n}ᵀ A_n`` over ``T`` positions (:func:`~kfoc_backpack.collect.handover.
-shared_terms`). Tested here against the Frobenius-optimal Kronecker product of the dense
+weight_terms`). Tested here against the Frobenius-optimal Kronecker product of the dense
 block (per-sample matrices formed directly, or the GGN block from ``torch.func``, float64):
 
 * a token ``Linear`` on every route the cost model can choose, in float64 and float32,
@@ -30,13 +30,14 @@ from layouts import conv_terms, linear_terms
 from torch import nn
 
 from kfoc_backpack import KFOCBackend, KFOCExact
-from kfoc_backpack.collect.handover import shared_terms, sum_of_squares
+from kfoc_backpack.collect.handover import sum_of_squares, weight_terms
 from kfoc_backpack.collect.hooks import TermCollector
-from kfoc_backpack.solver import OuterTerms, SolverOptions
-from kfoc_backpack.solver.conv_cost import ROUTES
-from kfoc_backpack.solver.conv_routes import RANK_ONE, route_of
+from kfoc_backpack.enums import Route
+from kfoc_backpack.solver import ROUTE_TABLE, OuterTerms, SolverOptions
 
 TIGHT = {"tol": 1e-12, "max_iter": 5000}
+ROUTES = tuple(route.route for route in ROUTE_TABLE if route.route is not Route.RANK_ONE)
+RANK_ONE = Route.RANK_ONE
 NUM = 6
 
 
@@ -70,8 +71,8 @@ def test_token_linear_is_optimal_on_every_route(shape, route, dtype):
     grads, inputs = random_tokens(*TOKEN_SHAPES[shape], dtype)
     assert not inputs.is_contiguous()
     trace = sum_of_squares(inputs) / inputs.shape[0]
-    terms = shared_terms(grads, inputs, trace, route=route)
-    assert route_of(terms.terms) == route
+    terms = weight_terms(inputs, grads, route=route)
+    assert terms.terms.route == route
     tol = 1e-12 if dtype == torch.float64 else 1e-7
     left, right = terms.kfoc(terms.solve(SolverOptions(tol=tol, max_iter=5000)))
     assert left.dtype == right.dtype == dtype
@@ -91,25 +92,24 @@ def test_token_linear_and_convolution_share_the_route_choice(shape):
     grads, inputs = random_tokens(cols, num, pos, out, inp, torch.float32)
     tokens = linear_terms(inputs, grads)
     conv = conv_terms(inputs.mT, grads.mT)  # [N, I, T], [M, N, O, T]
-    assert route_of(tokens.terms) == route_of(conv.terms)
-    assert route_of(tokens.terms) in ROUTES
+    assert tokens.terms.route == conv.terms.route
+    assert tokens.terms.route in ROUTES
 
 
 def test_one_position_is_rank_one_and_forced_routes_agree():
     grads, inputs = random_tokens(2, 5, 1, 4, 6, torch.float64)
-    trace = sum_of_squares(inputs) / inputs.shape[0]
-    chosen = shared_terms(grads, inputs, trace)
-    assert isinstance(chosen.terms, OuterTerms) and route_of(chosen.terms) == RANK_ONE
+    chosen = weight_terms(inputs, grads)
+    assert isinstance(chosen.terms, OuterTerms) and chosen.terms.route == RANK_ONE
     block = dense_block(grads, inputs)
     best = optimal_error(block, 4, 6)
     for route in (None, *ROUTES):  # every route still solves a single position
-        terms = shared_terms(grads, inputs, trace, route=route)
+        terms = weight_terms(inputs, grads, route=route)
         left, right = terms.kfoc(terms.solve(SolverOptions(**TIGHT)))
         assert rel_error(block, left, right) == pytest.approx(best, abs=1e-9)
     with pytest.raises(ValueError, match="rank-one"):
-        shared_terms(*random_tokens(1, 3, 2, 4, 5, torch.float64), trace, route=RANK_ONE)
-    with pytest.raises(ValueError, match="route must be one of"):
-        shared_terms(grads, inputs, trace, route="dense")
+        weight_terms(*random_tokens(1, 3, 2, 4, 5, torch.float64)[::-1], route=RANK_ONE)
+    with pytest.raises(ValueError, match="Unknown route 'dense'"):
+        weight_terms(inputs, grads, route="dense")
 
 
 # (model constructor, input shape, name of the weight with T = 1)
@@ -174,10 +174,9 @@ def test_one_position_layers_in_backpack(case):
 def test_every_route_accepts_a_start_of_the_left_factor(route):
     """A start (e.g. another batch's ``L``) changes the steps, not the optimum."""
     grads, inputs = random_tokens(*TOKEN_SHAPES["few-tokens"], torch.float64)
-    trace = sum_of_squares(inputs) / inputs.shape[0]
-    terms = shared_terms(grads, inputs, trace, route=route)
+    terms = weight_terms(inputs, grads, route=route)
     other, _ = random_tokens(*TOKEN_SHAPES["few-tokens"], torch.float64, seed=1)
-    start = shared_terms(other, inputs, trace).solve(SolverOptions(**TIGHT)).left
+    start = weight_terms(inputs, other).solve(SolverOptions(**TIGHT)).left
     factors = terms.terms.solve(SolverOptions(**TIGHT), init=start)
     left, right = factors.left, factors.right
     block = dense_block(grads, inputs)
@@ -189,6 +188,6 @@ def test_few_positions_on_a_wide_output_take_the_output_gram():
     """ConvNeXt's late MLPs (``J·K·T`` = 576 rows against 640 outputs): every other route
     pays ``J·K·T·M²`` per step; the output-side Gram does not."""
     grads, inputs = random_tokens(9, 16, 4, 640, 160, torch.float32)
-    assert route_of(linear_terms(inputs, grads).terms) == "output-gram"
+    assert linear_terms(inputs, grads).terms.route == "output-gram"
     grads, inputs = random_tokens(9, 16, 64, 64, 576, torch.float32)  # many positions
-    assert route_of(linear_terms(inputs, grads).terms) != "output-gram"
+    assert linear_terms(inputs, grads).terms.route != "output-gram"

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from integration import zoo
-from kfoc_backpack.solver.conv_cost import ROUTES
+from kfoc_backpack.enums import Route
 
 
 def test_bert_tiny_fits_both_methods(tmp_path):
@@ -30,7 +30,7 @@ def test_bert_tiny_fits_both_methods(tmp_path):
     routes = {row["weight"]: row["route"] for row in record["layers"]}
     assert routes["hf_model.classifier.weight"] == "rank-one"  # the [CLS] token only
     encoder = "hf_model.bert.encoder.layer.0.intermediate.dense.weight"
-    assert routes[encoder] in ROUTES
+    assert routes[encoder] in Route.values()
     assert all(row["steps"] >= 1 for row in record["layers"])
     saved = json.loads((tmp_path / "zoo.json").read_text())
     assert saved["models"][0]["model"] == "bert_tiny"

@@ -5,7 +5,10 @@ Both collection routes end here: BackPACK's module extensions (``KFOC``,
 hand over a layer's input and the vectors at its output, at its ``T`` positions (a
 :class:`~kfoc_backpack.collect.kinds.LayerKind` puts them there), and receive the
 weight's :class:`~kfoc_backpack.collect.layer_terms.LayerTerms` and the exact bias
-block. See ``docs/conventions.md`` §1.
+block. See ``docs/conventions.md`` §1. Which route the weight's terms take, and how
+they are built, is the solver's route table's
+(:mod:`kfoc_backpack.solver.shared.table`); collection adds the input trace, K-FAC's
+factors of the same samples and the bias block.
 
 Index conventions of this module: ``M`` columns per input (Monte-Carlo samples,
 columns of the loss Hessian's square root, one for the empirical Fisher), ``N``
@@ -19,17 +22,10 @@ import torch
 from torch import Tensor
 
 from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
-from kfoc_backpack.solver import LayerSizes, OuterTerms
+from kfoc_backpack.enums import Route
+from kfoc_backpack.solver import LayerSizes
 from kfoc_backpack.solver._common import launch_bound
-from kfoc_backpack.solver.conv_cost import ROUTES, choose_conv_route
-from kfoc_backpack.solver.conv_routes import (
-    RANK_ONE,
-    FactoredConvTerms,
-    FormedConvTerms,
-    GramConvTerms,
-    OperatorConvTerms,
-    OutputGramTerms,
-)
+from kfoc_backpack.solver.shared.table import choose_route, route_class
 
 SQUARES_ROW = 4096
 """Length of the rows whose squares :func:`sum_of_squares` sums by one batched dot each."""
@@ -98,26 +94,31 @@ def weight_terms(
     inputs: Tensor,
     vectors: Tensor,
     with_kfac: bool = False,
-    route: str | None = None,
+    route: Route | str | None = None,
     groups: int = 1,
     steps: WeightSteps | None = None,
 ) -> LayerTerms:
     """Per-sample quantities of any supported weight, from its positions: the hand-over.
 
     Every layer kind (:mod:`kfoc_backpack.collect.kinds`) and both collection routes end
-    here with the layer's inputs and output-side vectors at its ``T`` positions.
-    ``groups = 1``: :func:`shared_terms` (rank one for ``T = 1``, else the route of
-    least estimated cost); ``groups > 1``: the grouped form of :func:`conv_terms`, its
-    per-sample matrices formed and solved on the cheaper of ``formed`` and ``operator``
-    by the same cost model.
+    here with the layer's inputs and output-side vectors at its ``T`` positions:
+    ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ = G_{m,n}ᵀ A_n`` (the exact per-sample block, not
+    K-FAC's "expand" approximation that treats positions as samples). The route is
+    :func:`~kfoc_backpack.solver.shared.table.choose_route`'s for the layer's
+    :class:`~kfoc_backpack.solver.LayerSizes`, its tensors' item size and device and
+    the Lanczos steps of the weight's previous solve (``steps.last``; the assumed
+    count where unknown): ``rank-one`` for one ungrouped position, else the route of
+    least estimated cost whose memory fits (a grouped layer's per-sample matrices are
+    formed: ``formed`` or ``operator``). The route's class builds the terms; every
+    route gives the same optimal factors, and the terms' ``route`` names the one taken.
 
     Args:
         inputs: ``[N, T, I]`` inputs at the positions (any strides; a grouped layer's
             ``I`` spans all groups' input features).
-        vectors: ``[M, N, T, O]`` output-side vectors at the positions.
-        with_kfac: Also compute K-FAC's factors of the same samples.
-        route: Force a route (see :func:`shared_terms`; grouped: ``formed`` or
-            ``operator``).
+        vectors: ``[M, N, T, O]`` output-side vectors at the positions (any strides).
+        with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
+        route: Force a route (a :class:`~kfoc_backpack.enums.Route` or its value)
+            instead of the choice.
         groups: Rows of the weight in ``groups`` blocks that see disjoint blocks of
             the input features (a grouped convolution's ``groups``).
         steps: The weight's :class:`WeightSteps` (the route choice counts its last
@@ -125,124 +126,30 @@ def weight_terms(
 
     Returns:
         The weight's :class:`LayerTerms`.
+
+    Raises:
+        ValueError: For an unknown forced route, or one that does not support the
+            layer's sizes.
     """
     input_trace = sum_of_squares(inputs) / inputs.shape[0]
-    if groups == 1:
-        return shared_terms(vectors, inputs, input_trace, with_kfac, route, steps)
     columns, num, positions, out_features = vectors.shape
-    kfac = None
-    if with_kfac:
-        kfac = grouped_kfc_factors(vectors.transpose(2, 3), inputs.transpose(1, 2), groups)
     sizes = LayerSizes(columns, num, positions, out_features, inputs.shape[-1] // groups, groups)
     if route is None:
-        route = choose_route(sizes, vectors, steps, GROUPED_ROUTES)
-    if route not in GROUPED_ROUTES:
-        raise ValueError(
-            f"a grouped convolution (groups={groups}) takes the routes 'formed' and "
-            f"'operator', got {route!r}."
+        chosen = choose_route(
+            sizes,
+            itemsize=max(vectors.element_size(), 4),
+            accelerator=launch_bound(vectors.device),
+            steps=None if steps is None else steps.last,
         )
-    per_group = torch.einsum(  # [g, O/g, M, N, I/g], output-major
-        "mntgo,ntgi->gomni",
-        vectors.unflatten(3, (groups, -1)),
-        inputs.unflatten(2, (groups, -1)),
-    )
-    samples = per_group.reshape(out_features, columns * num, -1).transpose(0, 1)
-    kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-    return LayerTerms(kind(samples), input_trace, kfac, sizes, steps)
-
-
-def choose_route(
-    sizes: LayerSizes, like: Tensor, steps: WeightSteps | None, routes: tuple[str, ...] = ROUTES
-) -> str:
-    """Return the cost model's route for a weight of ``sizes`` in tensors like ``like``.
-
-    :func:`~kfoc_backpack.solver.conv_cost.choose_conv_route` for the layer's
-    ``(J, K, T, M, N)``, its tensors' item size and device, and the Lanczos steps of
-    the weight's previous solve (``steps.last``; the assumed count where unknown).
-    """
-    return choose_conv_route(
-        sizes.columns,
-        sizes.samples,
-        sizes.positions,
-        sizes.out_features,
-        sizes.in_features,
-        itemsize=max(like.element_size(), 4),
-        accelerator=launch_bound(like.device),
-        steps=None if steps is None else steps.last,
-        routes=routes,
-    )
-
-
-GROUPED_ROUTES = ("formed", "operator")
-"""Routes of a grouped convolution, whose per-sample matrices are formed by one grouped
-product (the factored routes would need the output-side vectors zero-padded to every
-group)."""
-
-
-def shared_terms(
-    grads: Tensor,
-    inputs: Tensor,
-    input_trace: Tensor,
-    with_kfac: bool = False,
-    route: str | None = None,
-    steps: WeightSteps | None = None,
-) -> LayerTerms:
-    """Per-sample quantities of a weight shared over ``T`` positions: the one hand-over.
-
-    ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ = G_{m,n}ᵀ A_n`` (the exact per-sample block, not
-    K-FAC's "expand" approximation that treats positions as samples). ``Linear`` layers
-    on tokens, convolutions of any kernel (``A_n`` the unfolded input) and layers called
-    several times all end here, and one cost model picks the form the solver gets:
-
-    * ``T = 1``: ``X_{m,n}`` has rank one, kept as
-      :class:`~kfoc_backpack.solver.OuterTerms` (route ``rank-one``, as a ``Linear`` on
-      2-d inputs) — a 1×1 convolution on a 1×1 map, a ``Linear`` on ``[N, 1, I]``;
-    * else the route of least estimated flops whose memory fits
-      (:func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`, on the CPU and for
-      accelerators): ``formed``, ``factored``, ``gram`` or ``operator``
-      (:mod:`~kfoc_backpack.solver.conv_routes`). Every route gives the same optimal
-      factors; :func:`~kfoc_backpack.solver.conv_routes.route_of` names the one taken.
-
-    Args:
-        grads: ``[M, N, T, O]`` output-side vectors at the positions (any strides).
-        inputs: ``[N, T, I]`` inputs at the positions (any strides).
-        input_trace: ``(1/N) Σ_{n,t} ‖a_{n,t}‖²``.
-        with_kfac: Also compute K-FAC's (KFC) factors of the same samples.
-        route: Force a route (``rank-one`` where ``T = 1``, or one of
-            :data:`~kfoc_backpack.solver.conv_cost.ROUTES`) instead of the choice.
-        steps: The weight's :class:`WeightSteps`: the choice counts the steps of its
-            last solve (else the assumed count), and this batch's solve notes its own.
-
-    Returns:
-        The weight's :class:`LayerTerms`.
-    """
-    columns, num, positions, out_features = grads.shape
-    sizes = LayerSizes(columns, num, positions, out_features, inputs.shape[-1])
-    kfac = kfc_factors(grads, inputs) if with_kfac else None
-    if route == RANK_ONE and positions != 1:
-        raise ValueError(f"route {RANK_ONE!r} needs one position, got {positions}.")
-    if positions == 1 and route in (None, RANK_ONE):
-        rank_one = OuterTerms(grads[:, :, 0].transpose(0, 1), inputs[:, 0])
-        return LayerTerms(rank_one, input_trace, kfac, sizes, steps)
-    if route is None:
-        route = choose_route(sizes, grads, steps)
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {(RANK_ONE, *ROUTES)}, got {route!r}.")
-    factored = {
-        "factored": FactoredConvTerms,
-        "gram": GramConvTerms,
-        "output-gram": OutputGramTerms,
-    }
-    if route in factored:
-        return LayerTerms(factored[route](grads, inputs), input_trace, kfac, sizes, steps)
-    if columns == 1:  # one column: a single batched product
-        prods = torch.bmm(grads[0].mT, inputs).unsqueeze(0)  # [1, N, O, I]
-        out_major = prods.permute(2, 0, 1, 3).contiguous()
-    else:  # einsum contracts batched over N with M·O rows, no copy of the input
-        out_major = torch.einsum("mnto,nti->omni", grads, inputs).contiguous()
-    samples = out_major.flatten(start_dim=1, end_dim=2).transpose(0, 1)
-    kind = FormedConvTerms if route == "formed" else OperatorConvTerms
-    return LayerTerms(kind(samples), input_trace, kfac, sizes, steps)
+    else:
+        chosen = route_class(route, sizes)
+    kfac = None
+    if with_kfac and groups == 1:
+        kfac = kfc_factors(vectors, inputs)
+    elif with_kfac:
+        kfac = grouped_kfc_factors(vectors.transpose(2, 3), inputs.transpose(1, 2), groups)
+    terms = chosen.from_positions(vectors, inputs, groups)
+    return LayerTerms(terms, input_trace, kfac, sizes, steps)
 
 
 def grouped_kfc_factors(sqrt: Tensor, unfolded: Tensor, groups: int) -> tuple[Tensor, Tensor]:

@@ -28,9 +28,9 @@ from kfoc_backpack.solver import (
     SampleTerms,
     SolverOptions,
 )
-from kfoc_backpack.solver.conv_routes import lanczos_steps
 from kfoc_backpack.solver.rescale import solve_rescaled
 from kfoc_backpack.solver.scale import finalize
+from kfoc_backpack.solver.shared.route import lanczos_steps
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
 """The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""
@@ -41,7 +41,7 @@ class WeightSteps:
     """The Lanczos steps of one weight's last solve, for the route of its next batch.
 
     The cost model counts each route's flops for a number of Lanczos steps
-    (:func:`~kfoc_backpack.solver.conv_cost.choose_conv_route`). A collection that sees
+    (:func:`~kfoc_backpack.solver.shared.table.choose_route`). A collection that sees
     the same weight batch after batch (the hook route's
     :class:`~kfoc_backpack.collect.hooks.TermCollector`, a reused BackPACK extension)
     keeps one of these per weight and hands it to :func:`weight_terms`: the choice then
@@ -50,7 +50,7 @@ class WeightSteps:
 
     Attributes:
         last: Steps of the last Lanczos solve, ``None`` before the first (the choice
-            then assumes :func:`~kfoc_backpack.solver.conv_cost.assumed_steps`).
+            then assumes :func:`~kfoc_backpack.solver.shared.table.assumed_steps`).
     """
 
     __slots__ = ("last",)
@@ -73,9 +73,8 @@ class LayerTerms:
         terms: The weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` in structured form:
             :class:`~kfoc_backpack.solver.OuterTerms` (rank one: ``Linear`` on 2-d
             input, or a single position), or for weights shared over positions the
-            terms of the route :func:`shared_terms` picks (subclasses of
-            :class:`~kfoc_backpack.solver.factored.FactoredTerms` or
-            :class:`~kfoc_backpack.solver.SampleTerms`).
+            terms of the route the table picks
+            (:func:`~kfoc_backpack.solver.shared.table.choose_route`).
         input_trace: ``tr(R_KFAC) = (1/N) Σ_n ‖â_n‖²_F``, the trace K-FOC gives its
             input-side factor (see :meth:`solve`).
         kfac: K-FAC's factors ``(L, R)`` of the same block from the same samples;

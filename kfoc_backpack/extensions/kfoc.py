@@ -43,7 +43,6 @@ from kfoc_backpack.solver import (
     KroneckerFactors,
     SolverOptions,
 )
-from kfoc_backpack.solver.conv_routes import route_of
 
 
 class SolveRecord(NamedTuple):
@@ -57,7 +56,7 @@ class SolveRecord(NamedTuple):
         converged: Whether the tolerance was reached.
         route: How the solve ran: ``rank-one`` (``Linear`` on 2-d inputs, any layer
             on a single position) or, for weights shared over positions, the route of
-            :mod:`~kfoc_backpack.solver.conv_routes` (``formed``, ``factored``,
+            :mod:`~kfoc_backpack.solver.shared` (``formed``, ``factored``,
             ``gram``, ``operator``).
     """
 
@@ -194,7 +193,7 @@ class KFOCBase(SqrtGGN):
 
     def solve(self, module: Module, terms: LayerTerms) -> KroneckerFactors:
         """K-FOC's factors of the weight's terms: logged, and warned about unconverged."""
-        self.note_route(module, route_of(terms.terms))
+        self.note_route(module, terms.terms.route)
 
         def what() -> str:
             return (

@@ -24,7 +24,7 @@ class KFOCLinear(KFOCBaseModule):
       anything of size ``N·out·in``.
     * input with extra dimensions ``[N, *, in]`` (shared weight, like a
       convolution): ``X_{m,n} = Σ_t s_{m,n,t} a_{n,t}ᵀ``, handed over as every
-      weight-shared layer is (:func:`~kfoc_backpack.collect.handover.shared_terms`:
+      weight-shared layer is (:func:`~kfoc_backpack.collect.handover.weight_terms`:
       rank one for a single position, else the route the cost model picks).
     """
 

@@ -16,9 +16,12 @@ Modules, by structure of ``F``:
 * ``sum`` — ``F = Σ_k w_k L_k ⊗ R_k`` (paper Algorithm 1) and the two-term merge;
 * ``samples`` — ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` (paper Algorithm 2; convolutions);
 * ``outer`` — ``F = Σ_k (S_kᵀ S_k) ⊗ (a_k a_kᵀ)`` (``Linear`` layers);
-* ``factored`` — ``X_{j,k} = G_{j,k}ᵀ A_k`` over shared positions, never formed;
-* ``conv_routes`` — a convolution's terms solved along the cheapest of four routes
-  (formed, factored, position Gram, operator), chosen by ``conv_cost``, iterated by
+* ``factored`` — ``X_{j,k} = G_{j,k}ᵀ A_k`` over shared positions, never formed (and
+  the two routes of its diagonal);
+* ``shared`` — a weight shared over positions (convolutions, ``Linear`` on tokens)
+  solved along one of the routes of one table (rank-one, formed, factored, position
+  Gram, output Gram, operator), each route one class that declares its costs
+  (``shared.route``, one module per family), chosen by ``shared.table``, iterated by
   ``krylov`` (Lanczos), ``R`` formed by ``symmetric``;
 * ``terms`` — the per-sample terms as objects, and blocks of them summed;
 * ``aggregation`` — Kronecker factors aggregated over batches;
@@ -26,9 +29,9 @@ Modules, by structure of ``F``:
   eigenbasis (EK-FAC's correction, in any basis);
 
 and the pieces they share: ``gram`` (coefficient-space power method), ``power``
-(factor-space power method and half-steps), ``routes`` (which route is cheaper),
-``scale`` (sign and scale split), ``error`` (Frobenius error), ``_common`` (options,
-result type, device, starts).
+(factor-space power method and half-steps), ``coefficient`` (the coefficient-space
+solve, and where each solver takes it), ``scale`` (sign and scale split), ``error``
+(Frobenius error), ``_common`` (options, result type, device, starts).
 
 Index conventions of this package: ``K`` terms (samples), ``J`` columns per sample,
 ``T`` shared positions, ``M`` output features (left factor ``[M, M]``), ``N`` input
@@ -47,7 +50,8 @@ from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_
 from kfoc_backpack.solver.factored import FactoredTerms, nearest_kronecker_factored
 from kfoc_backpack.solver.outer import nearest_kronecker_outer
 from kfoc_backpack.solver.samples import nearest_kronecker_samples
-from kfoc_backpack.solver.sizes import LayerSizes
+from kfoc_backpack.solver.shared.route import LayerSizes, RouteTerms
+from kfoc_backpack.solver.shared.table import ROUTE_TABLE, choose_route
 from kfoc_backpack.solver.sum import merge_kronecker, nearest_kronecker_sum
 from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecker_terms
 
@@ -60,8 +64,11 @@ __all__ = [
     "KroneckerFactors",
     "LayerSizes",
     "OuterTerms",
+    "ROUTE_TABLE",
+    "RouteTerms",
     "SampleTerms",
     "SolverOptions",
+    "choose_route",
     "kron_error_dense",
     "kron_error_outer",
     "kron_error_samples",

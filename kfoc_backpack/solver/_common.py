@@ -1,7 +1,7 @@
 """Shared pieces of the nearest-Kronecker solvers: options, result type, device, starts.
 
 The sign and scale split of the result lives in :mod:`kfoc_backpack.solver.scale`, the
-choice between routes in :mod:`kfoc_backpack.solver.routes`.
+coefficient-space solve and its thresholds in :mod:`kfoc_backpack.solver.coefficient`.
 
 Index conventions of this module: ``K`` terms (samples), ``M`` output features (left
 factor ``[M, M]``), ``N`` input features (right factor ``[N, N]``).

@@ -4,7 +4,7 @@
 per-sample matrices ``X_{k,j} = s_{k,j} a_kᵀ``, in ``K``-dimensional coefficient space
 (:mod:`~kfoc_backpack.solver.gram`) without ever forming ``X``, or by the factor power
 method where a flop estimate finds that cheaper
-(:func:`~kfoc_backpack.solver.routes.outer_power_is_cheaper`).
+(:func:`~kfoc_backpack.solver.coefficient.outer_power_is_cheaper`).
 :func:`outer_gram_left` is the left Gram matrix of these terms (also the ``‖F‖_F`` of
 :mod:`~kfoc_backpack.solver.error`).
 
@@ -29,15 +29,15 @@ from kfoc_backpack.solver._common import (
     working_tensors,
     zero_solution,
 )
-from kfoc_backpack.solver.power import factor_power_iteration, outer_half_steps
 
 # _EXPLICIT_GRAM_MAX_ELEMENTS is read through this module's name (tests patch it here)
-from kfoc_backpack.solver.routes import (
+from kfoc_backpack.solver.coefficient import (
     _EXPLICIT_GRAM_MAX_ELEMENTS,
     check_every,
     coefficient_solve,
     outer_power_is_cheaper,
 )
+from kfoc_backpack.solver.power import factor_power_iteration, outer_half_steps
 from kfoc_backpack.solver.scale import fetched_split, finalize, target_scalars
 
 
@@ -61,7 +61,7 @@ def _outer_grams(sqrt_out: Tensor) -> tuple[Tensor, Tensor]:
     ``(s_{k,i} · s_{l,j})²`` (``O(K² J² M / 2)``, never allocating anything of size
     ``K · M²``; with ``J = 1`` as one product of all pairs, whose diagonal gives the
     traces, and so on launch-bound devices too, in row blocks of at most
-    :data:`~kfoc_backpack.solver.routes._EXPLICIT_GRAM_MAX_ELEMENTS` elements).
+    :data:`~kfoc_backpack.solver.coefficient._EXPLICIT_GRAM_MAX_ELEMENTS` elements).
 
     Args:
         sqrt_out: ``[K, J, M]`` stack of the ``J`` output-side vectors per term.

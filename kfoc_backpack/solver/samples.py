@@ -3,7 +3,7 @@ r"""Optimal ``L ⊗ R`` for a sum of per-sample outer products (paper Algorithm 
 :func:`nearest_kronecker_samples` solves ``F = Σ_k vec(X_k) vec(X_k)ᵀ`` for general
 per-sample matrices ``X_k`` (convolutions, ``Linear`` layers on inputs with extra
 dimensions): by the factor power method, or on launch-bound devices, while it fits
-(:func:`~kfoc_backpack.solver.routes.samples_operator_fits`), through the
+(:func:`~kfoc_backpack.solver.coefficient.samples_operator_fits`), through the
 ``M² × M²`` matrix of the left power map (:func:`_samples_operator_solve`).
 :func:`nearest_kronecker_samples_scaled` first scales ``X`` by a power of two where
 ``max|X|`` is far from one (tiny blocks of deep layers).
@@ -27,8 +27,8 @@ from kfoc_backpack.solver._common import (
     working_tensors,
     zero_solution,
 )
+from kfoc_backpack.solver.coefficient import check_every, coefficient_solve, samples_operator_fits
 from kfoc_backpack.solver.power import factor_power_iteration, output_major, samples_half_steps
-from kfoc_backpack.solver.routes import check_every, coefficient_solve, samples_operator_fits
 from kfoc_backpack.solver.scale import apply_scale_split, finalize, pair_scalars
 
 

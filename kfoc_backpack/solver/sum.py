@@ -26,10 +26,10 @@ from kfoc_backpack.solver._common import (
     working_tensors,
     zero_solution,
 )
+from kfoc_backpack.solver.coefficient import GRAM_MAX_TERMS, check_every, coefficient_solve
 from kfoc_backpack.solver.gram import top_eigvec_2x2
 from kfoc_backpack.solver.power import factor_power_iteration, terms_to_left, terms_to_right
 from kfoc_backpack.solver.rescale import balanced_terms, unscaled
-from kfoc_backpack.solver.routes import GRAM_MAX_TERMS, check_every, coefficient_solve
 from kfoc_backpack.solver.scale import finalize
 
 Solution = tuple[Tensor, Tensor, int, bool]
@@ -64,7 +64,7 @@ def nearest_kronecker_sum(
             exactly when slow, see :class:`SolverOptions`) or
             ``"power"`` (factor space, ``O(K(M² + N²))`` per step). ``"auto"`` uses
             the closed form for ``K ≤ 2``, ``"gram"`` up to
-            :data:`~kfoc_backpack.solver.routes.GRAM_MAX_TERMS` terms and ``"power"``
+            :data:`~kfoc_backpack.solver.coefficient.GRAM_MAX_TERMS` terms and ``"power"``
             beyond.
         right_trace: Split the scale so that ``tr(right)`` equals this (default:
             even split), see :func:`~kfoc_backpack.solver.scale.scale_split`.

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kfoc_backpack.enums import Route
 from kfoc_backpack.solver._common import KroneckerFactors, SolverOptions, resolve_options
 from kfoc_backpack.solver.error import kron_error_outer, kron_error_samples
 from kfoc_backpack.solver.outer import nearest_kronecker_outer, outer_gram_left
@@ -45,10 +46,12 @@ class OuterTerms:
     Attributes:
         sqrt_out: ``[K, J, M]`` output-side vectors ``s_{k,j}``.
         inputs: ``[K, N]`` input-side vectors ``a_k``.
+        route: The route these terms are solved by, ``rank-one`` (class attribute).
     """
 
     sqrt_out: Tensor
     inputs: Tensor
+    route = Route.RANK_ONE
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,7 +69,9 @@ class OuterTerms:
 
     def detach(self) -> OuterTerms:
         """Return the same terms, detached from any autograd graph."""
-        return OuterTerms(self.sqrt_out.detach(), self.inputs.detach())
+        return dataclasses.replace(
+            self, sqrt_out=self.sqrt_out.detach(), inputs=self.inputs.detach()
+        )
 
     def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
         """``[tr F, mean s², mean a²]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
@@ -77,7 +82,9 @@ class OuterTerms:
 
     def scaled(self, out_exponent: int, in_exponent: int) -> OuterTerms:
         """Return the terms with ``S·2^out_exponent`` and ``A·2^in_exponent`` (exact)."""
-        return OuterTerms(self.sqrt_out * 2.0**out_exponent, self.inputs * 2.0**in_exponent)
+        return dataclasses.replace(
+            self, sqrt_out=self.sqrt_out * 2.0**out_exponent, inputs=self.inputs * 2.0**in_exponent
+        )
 
     def rotated(self, left_basis: Tensor, right_basis: Tensor) -> OuterTerms:
         """Return the terms of ``U_Lᵀ X_k U_R``: ``s ↦ U_Lᵀ s``, ``a ↦ U_Rᵀ a``.
@@ -86,8 +93,10 @@ class OuterTerms:
             left_basis: ``[M, P]`` ``U_L``.
             right_basis: ``[N, Q]`` ``U_R``.
         """
-        return OuterTerms(
-            self.sqrt_out @ left_basis.to(self.sqrt_out), self.inputs @ right_basis.to(self.inputs)
+        return dataclasses.replace(
+            self,
+            sqrt_out=self.sqrt_out @ left_basis.to(self.sqrt_out),
+            inputs=self.inputs @ right_basis.to(self.inputs),
         )
 
     def to_right(self, left: Tensor) -> Tensor:
@@ -134,9 +143,11 @@ class SampleTerms:
 
     Attributes:
         samples: ``[K, M, N]`` per-sample matrices ``X_k``.
+        route: The route these terms are solved by, ``formed`` (class attribute).
     """
 
     samples: Tensor
+    route = Route.FORMED
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -1,12 +1,16 @@
-"""Route cost model: which of the equivalent computations a solver takes.
+"""The coefficient-space solve, and where each solver takes it instead of the factor space.
 
-Every solver reaches the same optimum by more than one route; the choice depends on
-the sizes and on whether the device is launch-bound (see
+Every solver reaches the same optimum by more than one computation; the choice depends
+on the sizes and on whether the device is launch-bound (see
 :func:`~kfoc_backpack.solver._common.launch_bound`: accelerators, where each
 operation costs a kernel launch and each host read a synchronisation, against the
-CPU, where flops count). The thresholds and predicates live here, together with
-:func:`coefficient_solve`, the coefficient-space solve shared by the Gram routes,
-which picks between stepping, repeated squaring and the exact finish.
+CPU, where flops count). This module holds :func:`coefficient_solve`, the power method
+in the ``K``-dimensional coefficient space of the Gram matrices (rank-one terms, the
+sum of Kronecker products, formed samples on accelerators), which picks between
+stepping, repeated squaring and the exact finish, and the thresholds and predicates
+that send a solver there (:func:`outer_power_is_cheaper`,
+:func:`samples_operator_fits`, :func:`check_every`). The routes of weights shared over
+positions are chosen elsewhere (:mod:`kfoc_backpack.solver.shared`).
 
 Index conventions of this module: ``K`` terms (samples), ``J`` columns per sample,
 ``M`` output features (left factor ``[M, M]``), ``N`` input features (right factor
