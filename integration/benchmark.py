@@ -38,25 +38,22 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 import weakref
 from collections import defaultdict
 from pathlib import Path
 
+import cli
 import torch
 from backpack import backpack, extend
 from backpack.extensions import KFAC, KFLR
+from models import lenet5
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from integration import cli  # noqa: E402
-from integration.models import lenet5  # noqa: E402
-from kfoc_backpack import KFOC, KFOCExact  # noqa: E402
-from kfoc_backpack.solver._common import accelerator_routes  # noqa: E402
+from kfoc_backpack import KFOC, KFOCExact
+from kfoc_backpack.solver import accelerator_routes
 
 METHODS = {"none": None, "KFAC": KFAC, "KFLR": KFLR, "KFOC": KFOC, "KFOCExact": KFOCExact}
 BASELINE = {"KFOC": "KFAC", "KFOCExact": "KFLR"}

@@ -7,7 +7,7 @@ and one line ``<prog>: error: argument --flag: <what is allowed>``.
 
 Typical use::
 
-    from integration import cli
+    import cli
 
     def build_parser() -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(

@@ -25,21 +25,21 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import cli
 import torch
 from backpack import backpack
+from benchmark import MODELS, setup
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from integration import cli  # noqa: E402
-from integration.benchmark import MODELS, setup  # noqa: E402
-from kfoc_backpack.extensions import KFOCTerms  # noqa: E402
-from kfoc_backpack.solver import DEFAULT_TOL, OuterTerms, SolverOptions  # noqa: E402
-from kfoc_backpack.solver._common import accelerator_routes  # noqa: E402
-from kfoc_backpack.solver.outer import outer_gram_left  # noqa: E402
+from kfoc_backpack.extensions import KFOCTerms
+from kfoc_backpack.solver import (
+    DEFAULT_TOL,
+    OuterTerms,
+    SolverOptions,
+    accelerator_routes,
+    outer_gram_left,
+)
 
 MODEL = "mlp784-1000-1000-10"
 

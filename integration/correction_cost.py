@@ -31,30 +31,27 @@ ResNet-18 stack) and, where torchvision/timm/transformers are installed, the mod
 
 from __future__ import annotations
 
-import sys
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmark
+import cli
+import torch
+import zoo
+from backpack import backpack
+from backpack.extensions import KFLR
+from laplace import Laplace
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-from backpack import backpack  # noqa: E402
-from backpack.extensions import KFLR  # noqa: E402
-from laplace import Laplace  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import kfoc_backpack  # noqa: E402, F401  (registers the structures)
-from integration import benchmark, cli, zoo  # noqa: E402
-from kfoc_backpack.dataset import DataPass, corrected_blocks  # noqa: E402
-from kfoc_backpack.extensions import extended, preserved_grads  # noqa: E402
+import kfoc_backpack  # noqa: F401  (registers the structures)
+from kfoc_backpack.dataset import DataPass, corrected_blocks
+from kfoc_backpack.extensions import extended, preserved_grads
 
 BENCHMARK_MODELS = {
     "lenet5": 32,

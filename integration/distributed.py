@@ -20,27 +20,22 @@ runs as a world of one.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import os
+import statistics
+import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli
+import torch
+from data import load_mnist
+from models import lenet5
+from precision import product_difference
+from torch import distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from torch import distributed as dist  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
-
-from integration import cli  # noqa: E402
-from integration.data import load_mnist  # noqa: E402
-from integration.models import lenet5  # noqa: E402
-from integration.precision import product_difference  # noqa: E402
-from kfoc_backpack import KFOCLaplace  # noqa: E402
+from kfoc_backpack import KFOCLaplace
 
 AGGREGATIONS = ("optimal", "approx", "running")
 

@@ -22,31 +22,26 @@ terms, and reports the solver's iterations. Usage::
 
 from __future__ import annotations
 
-import sys
+import argparse
+import statistics
+import time
+from collections import defaultdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli
+import torch
+from benchmark import mlp_1000
+from laplace import Laplace
+from laplace.curvature import BackPackGGN
+from models import lenet5
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-
-import torch  # noqa: E402
-from laplace import Laplace  # noqa: E402
-from laplace.curvature import BackPackGGN  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import kfoc_backpack  # noqa: E402, F401  (registers hessian_structure="kfoc")
-from integration import cli  # noqa: E402
-from integration.benchmark import mlp_1000  # noqa: E402
-from integration.models import lenet5  # noqa: E402
-from kfoc_backpack.collect.hooks import TermCollector  # noqa: E402
-from kfoc_backpack.solver import OuterTerms  # noqa: E402
+import kfoc_backpack  # noqa: F401  (registers hessian_structure="kfoc")
+from kfoc_backpack.collect import TermCollector
+from kfoc_backpack.solver import OuterTerms
 
 METHODS = ("kfoc", "kron", "kron-backpack")
 

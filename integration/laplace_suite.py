@@ -158,11 +158,12 @@ class KFOCInPlaceOfKron:
         import laplace.laplace
         import laplace.lllaplace
 
-        import kfoc_backpack.laplace.classes as kfoc_laplace
+        import kfoc_backpack.laplace as kfoc_laplace
 
+        public = (getattr(kfoc_laplace, name) for name in kfoc_laplace.__all__)
         classes = {
             (cls._key[0], cls._key[1]): cls
-            for cls in vars(kfoc_laplace).values()
+            for cls in public
             if isinstance(cls, type) and getattr(cls, "_key", None)
         }
         for owner in (laplace, laplace.baselaplace):

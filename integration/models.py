@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from data import INPUT_SHAPES, TASKS, Dataset
 from torch import Tensor, nn
-
-from integration.data import INPUT_SHAPES, TASKS, Dataset
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 

@@ -33,42 +33,37 @@ Usage::
 
 from __future__ import annotations
 
-import sys
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-from backpack import backpack, extend  # noqa: E402
-from backpack.extensions import KFAC, DiagGGNMC  # noqa: E402
-from backpack.utils.conv import unfold_input  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from integration import cli  # noqa: E402
-from integration.data import DATASETS, Dataset, load_dataset  # noqa: E402
-from integration.models import (  # noqa: E402
+import cli
+import torch
+from backpack import backpack, extend
+from backpack.extensions import KFAC, DiagGGNMC
+from backpack.utils.conv import unfold_input
+from data import DATASETS, Dataset, load_dataset
+from models import (
     TrainConfig,
     describe_layers,
     make_loss,
     make_model,
     train,
 )
-from kfoc_backpack import KFOC  # noqa: E402
-from kfoc_backpack.collect import kfac_scale_split  # noqa: E402
-from kfoc_backpack.extensions import KFOCTerms, LayerTerms  # noqa: E402
-from kfoc_backpack.solver import (  # noqa: E402
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kfoc_backpack import KFOC
+from kfoc_backpack.collect import LayerTerms, kfac_scale_split
+from kfoc_backpack.extensions import KFOCTerms
+from kfoc_backpack.solver import (
     KroneckerAccumulator,
     OuterTerms,
     SampleTerms,
@@ -940,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def _run(config: RunConfig) -> dict:
     """Run the configured experiment and write its outputs."""
-    from integration.plots import plot_dataset
+    from plots import plot_dataset
 
     config.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

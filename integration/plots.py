@@ -14,24 +14,19 @@ full data sets and of the paper's models (true for the reference results).
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import math
+import re
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import textwrap  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 STYLE = {
     # method: (label, colour, line style, marker) — the paper's colours where it has the
@@ -201,8 +196,8 @@ def plot_dataset(
 
 
 def _paper_layers(dataset: str) -> dict[str, str]:
-    from integration.data import INPUT_SHAPES
-    from integration.models import paper_layers
+    from data import INPUT_SHAPES
+    from models import paper_layers
 
     return paper_layers(dataset) if dataset in INPUT_SHAPES else {}
 
@@ -214,8 +209,8 @@ def _paper_layers(dataset: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python integration/plots.py`` (nothing runs)."""
-    from integration import cli
-    from integration.data import DATASETS
+    import cli
+    from data import DATASETS
 
     parser = argparse.ArgumentParser(
         prog="plots.py",
@@ -257,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; ``args.records``/``args.meta_data`` are loaded."""
-    from integration import cli
+    import cli
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -294,8 +289,8 @@ def samples_and_layers(
     info = (meta or {}).get("datasets", {}).get(dataset, {})
     num = info.get("samples")
     if num is None:
-        from integration.data import NUM_SAMPLES
-        from integration.paper import batch_sizes
+        from data import NUM_SAMPLES
+        from paper import batch_sizes
 
         sizes = sorted({r["batch_size"] for r in records if r["dataset"] == dataset})
         full = NUM_SAMPLES.get(dataset)

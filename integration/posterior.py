@@ -77,28 +77,22 @@ Usage::
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import torch  # noqa: E402
-
-from integration import cli  # noqa: E402
-from integration.data import DATASETS  # noqa: E402
-from integration.posterior_study.protocol import (  # noqa: E402
+import cli
+import torch
+from data import DATASETS
+from posterior_study.protocol import (
     CURVATURES,
     METHODS,
     PRIOR_FITS,
     build_config,
     run,
 )
-from integration.posterior_study.report import write_outputs  # noqa: E402
+from posterior_study.report import write_outputs
 
 # --------------------------------------------------------------------------------------
 # Command line

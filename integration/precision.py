@@ -16,23 +16,18 @@ Usage::
 
 from __future__ import annotations
 
-import sys
+import argparse
+import copy
+import json
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli
+import torch
+from backpack import backpack, extend
+from benchmark import INPUT_SHAPES, MODELS
+from torch import nn
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-from backpack import backpack, extend  # noqa: E402
-from torch import nn  # noqa: E402
-
-from integration import cli  # noqa: E402
-from integration.benchmark import INPUT_SHAPES, MODELS  # noqa: E402
-from kfoc_backpack import KFOC, KFOCExact  # noqa: E402
+from kfoc_backpack import KFOC, KFOCExact
 
 METHODS = {"KFOC": KFOC, "KFOCExact": KFOCExact}
 REFERENCE_TOL = 1e-12

@@ -38,33 +38,27 @@ extra (``pip install -e ".[zoo]"``: torchvision, timm, transformers). Usage::
 
 from __future__ import annotations
 
-import sys
+import argparse
+import contextlib
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli
+import torch
+from laplace import Laplace
+from laplace.utils.matrix import Kron
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-from laplace import Laplace  # noqa: E402
-from laplace.utils.matrix import Kron  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import kfoc_backpack  # noqa: E402  (registers hessian_structure="kfoc")
-from integration import cli  # noqa: E402
-from kfoc_backpack import KFOCBackend  # noqa: E402
-from kfoc_backpack.enums import Route  # noqa: E402
-from kfoc_backpack.solver import LayerSizes  # noqa: E402
-from kfoc_backpack.solver.shared.table import route_flops  # noqa: E402
+import kfoc_backpack  # registers hessian_structure="kfoc"
+from kfoc_backpack import KFOCBackend
+from kfoc_backpack.enums import Route
+from kfoc_backpack.solver import LayerSizes, route_flops
 
 METHODS = ("kron", "kfoc")
 CLASSES = 10

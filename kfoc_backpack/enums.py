@@ -17,6 +17,17 @@ from typing import TypeVar
 C = TypeVar("C", bound="Choice")
 
 
+__all__ = [
+    "Aggregation",
+    "Choice",
+    "Curvature",
+    "DiagonalRoute",
+    "Reduction",
+    "Route",
+    "Structure",
+]
+
+
 class Choice(str, Enum):
     """Base of the package's options: a string value per member."""
 

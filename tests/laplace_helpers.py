@@ -18,6 +18,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 DTYPE = torch.float64
+
+
+def neighbour(module: str, *names: str):
+    """Import a neighbour library for a comparison, or skip naming what it lacks.
+
+    The tox matrix installs older releases (laplace-torch 0.2.2.x needs curvlinops 2,
+    which has no ``EKFACLinearOperator``): there the comparison skips with its reason
+    instead of failing with an ``AttributeError``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    library = pytest.importorskip(module)
+    missing = [name for name in names if not hasattr(library, name)]
+    if missing:
+        try:
+            found = version(f"{module}-for-pytorch")
+        except PackageNotFoundError:
+            found = getattr(library, "__version__", "?")
+        pytest.skip(f"{module} {found} has no {', '.join(missing)}; the comparison needs it.")
+    return library
 NUM_DATA = 23
 UNEVEN_BATCHES = [7, 3, 9, 4]  # sums to NUM_DATA
 IN_FEATURES = 4

@@ -4,8 +4,7 @@ import json
 import warnings
 
 import torch
-
-from integration.benchmark import MIN_REPEATS, main
+from benchmark import MIN_REPEATS, main
 
 
 def test_benchmark_quick_writes_records(tmp_path):
@@ -43,9 +42,8 @@ def test_benchmark_resnet_row_records_routes(tmp_path):
 
 
 def test_resnet18_has_resnet18_convolutions():
+    from benchmark import resnet18
     from torch import nn
-
-    from integration.benchmark import resnet18
 
     model = resnet18()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

@@ -9,10 +9,13 @@ import argparse
 import json
 import warnings
 
+import benchmark
+import cli
+import convergence
+import paper
+import plots
 import pytest
 import torch
-
-from integration import benchmark, cli, convergence, paper, plots
 
 pytest.importorskip("matplotlib")
 
@@ -303,6 +306,6 @@ def test_quiet_library_warnings():
     ],
 )
 def test_laplace_speed_rejects(argv, flag, capsys):
-    from integration import laplace_speed
+    import laplace_speed
 
     _rejected(laplace_speed.parse_args, argv, flag, capsys)

@@ -2,7 +2,7 @@
 
 import re
 
-from integration.convergence import layer_report, timing_report, warm_start_report
+from convergence import layer_report, timing_report, warm_start_report
 
 
 def test_convergence_report_runs(capsys):

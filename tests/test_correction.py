@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ground_truth import sum_of_outer
+from laplace_helpers import neighbour
 
 from kfoc_backpack.blocks import EigenCorrected
 from kfoc_backpack.collect.handover import weight_terms
@@ -228,7 +229,7 @@ def test_kfac_basis_correction_equals_curvlinops_ekfac(curvature, fisher_type, l
     eigenvalue correction is the exact one; with shared positions its ``expand``
     approximation treats positions as examples, ours squares the per-sample sums.
     """
-    curvlinops = pytest.importorskip("curvlinops")
+    curvlinops = neighbour("curvlinops", "EKFACLinearOperator")
     from torch import nn
 
     from kfoc_backpack.collect.hooks import TermCollector

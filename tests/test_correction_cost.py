@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from integration import correction_cost
+import correction_cost
 
 
 def test_correction_cost_smoke(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from integration import diagonal_routes
+import diagonal_routes
 
 
 def test_diagonal_routes_smoke(tmp_path):

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 
+import distributed
 import torch
-
-from integration import distributed
 
 
 def test_quick_run_in_one_process(tmp_path):

@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 from laplace import Laplace
-from laplace_helpers import DTYPE, NUM_OUTPUTS, dense_blocks, mc_draws, single_thread
+from laplace_helpers import (
+    DTYPE,
+    NUM_OUTPUTS,
+    dense_blocks,
+    mc_draws,
+    neighbour,
+    single_thread,
+)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -459,7 +466,7 @@ def test_ekfac_equals_curvlinops_ekfac(likelihood, curvature):
     exact one). The Monte-Carlo Fisher under the labels ``ŷ`` the fit drew is the
     empirical Fisher at ``ŷ``: curvlinops' ``"empirical"`` type on ``(X, ŷ)``.
     """
-    curvlinops = pytest.importorskip("curvlinops")
+    curvlinops = neighbour("curvlinops", "EKFACLinearOperator")
     model, X, y = build("mlp", likelihood, seed=8, num=24)
     la = Laplace(
         copy.deepcopy(model),

@@ -17,8 +17,9 @@ from ground_truth import (
 from torch import nn
 
 from kfoc_backpack import KFOC, KFOCExact
+from kfoc_backpack.collect import LayerTerms
 from kfoc_backpack.collect.hooks import TermCollector
-from kfoc_backpack.extensions import KFOCTerms, LayerTerms
+from kfoc_backpack.extensions import KFOCTerms
 from kfoc_backpack.solver import FactoredTerms, OuterTerms, SampleTerms, SolverOptions
 from kfoc_backpack.solver._common import accelerator_routes
 

@@ -7,11 +7,10 @@ import io
 import json
 import zipfile
 
+import data as D
 import numpy as np
 import pytest
 import torch
-
-from integration import data as D
 
 pytest.importorskip("mlxtend")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from integration import laplace_speed
+import laplace_speed
 
 
 def test_quick_run_writes_table_and_flops(tmp_path):

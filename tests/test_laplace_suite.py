@@ -15,8 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from integration.laplace_suite import (
+from laplace_suite import (
     EXPECTED_FAILURES,
     STRUCTURES,
     KFOCInPlaceOfKron,

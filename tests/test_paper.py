@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import paper
 import pytest
 import torch
+from data import Dataset
 from torch import nn
 
-from integration import paper
-from integration.data import Dataset
 from kfoc_backpack.solver import KroneckerAccumulator, SolverOptions, nearest_kronecker_terms
 
 pytest.importorskip("matplotlib")
@@ -264,7 +264,7 @@ def test_script_entry_point_runs_from_repo_root(tmp_path):
 
 
 def test_plots_redraw_figures_from_reference_results(tmp_path, capsys):
-    from integration import plots
+    import plots
 
     reference = REPO / "integration" / "reference" / "paper_results.json"
     paths = plots.main([str(reference), "--datasets", "boston", "mnist", "--out", str(tmp_path)])
@@ -282,7 +282,7 @@ def test_plots_redraw_figures_from_reference_results(tmp_path, capsys):
 
 
 def test_plot_texts():
-    from integration import plots
+    import plots
 
     assert plots.layer_title("layer1", "Linear 13→50") == "layer 1: Linear 13→50"
     assert plots.layer_title("conv2", "Conv2d 6→16, 5×5") == "conv2: Conv2d 6→16, 5×5"

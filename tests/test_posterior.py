@@ -7,13 +7,11 @@ import json
 import math
 import warnings
 
+import cli
+import posterior
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from integration import cli, posterior
-from integration.posterior_study.metrics import (
+from posterior_study.metrics import (
     accuracy,
     brier_score,
     classification_metrics,
@@ -23,14 +21,14 @@ from integration.posterior_study.metrics import (
     regression_metrics,
     rmse,
 )
-from integration.posterior_study.predictive import (
+from posterior_study.predictive import (
     PREDICTIVE_TOL,
     FunctionalVariance,
     check_against_laplace,
     jacobian_features,
     predictive,
 )
-from integration.posterior_study.protocol import (
+from posterior_study.protocol import (
     ANGLES,
     KRON_METHODS,
     METHODS,
@@ -41,7 +39,9 @@ from integration.posterior_study.protocol import (
     rotate_images,
     split_indices,
 )
-from integration.posterior_study.report import paired_comparison, summarize
+from posterior_study.report import paired_comparison, summarize
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 # --------------------------------------------------------------------------------------
 # Metrics on hand-computed inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from integration import precision
+import precision
 
 
 def test_lenet5_float32_factors_agree_with_float64(tmp_path):

@@ -11,8 +11,8 @@ import json
 import sys
 
 import pytest
+import zoo
 
-from integration import zoo
 from kfoc_backpack.enums import Route
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from integration.posterior_study.protocol import (
+from posterior_study.protocol import (
     AGAINST_REFERENCE,
     ANGLES,
     CURVATURES,

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from data import DATASETS, Dataset, load_dataset
+from models import TrainConfig, evaluate, make_loss, make_model, train
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import kfoc_backpack  # noqa: F401 - registers hessian_structure="kfoc"
-from integration.data import DATASETS, Dataset, load_dataset
-from integration.models import TrainConfig, evaluate, make_loss, make_model, train
-from integration.posterior_study.metrics import metrics
-from integration.posterior_study.predictive import (
+from posterior_study.metrics import metrics
+from posterior_study.predictive import (
     PREDICTIVE_TOL,
     Features,
     FunctionalVariance,

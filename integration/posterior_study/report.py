@@ -20,9 +20,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from integration.data import TASKS
-from integration.posterior_study.figures import plot_datasets, plot_paired, plot_rotation
-from integration.posterior_study.protocol import (
+from data import TASKS
+
+from posterior_study.figures import plot_datasets, plot_paired, plot_rotation
+from posterior_study.protocol import (
     AGAINST_REFERENCE,
     COMPARISONS,
     CURVATURES,

@@ -42,7 +42,7 @@ from kfoc_backpack.dataset.options import (
 )
 from kfoc_backpack.enums import Aggregation, Curvature, Reduction
 from kfoc_backpack.extensions.collector import BackPACKCollector
-from kfoc_backpack.extensions.kfoc import KFOCTerms
+from kfoc_backpack.extensions.terms import KFOCTerms
 
 
 @dataclass(frozen=True)

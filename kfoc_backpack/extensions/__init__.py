@@ -8,26 +8,20 @@ data-set functions built on them (``KFOCAccumulator``, ``optimal_factors``) are 
 :mod:`kfoc_backpack.dataset`.
 """
 
-from kfoc_backpack.extensions.base import LayerTerms
-from kfoc_backpack.extensions.kfoc import (
-    EKFOC,
-    KFOC,
-    EKFOCExact,
-    KFOCBase,
-    KFOCExact,
-    KFOCTerms,
-    SolveRecord,
-)
+from kfoc_backpack.extensions.collector import BackPACKCollector
+from kfoc_backpack.extensions.corrected import EKFOC, EKFOCExact
+from kfoc_backpack.extensions.kfoc import KFOC, KFOCBase, KFOCExact, SolveRecord
 from kfoc_backpack.extensions.lifetime import extended, preserved_grads
+from kfoc_backpack.extensions.terms import KFOCTerms
 
 __all__ = [
     "EKFOC",
+    "BackPACKCollector",
     "KFOC",
     "EKFOCExact",
     "KFOCBase",
     "KFOCExact",
     "KFOCTerms",
-    "LayerTerms",
     "SolveRecord",
     "extended",
     "preserved_grads",

@@ -19,8 +19,8 @@ from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities, batch_size, model_zero_blocks
 from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
 from kfoc_backpack.enums import Curvature
-from kfoc_backpack.extensions.kfoc import KFOCTerms
 from kfoc_backpack.extensions.lifetime import extended, preserved_grads
+from kfoc_backpack.extensions.terms import KFOCTerms
 
 
 class BackPACKCollector:

@@ -6,7 +6,6 @@ siblings ``EKFOC`` and ``EKFOCExact``, and ``KFOCTerms``.
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
@@ -19,10 +18,8 @@ from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
-from kfoc_backpack.blocks import EigenCorrected
 from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps, warn_unconverged
 from kfoc_backpack.collect.registry import layer_problem
-from kfoc_backpack.enums import Curvature
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
 from kfoc_backpack.extensions.module_map import (
@@ -306,121 +303,3 @@ class KFOCExact(KFOCBase):
             fail_mode,
             exact_max_terms=exact_max_terms,
         )
-
-
-class KFOCTerms(KFOCBase):
-    """Store each weight's per-sample quantities instead of solving (savefield ``kfoc_terms``).
-
-    ``weight.kfoc_terms`` is a :class:`~kfoc_backpack.collect.layer_terms.LayerTerms`:
-    the structured block ``F`` (``OuterTerms`` for a ``Linear`` on 2-d input, the
-    route's terms for weights shared over positions), K-FOC's input trace and, with
-    ``with_kfac``, K-FAC's factors of the same samples. It is what aggregation over a
-    data set and the paper's comparison build on: every estimator and the ground truth
-    from one backward pass with shared samples. ``bias.kfoc_terms`` is ``[B]``, the
-    exact bias block.
-
-    Args:
-        curvature: ``"mc"`` (Monte-Carlo Fisher, default) or ``"ggn"`` (exact GGN)
-            (:class:`~kfoc_backpack.enums.Curvature`).
-        mc_samples: Sampled labels per input for the Monte-Carlo Fisher.
-        fail_mode: ``'ERROR'``, ``'WARNING'`` or ``'SILENT'`` (see :class:`KFOCBase`).
-        with_kfac: Also compute K-FAC's factors of the same samples.
-        exact: Deprecated spelling of ``curvature`` (``True``: ``"ggn"``).
-
-    Raises:
-        ValueError: For a curvature BackPACK's route does not backpropagate.
-    """
-
-    def __init__(
-        self,
-        curvature: Curvature | str = Curvature.MC,
-        mc_samples: int = 1,
-        fail_mode: str = FAIL_ERROR,
-        with_kfac: bool = True,
-        *,
-        exact: bool | None = None,
-    ):
-        self.curvature = self.check_curvature(curvature, exact)
-        strategy = (
-            LossHessianStrategy.EXACT
-            if self.curvature is Curvature.GGN
-            else LossHessianStrategy.SAMPLING
-        )
-        super().__init__(strategy, "kfoc_terms", fail_mode=fail_mode, mc_samples=mc_samples)
-        self.with_kfac = with_kfac
-
-    @staticmethod
-    def check_curvature(curvature: Curvature | str | bool, exact: bool | None = None) -> Curvature:
-        """Return the target BackPACK's route backpropagates: ``"ggn"`` or ``"mc"``.
-
-        Args:
-            curvature: A :class:`~kfoc_backpack.enums.Curvature` or its value (a bool is
-                read as the deprecated ``exact``).
-            exact: Deprecated: ``True`` for ``"ggn"``, ``False`` for ``"mc"``.
-
-        Raises:
-            ValueError: For ``"ef"`` (BackPACK's square root has no empirical Fisher)
-                or an unknown value.
-        """
-        if isinstance(curvature, bool):
-            curvature, exact = Curvature.MC, curvature
-        if exact is not None:
-            warnings.warn(
-                "exact= is deprecated; pass curvature='ggn' (exact=True) or curvature='mc'.",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            return Curvature.GGN if exact else Curvature.MC
-        target = Curvature.parse(curvature, "curvature")
-        if target is Curvature.EF:
-            raise ValueError(
-                "curvature='ef': BackPACK's route backpropagates the exact GGN ('ggn') and "
-                "the Monte-Carlo Fisher ('mc'); for the empirical Fisher use the hook "
-                "route (kfoc_backpack.collect.hooks.TermCollector, KFOCEFBackend)."
-            )
-        return target
-
-    def weight_result(self, module: Module, terms: LayerTerms) -> LayerTerms:
-        """Return the terms themselves."""
-        return terms
-
-
-class EKFOCBase(KFOCBase):
-    """What :class:`EKFOC` and :class:`EKFOCExact` add: the eigenvalue-corrected result.
-
-    The weight's savefield holds an
-    :class:`~kfoc_backpack.solver.correction.EigenCorrected` block: ``left_basis``
-    ``U_L`` and ``right_basis`` ``U_R`` (the eigenvectors of the batch's K-FOC factors)
-    and ``diagonal`` ``S`` (``[C_out, C_in·Πkernel]``), the batch block's exact
-    diagonal in ``U_L ⊗ U_R`` — the Frobenius-nearest matrix with that eigenbasis, never
-    farther from the block than K-FOC's ``L ⊗ R``, and trace-exact. Biases hold their
-    exact block ``[B]``.
-    """
-
-    def weight_result(self, module: Module, terms: LayerTerms) -> EigenCorrected:
-        """Return the K-FOC factors' eigenbasis with the block's own eigenvalues in it."""
-        factors = self.solve(module, terms)
-        return EigenCorrected.of_terms(terms.terms, factors.left, factors.right)
-
-
-class EKFOC(EKFOCBase, KFOC):
-    """Eigenvalue-corrected K-FOC of the Monte-Carlo Fisher, savefield ``ekfoc``.
-
-    Arguments as :class:`KFOC` (the K-FOC solve whose factors give the basis)::
-
-        with backpack(EKFOC()):
-            lossfunc(model(X), y).backward()
-        block = model[0].weight.ekfoc      # EigenCorrected
-        U_L, U_R, S = block.left_basis, block.right_basis, block.diagonal
-    """
-
-    SAVEFIELD = "ekfoc"
-
-
-class EKFOCExact(EKFOCBase, KFOCExact):
-    """Eigenvalue-corrected K-FOC of the exact GGN, savefield ``ekfoc_exact``.
-
-    Arguments as :class:`KFOCExact`; the weight's savefield as :class:`EKFOC`'s.
-    """
-
-    SAVEFIELD = "ekfoc_exact"

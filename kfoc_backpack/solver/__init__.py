@@ -44,18 +44,27 @@ from kfoc_backpack.solver._common import (
     DEFAULT_TOL,
     KroneckerFactors,
     SolverOptions,
+    accelerator_routes,
+    launch_bound,
 )
 from kfoc_backpack.solver.aggregation import KroneckerAccumulator
 from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
-from kfoc_backpack.solver.factored import FactoredTerms, nearest_kronecker_factored
-from kfoc_backpack.solver.outer import nearest_kronecker_outer
+from kfoc_backpack.solver.factored import (
+    DIAGONAL_ROUTES,
+    FactoredTerms,
+    choose_diagonal_route,
+    diagonal_flops,
+    nearest_kronecker_factored,
+)
+from kfoc_backpack.solver.outer import nearest_kronecker_outer, outer_gram_left
 from kfoc_backpack.solver.samples import nearest_kronecker_samples
 from kfoc_backpack.solver.shared.route import LayerSizes, RouteTerms
-from kfoc_backpack.solver.shared.table import ROUTE_TABLE, choose_route
+from kfoc_backpack.solver.shared.table import ROUTE_TABLE, choose_route, route_flops
 from kfoc_backpack.solver.sum import merge_kronecker, nearest_kronecker_sum
 from kfoc_backpack.solver.terms import OuterTerms, SampleTerms, nearest_kronecker_terms
 
 __all__ = [
+    "DIAGONAL_ROUTES",
     "KroneckerAccumulator",
     "DEFAULT_EXACT_MAX_TERMS",
     "DEFAULT_MAX_ITER",
@@ -68,14 +77,20 @@ __all__ = [
     "RouteTerms",
     "SampleTerms",
     "SolverOptions",
+    "accelerator_routes",
+    "choose_diagonal_route",
     "choose_route",
+    "diagonal_flops",
     "kron_error_dense",
     "kron_error_outer",
     "kron_error_samples",
+    "launch_bound",
     "merge_kronecker",
     "nearest_kronecker_factored",
     "nearest_kronecker_outer",
     "nearest_kronecker_samples",
     "nearest_kronecker_sum",
     "nearest_kronecker_terms",
+    "outer_gram_left",
+    "route_flops",
 ]

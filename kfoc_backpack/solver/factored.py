@@ -205,19 +205,24 @@ class FactoredTerms:
         cross = (self.to_right(left) * right).sum()
         return _finish(self.norm_sq(), cross, left, right, relative)
 
-    def diagonal(self) -> Tensor:
+    def diagonal(self, route: DiagonalRoute | str | None = None) -> Tensor:
         """``diag(F) = Σ_{j,k} X_{j,k} ⊙ X_{j,k}`` as an ``[M, N]`` matrix (row-major ``vec``).
 
         Each entry squares a sum over the positions. The route with fewer multiply-adds
-        (:func:`choose_diagonal_route`) either forms the
+        (:func:`choose_diagonal_route`), or ``route`` where given, either forms the
         per-sample matrices (``formed``: ``J·K·T·M·N``, as the ``formed`` solver route
         pays once) or expands the squares over position pairs (``pairs``:
         ``K·T(T+1)/2·M·N`` in one product); a block of samples at a time, at most
         :data:`DIAGONAL_CHUNK` numbers.
+
+        Args:
+            route: Force ``"formed"`` or ``"pairs"`` (benchmarks); default: the cheaper.
         """
         cols, num, pos, m = self.grads.shape
         n = self.inputs.shape[-1]
-        if choose_diagonal_route(LayerSizes(cols, num, pos, m, n)) == DiagonalRoute.PAIRS:
+        if route is None:
+            route = choose_diagonal_route(LayerSizes(cols, num, pos, m, n))
+        if DiagonalRoute.parse(route, "diagonal route") is DiagonalRoute.PAIRS:
             return self._diagonal_by_pairs()
         total = self.grads.new_zeros(m, n)
         step = max(1, DIAGONAL_CHUNK // max(cols * m * n, 1))

@@ -1,1 +1,0 @@
-"""Experiments, benchmarks and figures built on the public API (README, "Layout")."""
