@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
@@ -82,13 +82,6 @@ class Approximation(ABC):
         """How per-batch curvature is combined over the data set."""
         return Aggregation.APPROX
 
-    @classmethod
-    def arguments(cls) -> tuple[str, ...]:
-        """Return the names of the arguments the approximation takes (its dataclass fields)."""
-        if not hasattr(cls, "__dataclass_fields__"):
-            return ()
-        return tuple(field.name for field in fields(cls) if field.init)
-
     @abstractmethod
     def fit(self, data: DataPass, earlier: Fitted | None = None) -> Fitted:
         """Blocks of ``data``'s curvature, including ``earlier``'s (online) if given.
@@ -100,10 +93,6 @@ class Approximation(ABC):
     def bias_block(self, terms: BiasTerms) -> Block:
         """Return the block the approximation gives a bias: its exact block (default)."""
         return terms.exact
-
-    def describe(self) -> str:
-        """Short name for messages."""
-        return self.structure.value
 
 
 WeightBlock = Callable[[str, LayerTerms], Block]

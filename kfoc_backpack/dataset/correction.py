@@ -131,17 +131,9 @@ class EKFOCFactors(EigenCorrection, KFOCFactors):
 
     structure = Structure.EKFOC
 
-    def describe(self) -> str:
-        """``"ekfoc: kfoc (running)"``."""
-        return f"{self.structure}: {Structure.KFOC} ({self.aggregation})"
-
 
 @dataclass
 class EKFACFactors(EigenCorrection, KFACFactors):
     """EK-FAC (``hessian_structure="ekfac"``): K-FAC's eigenbasis, the data's eigenvalues."""
 
     structure = Structure.EKFAC
-
-    def describe(self) -> str:
-        """``"ekfac: kfac"``."""
-        return f"{self.structure}: {Structure.KFAC}"

@@ -66,10 +66,6 @@ class KFOCFactors(Approximation):
         """Warm starts ``[M, M]`` of ``"optimal"``'s left factors, by weight name
         (default: the running aggregate)."""
 
-    def describe(self) -> str:
-        """``"kfoc (running)"`` and the like."""
-        return f"{self.structure} ({self.aggregation})"
-
     def fit(self, data: DataPass, earlier: Fitted | None = None) -> Fitted:
         """K-FOC's blocks; earlier blocks enter the aggregation as one more term."""
         if not self.aggregation.per_batch:
