@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from kfoc_backpack.enums import Structure
+
 FILES = (
     "tests/test_baselaplace.py",
     "tests/test_lllaplace.py",
@@ -59,18 +61,19 @@ EXPECTED_FAILURES: dict[tuple[str, tuple[str, ...]], str] = {
         "asserts that BackPACK/ASDL backends refuse a model with frozen parameters; "
         "hessian_structure='kfoc' replaces the backend and supports frozen parameters"
     ),
-    ("test_overriding_fit", ("EKF",)): (
+    ("test_overriding_fit", ()): (
         "reads the posterior precision as a matrix only where its type is exactly "
-        "KronDecomposed, else calls .clone(); the eigenvalue-corrected posterior is a "
-        "subclass (EigenCorrectedDecomposed). The property (a refit overrides) is tested "
-        "in tests/test_eigen_corrected_laplace.py"
-    ),
-    ("test_online_fit", ("EKF",)): (
-        "reads la.H as a matrix only where its type is exactly KronDecomposed, else calls "
-        ".clone(); the eigenvalue-corrected posterior is a subclass. Three online fits of "
-        "the same data give 3·H for ekfac (2e-15) and for ekfoc up to the projection of "
-        "the earlier S onto the refitted basis (0.6 % on this MLP), see "
+        "KronDecomposed, else calls .clone(); the posterior of every class here is a "
+        "subclass (BlockDecomposed, over the typed blocks). The property (a refit "
+        "overrides) is tested in tests/test_laplace_classes.py and "
         "tests/test_eigen_corrected_laplace.py"
+    ),
+    ("test_online_fit", ()): (
+        "reads la.H as a matrix only where its type is exactly KronDecomposed, else calls "
+        ".clone(); the posterior of every class here is a subclass (BlockDecomposed). "
+        "Three online fits of the same data give 3·H for kfoc, kfac and ekfac, and for "
+        "ekfoc up to the projection of the earlier S onto the refitted basis, see "
+        "tests/test_laplace_classes.py and tests/test_eigen_corrected_laplace.py"
     ),
 }
 """``(test function, substrings of its parameter id) → why it cannot hold for K-FOC``."""
@@ -89,8 +92,8 @@ def is_kron(structure: object) -> bool:
     return getattr(structure, "value", structure) == "kron"
 
 
-STRUCTURES = ("kfoc", "ekfoc", "ekfac")
-"""The structures the suite can stand in for ``"kron"``."""
+STRUCTURES = Structure.values()
+"""The structures the suite can stand in for ``"kron"``: every one the package registers."""
 
 
 def kron_as(factory: Callable[..., Any], structure: str = "kfoc") -> Callable[..., Any]:
