@@ -15,7 +15,7 @@ Layer: pure tensor maths on top of :mod:`kfoc_backpack.solver`; knows nothing of
 BackPACK or laplace-torch.
 """
 
-from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed
+from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed, Jacobian, output_products
 from kfoc_backpack.blocks.corrected import DiagonalSum, EigenCorrected
 from kfoc_backpack.blocks.dense import DecomposedDense, DenseBlock, DenseSum
 from kfoc_backpack.blocks.kronecker import DecomposedKronecker, KroneckerBlock, KroneckerSum
@@ -30,6 +30,8 @@ __all__ = [
     "DenseSum",
     "DiagonalSum",
     "EigenCorrected",
+    "Jacobian",
     "KroneckerBlock",
     "KroneckerSum",
+    "output_products",
 ]

@@ -14,12 +14,48 @@ Index conventions: ``P`` the parameter's number of entries (the block is ``P × 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from kfoc_backpack.enums import Aggregation
+
+
+class Jacobian(Protocol):
+    """A parameter's output Jacobian for ``C`` outputs of ``N`` inputs, in its own form.
+
+    :mod:`kfoc_backpack.collect.jacobians` has the forms: rows, or a weight's factors
+    over its positions.
+    """
+
+    def rows(self) -> Tensor:
+        """Return ``[C, N, P]``: the Jacobian's rows in the parameter's ``vec`` order."""
+        ...
+
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> Tensor:
+        """Return ``[C, N, O, I]``: each row as an ``O × I`` matrix ``J``, ``Q_Lᵀ J Q_R``."""
+        ...
+
+
+def output_products(rows: Tensor, solved: Tensor, joint: bool = False) -> Tensor:
+    """``Σ_p rows[·, p] solved[·, p]`` between the outputs of each input, or of all inputs.
+
+    Args:
+        rows: ``[C, N, P]``.
+        solved: ``[C, N, P]``.
+        joint: Every pair of (input, output) rows, input-major, instead of the pairs of
+            outputs of each input.
+
+    Returns:
+        ``[N, C, C]``, or ``[N·C, N·C]`` with ``joint``.
+    """
+    if not joint:
+        return torch.einsum("cnp,dnp->ncd", rows, solved)
+    outputs, num, size = rows.shape
+    flat_rows = rows.transpose(0, 1).reshape(num * outputs, size)
+    flat_solved = solved.transpose(0, 1).reshape(num * outputs, size)
+    return flat_rows @ flat_solved.T
 
 
 class Decomposed(ABC):
@@ -75,6 +111,25 @@ class Decomposed(ABC):
         """``[R, P]``: each row times ``(B + δ)^exponent``."""
         rotated = self.rotate(rows) * self.spectrum(delta, exponent, damping)
         return self.unrotate(rotated)
+
+    def output_covariance(
+        self, jacobian: Jacobian, delta: Tensor, damping: bool = False, joint: bool = False
+    ) -> Tensor:
+        """Return the parameter's share ``J (B + δ)⁻¹ Jᵀ`` of the output covariance.
+
+        Args:
+            jacobian: The parameter's output Jacobian for ``C`` outputs of ``N`` inputs.
+            delta: The prior precision added to the block.
+            damping: laplace-torch's ``damping``.
+            joint: Between all inputs' outputs, not only each input's own.
+
+        Returns:
+            ``[N, C, C]``, or ``[N·C, N·C]`` (input-major) with ``joint``.
+        """
+        rows = jacobian.rows()
+        outputs, num, size = rows.shape
+        solved = self.bmm(rows.reshape(-1, size), delta, -1, damping)
+        return output_products(rows, solved.reshape(outputs, num, size), joint)
 
     def to_matrix(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
         """Dense ``(B + δ)^exponent``, ``[P, P]`` (small blocks and tests)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed
+from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed, Jacobian, output_products
 from kfoc_backpack.enums import Aggregation
 from kfoc_backpack.solver import KroneckerAccumulator, nearest_kronecker_sum
 from kfoc_backpack.solver.eigen import symeig
@@ -138,6 +138,19 @@ class TwoSided(Decomposed):
     def basis(self) -> Tensor:
         """``Q_L ⊗ Q_R``."""
         return torch.kron(self.left_basis, self.right_basis)
+
+    def output_covariance(
+        self, jacobian: Jacobian, delta: Tensor, damping: bool = False, joint: bool = False
+    ) -> Tensor:
+        """``Σ_{ij} Ĵ_a[i, j] Ĵ_b[i, j] / (E[i, j] + δ)`` with ``Ĵ = Q_Lᵀ J Q_R``.
+
+        The Jacobian comes rotated into the basis (a weight's factors rotated before
+        ``J`` is formed) and is weighted by the inverse spectrum: ``O·I`` numbers per
+        row, never the ``P × P`` block. Shapes as :meth:`Decomposed.output_covariance`.
+        """
+        rotated = jacobian.rotated(self.left_basis, self.right_basis)
+        weighted = rotated * self.spectrum(delta, -1, damping)
+        return output_products(rotated.flatten(2), weighted.flatten(2), joint)
 
     def diag(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
         """``((Q_L ⊙ Q_L) E (Q_R ⊙ Q_R)ᵀ)`` flattened, ``E`` the spectrum."""

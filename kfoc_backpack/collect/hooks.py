@@ -36,8 +36,15 @@ from torch.nn import Module
 
 from kfoc_backpack.blocks import Block, DenseBlock
 from kfoc_backpack.collect.batch import BatchQuantities, layer_zero_blocks
-from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout, detect_layout
+from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout
+from kfoc_backpack.collect.checks import check_used_through_forward, probe_layouts
 from kfoc_backpack.collect.handover import bias_block, weight_terms
+from kfoc_backpack.collect.jacobians import (
+    Jacobian,
+    OutputJacobians,
+    PositionJacobian,
+    RowJacobian,
+)
 from kfoc_backpack.collect.kinds import kind_of
 from kfoc_backpack.collect.layer_terms import BiasTerms, WeightSteps
 from kfoc_backpack.collect.loss import check_loss, loss_value, output_vectors
@@ -141,28 +148,75 @@ class TermCollector:
         """
         kfac = self.with_kfac if with_kfac is None else with_kfac
         with torch.enable_grad():
-            calls, output = self._forward(X)
-            changed = {
-                name
-                for name, record in calls.items()
-                if any(o._version != v for o, v in zip(record.outputs, record.versions))
-            }
-            if changed:
-                # an in-place operation after a layer (``ReLU(inplace=True)``) changed its
-                # output: from now on the model works on a copy of those layers' outputs
-                self._clone.update(changed)
-                calls, output = self._forward(X)
+            calls, output = self._recorded(X)
             num = int(output.shape[0])  # inputs of the batch
             loss = loss_value(self.lossfunc, output, y).detach()
             vectors = output_vectors(self.lossfunc, output, y, self.curvature, self.mc_samples)
-            if not self._checked:
-                self._first_batch_checks(calls, output, num)
             grads = self._backward(calls, output, vectors)
         batch = BatchQuantities(loss, num, {}, {})
         for name, module in self.layers.items():
             if calls[name].inputs:
                 self._layer_quantities(name, module, calls[name], grads[name], batch, kfac)
         return batch
+
+    def output_jacobians(self, X: object) -> OutputJacobians:
+        """Return the model output on ``X`` and each trainable parameter's Jacobian of it.
+
+        The forward of :meth:`__call__` and one backward pass per output unit (one
+        vectorised pass where the model allows), whose vectors at each supported layer
+        give its weight's :class:`~kfoc_backpack.collect.jacobians.PositionJacobian` and
+        its bias's rows; nothing of size ``N × C × parameters`` is formed.
+
+        Raises:
+            ValueError: For a model output that is not ``[N, C]``.
+            FloatingPointError, NotImplementedError: As :meth:`__call__`.
+        """
+        with torch.enable_grad():
+            calls, output = self._recorded(X)
+            if output.dim() != 2:
+                raise ValueError(
+                    f"{self.owner}: the output Jacobians need a model output [N, C], got "
+                    f"{tuple(output.shape)}."
+                )
+            num, outputs = output.shape
+            # where each layer keeps the inputs may differ from the fit's batches (a reward
+            # model predicts single inputs, fitted on pairs): probed for these inputs
+            outs = {name: record.outputs for name, record in calls.items() if record.outputs}
+            layouts = probe_layouts(self.layers, outs, output, num, self.owner)
+            eye = torch.eye(outputs, dtype=output.dtype, device=output.device)
+            grads = self._backward(calls, output, eye.unsqueeze(1).expand(-1, num, -1))
+        parameters: dict[str, Jacobian] = {}
+        for name, module in self.layers.items():
+            if not calls[name].inputs:
+                continue
+            inputs, vectors = self._positions(module, calls[name], grads[name], layouts[name])
+            for pname, param in module.named_parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                full = self.param_names[id(param)]
+                if pname == "weight":
+                    groups = kind_of(module).groups(module)
+                    parameters[full] = PositionJacobian(vectors, inputs, groups)
+                elif pname == "bias":
+                    parameters[full] = RowJacobian(vectors.sum(2))
+        return OutputJacobians(output.detach(), parameters)
+
+    def _recorded(self, X: object) -> tuple[dict[str, _Calls], Tensor]:
+        """Forward with every layer's calls recorded (the first batch's checks done once)."""
+        calls, output = self._forward(X)
+        changed = {
+            name
+            for name, record in calls.items()
+            if any(o._version != v for o, v in zip(record.outputs, record.versions))
+        }
+        if changed:
+            # an in-place operation after a layer (``ReLU(inplace=True)``) changed its
+            # output: from now on the model works on a copy of those layers' outputs
+            self._clone.update(changed)
+            calls, output = self._forward(X)
+        if not self._checked:
+            self._first_batch_checks(calls, output, int(output.shape[0]))
+        return calls, output
 
     def zero_blocks(self) -> dict[str, Block]:
         """Every trainable parameter's all-zero block, in ``named_parameters`` order."""
@@ -264,58 +318,26 @@ class TermCollector:
     def _first_batch_checks(self, calls: dict[str, _Calls], output: Tensor, num: int) -> None:
         """Unused-forward layers, batch dimension and sample independence, once."""
         silent = [name for name, record in calls.items() if not record.outputs]
-        params = [p for name in silent for p in self.layers[name].parameters() if p.requires_grad]
-        if params:
-            used = torch.autograd.grad(output.sum(), params, retain_graph=True, allow_unused=True)
-            for param, grad in zip(params, used):
-                if grad is not None:
-                    name = self.param_names[id(param)].rsplit(".", 1)[0]
-                    module = self.layers[name]
-                    raise NotImplementedError(
-                        f"{self.owner}: {describe(name, module)} has trainable parameters that "
-                        "the model uses without calling the layer's forward (as "
-                        "nn.MultiheadAttention does with its out_proj), so K-FOC cannot see "
-                        "its inputs. Freeze its parameters (requires_grad=False)."
-                    )
-        outs = [(name, out) for name, record in calls.items() for out in record.outputs]
-        if not outs:
-            self._checked = True
-            return
-        probe = torch.zeros_like(output)
-        generator = torch.Generator().manual_seed(0)
-        probe[0] = torch.randn(output[0].shape, generator=generator, dtype=output.dtype).to(
-            output.device
+        check_used_through_forward(
+            {name: self.layers[name] for name in silent}, self.param_names, output, self.owner
         )
-        grads = torch.autograd.grad(
-            output, [o for _, o in outs], probe, retain_graph=True, allow_unused=True
-        )
-        for (name, out), grad in zip(outs, grads):
-            self._layouts[name] = self._layout(name, out, grad, num)
+        outs = {name: record.outputs for name, record in calls.items() if record.outputs}
+        self._layouts.update(probe_layouts(self.layers, outs, output, num, self.owner))
         self._checked = True
 
-    def _layout(self, name: str, out: Tensor, grad: Tensor | None, num: int) -> BatchLayout:
-        """Where ``out`` keeps the inputs (sample 0's gradient stays in its rows)."""
-        where = describe(name, self.layers[name])
-        try:
-            layout = detect_layout(
-                tuple(out.shape),
-                num,
-                grad,
-                any_dim=kind_of(self.layers[name]).any_batch_dim,
-                default=self._layouts.get(name, PLAIN),
-            )
-        except ValueError:
-            raise NotImplementedError(
-                f"{self.owner}: the output of input 0 depends on other inputs' activations at "
-                f"{where}; K-FOC needs independent inputs (put BatchNorm in eval mode)."
-            ) from None
-        if layout is None:
-            raise NotImplementedError(
-                f"{self.owner}: the output {tuple(out.shape)} of {where} has no dimension 0 or "
-                f"1 of the batch size {num}, nor a dimension 0 that is a multiple of it: "
-                "K-FOC needs each input's activations separate."
-            )
-        return layout
+    @staticmethod
+    def _positions(
+        module: Module, record: _Calls, grads: list[Tensor], layout: BatchLayout
+    ) -> tuple[Tensor, Tensor]:
+        """``([N, T, I], [M, N, T, O])``: a layer's inputs and vectors at its positions."""
+        kind = kind_of(module)
+        inputs = [kind.inputs(module, x, layout) for x in record.inputs]  # [N, T, I] each
+        vectors = [kind.vectors(module, g, layout) for g in grads]  # [M, N, T, O] each
+        # a layer called several times: its calls are positions of one weight (one call:
+        # the views as they are, no copy)
+        inputs = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        vectors = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 2)
+        return inputs, vectors
 
     def _layer_quantities(
         self,
@@ -326,14 +348,9 @@ class TermCollector:
         batch: BatchQuantities,
         with_kfac: bool,
     ) -> None:
-        layout = self._layouts.get(name, PLAIN)
         kind = kind_of(module)
-        inputs = [kind.inputs(module, x, layout) for x in record.inputs]  # [N, T, I] each
-        vectors = [kind.vectors(module, g, layout) for g in grads]  # [M, N, T, O] each
-        # a layer called several times: its calls are positions of one weight (one call:
-        # the views as they are, no copy)
-        inputs = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        vectors = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 2)
+        layout = self._layouts.get(name, PLAIN)
+        inputs, vectors = self._positions(module, record, grads, layout)
         weight = weight_terms(
             inputs,
             vectors,

@@ -23,7 +23,6 @@ prior precision.
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -34,13 +33,15 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from kfoc_backpack._compat import supported_kwargs
-from kfoc_backpack.blocks import Block, EigenCorrected
+from kfoc_backpack.blocks import Block
 from kfoc_backpack.dataset import Approximation, DataPass, Fitted
 from kfoc_backpack.dataset.distributed import Communication, Reducer
 from kfoc_backpack.enums import Reduction
 from kfoc_backpack.laplace.backend import batch_inputs, check_supported_layers, resolve_backend
 from kfoc_backpack.laplace.errors import UnsupportedDtypeError
 from kfoc_backpack.laplace.posterior import BlockDecomposed, BlockKron
+from kfoc_backpack.laplace.predictive import glm_predictive
+from kfoc_backpack.laplace.state import BlockState
 
 Parameter = inspect.Parameter
 
@@ -74,7 +75,7 @@ def zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) ->
     return Kron(kfacs)
 
 
-class BlockLaplace(KronLaplace):
+class BlockLaplace(BlockState, KronLaplace):
     """``KronLaplace`` fitted by the class's approximation (see the module docstring)."""
 
     _key = None
@@ -312,6 +313,22 @@ class BlockLaplace(KronLaplace):
         self.H_facs = BlockKron(list(self._raw.values())) * float(self.backend.factor)
         self.H = self.H_facs.decompose(damping=self.damping)
 
+    def _glm_predictive_distribution(
+        self, X: Any, joint: bool = False, diagonal_output: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(f_mu, f_var)`` of the GLM predictive, the output covariance a parameter at a time.
+
+        Never forms laplace-torch's ``(batch, outputs, parameters)`` Jacobian
+        (:mod:`kfoc_backpack.laplace.predictive`); with ``enable_backprop`` (gradients
+        through the predictive) laplace-torch's own Jacobian route is taken.
+        """
+        if self.enable_backprop:
+            return super()._glm_predictive_distribution(X, joint, diagonal_output)
+        f_mu, f_var = glm_predictive(self, X, joint)
+        if diagonal_output and not joint:
+            f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        return f_mu, f_var
+
     @property
     def posterior_precision(self) -> BlockDecomposed:
         """Posterior precision ``H · factor + P₀`` in the blocks' eigenforms, damping kept."""
@@ -331,68 +348,3 @@ class BlockLaplace(KronLaplace):
     def posterior_variance(self) -> Tensor:
         """``[P]`` diagonal of the posterior covariance, without forming it."""
         return self.posterior_precision.diag(exponent=-1)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``KronLaplace``'s state dict plus the aggregation and the raw blocks.
-
-        ``"blocks"``: per trainable parameter, its raw block (without the likelihood
-        factor) as :meth:`~kfoc_backpack.blocks.Block.state` gives it.
-        """
-        state = super().state_dict()
-        state["aggregation"] = self.aggregation
-        state["blocks"] = [block.state() for block in self._raw.values()]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by the same class (warns on another aggregation).
-
-        Raises:
-            ValueError: For a state of another Laplace class (laplace-torch's check), or
-                blocks of another structure than the class fits.
-        """
-        super(KronLaplace, self).load_state_dict(state_dict)  # not KronLaplace's decomposition
-        saved = state_dict.get("aggregation", self.aggregation)
-        if saved != self.aggregation:
-            warnings.warn(
-                f"Loading factors aggregated with {saved!r} into a {type(self).__name__} "
-                f"with aggregation={self.aggregation!r}; online fits continue with "
-                f"{self.aggregation!r}.",
-                UserWarning,
-                stacklevel=2,
-            )
-        blocks = self._saved_blocks(state_dict)
-        self._check_kinds(blocks)
-        self._set_fitted(dict(zip(self.backend.named_trainable, blocks)))
-
-    def _saved_blocks(self, state: dict[str, Any]) -> list[Block]:
-        """Return the raw blocks of a state (also of one saved before the blocks were typed).
-
-        A state without ``"blocks"`` holds laplace-torch's ``kfacs`` times the likelihood
-        factor under ``"H"`` and, per parameter, an eigenvalue-corrected weight's
-        ``(U_L, U_R, S)`` or ``None`` under ``"corrected"``.
-        """
-        if "blocks" in state:
-            return [Block.from_state(entry) for entry in state["blocks"]]
-        factor = float(self.backend.factor)
-        zeros = list(self.backend.collector.zero_blocks().values())
-        corrected = state.get("corrected") or [None] * len(zeros)
-        blocks: list[Block] = []
-        for zero, kfacs, saved in zip(zeros, state["H"], corrected):
-            block = zero.from_kfacs(list(kfacs)).scaled(1.0 / factor, even=True)
-            blocks.append(block if saved is None else EigenCorrected(*saved, factors=block))
-        return blocks
-
-    def _check_kinds(self, blocks: list[Block]) -> None:
-        """Refuse blocks of another structure than the approximation fits.
-
-        Raises:
-            ValueError: Naming the kinds found and the class's structure.
-        """
-        expected = set(self.approximation.block_kinds)
-        found = {block.kind for block in blocks}
-        if not found <= expected:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the state has blocks of kinds "
-                f"{sorted(found)}; hessian_structure={self.approximation.structure.value!r} "
-                f"fits {sorted(expected)}."
-            )

@@ -1,0 +1,129 @@
+r"""The model output's Jacobian with respect to each parameter, in the parameter's own form.
+
+For the GLM predictive the posterior needs ``J P⁻¹ Jᵀ`` per input, ``J`` the Jacobian of
+the ``C`` outputs with respect to the parameters. It is never formed whole (``batch ×
+outputs × parameters`` numbers): each parameter's part comes in the form its layer has,
+
+* a weight shared over ``T`` positions (:class:`PositionJacobian`): row ``c`` of input
+  ``n`` is the matrix ``J_{n,c} = Σ_t g_{c,n,t} a_{n,t}ᵀ`` (``O × I``), kept as the
+  output-side vectors ``g`` (the backpropagation of each output unit to the layer's
+  output) and the inputs ``a`` — the per-sample terms of §1 with one column per output;
+* any other parameter (a bias, ``Σ_t g_{c,n,t}``) as its rows (:class:`RowJacobian`),
+
+and a posterior block (:meth:`kfoc_backpack.blocks.Decomposed.output_covariance`) turns
+each into its share of the output covariance, a layer at a time.
+
+Index conventions: ``C`` outputs per input, ``N`` inputs, ``T`` positions, ``O``/``I`` a
+weight's output/input features (``I`` per group for a grouped convolution), ``P`` a
+parameter's entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from kfoc_backpack.solver.shared.formed import formed_samples
+
+
+@dataclass(frozen=True)
+class RowJacobian:
+    """A parameter's output Jacobian as rows.
+
+    Attributes:
+        values: ``[C, N, P]``: ``∂f_{n,c}/∂θ`` for each output ``c`` of input ``n``.
+    """
+
+    values: Tensor
+
+    @property
+    def num_inputs(self) -> int:
+        """``N``."""
+        return self.values.shape[1]
+
+    def rows(self) -> Tensor:
+        """``[C, N, P]``."""
+        return self.values
+
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> Tensor:
+        """``[C, N, O, I]``: each row, as an ``O × I`` matrix ``J``, in ``Q_Lᵀ J Q_R``."""
+        outputs, num, _ = self.values.shape
+        matrices = self.values.reshape(outputs, num, len(left_basis), len(right_basis))
+        return left_basis.T @ matrices @ right_basis
+
+    def chunk(self, start: int, stop: int) -> RowJacobian:
+        """Return the Jacobian of inputs ``start … stop − 1``."""
+        return RowJacobian(self.values[:, start:stop])
+
+
+@dataclass(frozen=True)
+class PositionJacobian:
+    """A weight's output Jacobian over its positions: ``J_{n,c} = Σ_t g_{c,n,t} a_{n,t}ᵀ``.
+
+    Attributes:
+        vectors: ``[C, N, T, O]``: each output's backpropagation to the layer's output.
+        inputs: ``[N, T, I·groups]``: the layer's (unfolded) input at the positions.
+        groups: Blocks of the weight's rows that see disjoint blocks of the input
+            features (a grouped convolution's ``groups``).
+    """
+
+    vectors: Tensor
+    inputs: Tensor
+    groups: int = 1
+
+    @property
+    def num_inputs(self) -> int:
+        """``N``."""
+        return self.inputs.shape[0]
+
+    def rows(self) -> Tensor:
+        """``[C, N, O·I]``: the Jacobian formed (``C·N·T·O·I`` multiply-adds)."""
+        outputs, num = self.vectors.shape[:2]
+        return formed_samples(self.vectors, self.inputs, self.groups).reshape(outputs, num, -1)
+
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> Tensor:
+        """``[C, N, O, I]``: ``Q_Lᵀ J_{n,c} Q_R``, the factors rotated before ``J`` is formed.
+
+        ``(G Q_L)ᵀ (A Q_R)``: ``C·N·T·O² + N·T·I² + C·N·T·O·I`` multiply-adds instead of
+        rotating the formed ``O × I`` matrices (``C·N·(O²·I + O·I²)``). A grouped layer's
+        rows see their own group's inputs, so its left rotation follows the formed
+        product.
+        """
+        outputs, num, _, out_features = self.vectors.shape
+        if self.groups == 1:
+            formed = formed_samples(self.vectors @ left_basis, self.inputs @ right_basis)
+            return formed.reshape(outputs, num, out_features, -1)
+        inputs = (self.inputs.unflatten(2, (self.groups, -1)) @ right_basis).flatten(2)
+        formed = formed_samples(self.vectors, inputs, self.groups)
+        return left_basis.T @ formed.reshape(outputs, num, out_features, -1)
+
+    def chunk(self, start: int, stop: int) -> PositionJacobian:
+        """Return the Jacobian of inputs ``start … stop − 1``."""
+        return PositionJacobian(
+            self.vectors[:, start:stop], self.inputs[start:stop], self.groups
+        )
+
+
+Jacobian = RowJacobian | PositionJacobian
+"""A parameter's output Jacobian in one of its forms."""
+
+
+@dataclass(frozen=True)
+class OutputJacobians:
+    """The model output on a batch and each trainable parameter's Jacobian of it.
+
+    Attributes:
+        output: ``[N, C]`` the model output.
+        parameters: Per trainable parameter the batch's forward pass used, its Jacobian.
+    """
+
+    output: Tensor
+    parameters: dict[str, Jacobian]
+
+
+def chunks(jacobian: Jacobian, size: int) -> Iterator[tuple[int, Jacobian]]:
+    """``(start, Jacobian)`` of consecutive blocks of at most ``size`` inputs."""
+    for start in range(0, jacobian.num_inputs, size):
+        yield start, jacobian.chunk(start, min(start + size, jacobian.num_inputs))
