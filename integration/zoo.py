@@ -176,7 +176,7 @@ def make(name: str, batch: int, batches: int, seed: int = 0) -> Case:
     build, kind = MODELS[name]
     torch.manual_seed(seed)
     model = build().eval()
-    frozen = kfoc_backpack.freeze_unsupported(model)
+    frozen = kfoc_backpack.freeze_unsupported(model, exact_type=True)  # kron's layers
     num = batch * batches
     labels = torch.randint(0, CLASSES, (num,))
     if kind == "image":

@@ -25,7 +25,8 @@ RANK_SEED_STRIDE = 1 << 32
 
 
 class ResidualNet(nn.Module):
-    """A model as users write it: a residual sum, GELU, frozen BatchNorm, dict batches."""
+    """A model as users write it: a residual sum, GELU, BatchNorm (eval mode), parameters
+    of its own (a shift and a mixing matrix), dict batches; everything trainable."""
 
     def __init__(self, hidden: int = 7):
         super().__init__()
@@ -33,14 +34,18 @@ class ResidualNet(nn.Module):
         self.norm = nn.BatchNorm1d(hidden)
         self.block = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, 3)
-        self.norm.running_mean.uniform_(-0.5, 0.5)
-        self.norm.running_var.uniform_(0.5, 2.0)
-        self.norm.requires_grad_(False)
+        self.shift = nn.Parameter(0.1 * torch.randn(hidden))
+        self.mix = nn.Parameter(torch.eye(hidden) + 0.1 * torch.randn(hidden, hidden))
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+            self.norm.running_var.uniform_(0.5, 2.0)
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
 
     def forward(self, batch: Mapping[str, Tensor] | Tensor) -> Tensor:
         x = batch["input_ids"] if isinstance(batch, Mapping) else batch
-        h = F.gelu(self.inp(x))
-        h = h + F.gelu(self.block(self.norm(h)))
+        h = F.gelu(self.inp(x)) + self.shift
+        h = h + F.gelu(self.block(self.norm(h))) @ self.mix
         return self.out(h)
 
 

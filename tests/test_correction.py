@@ -185,30 +185,46 @@ def test_non_finite_factors_are_refused():
         EigenCorrected.of_terms(terms, left, torch.eye(2).double())
 
 
-def test_eigh_failures_fall_back_to_float64_then_a_shift(monkeypatch):
-    """Where LAPACK's ``eigh`` does not converge, the basis still comes out (or is named)."""
+def test_eigh_failures_fall_back_to_a_shift_then_float64(monkeypatch):
+    """Where LAPACK's ``eigh`` fails — raises, or returns NaN — the basis still comes out."""
     terms, samples = _samples(4, 3, 5, torch.float64, seed=2)
     left = torch.einsum("kmn,kpn->mp", samples, samples)
     right = torch.einsum("kmn,kmp->np", samples, samples)
     expected = EigenCorrected.of_terms(terms, left, right)
     eigh, calls = torch.linalg.eigh, []
 
-    def fails_unless(succeeds):
+    def fails_unless(succeeds, silently=False):
         def flaky(matrix, **kwargs):
             calls.append(matrix.dtype)
             if not succeeds(matrix, len(calls)):
+                if silently:  # LAPACK's silent failure: NaN eigenvectors
+                    values, vectors = eigh(matrix, **kwargs)
+                    return values, torch.full_like(vectors, float("nan"))
                 raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
             return eigh(matrix, **kwargs)
 
         monkeypatch.setattr(torch.linalg, "eigh", flaky)
 
-    # float32 fails: solved in float64, returned in float32, the same block
-    fails_unless(lambda matrix, _: matrix.dtype == torch.float64)
-    corrected = EigenCorrected.of_terms(SampleTerms(samples.float()), left.float(), right.float())
-    assert corrected.left_basis.dtype == torch.float32
-    torch.testing.assert_close(corrected.dense().double(), expected.dense(), rtol=1e-4, atol=1e-4)
-    # float64 fails (and is not retried unchanged): the shifted matrix has the same
-    # eigenvectors
+    float32 = (SampleTerms(samples.float()), left.float(), right.float())
+    for silently in (False, True):
+        # float32 fails unshifted: the shifted float32 matrix has the same eigenvectors
+        calls.clear()
+        fails_unless(lambda _, call: call % 2 == 0, silently)
+        corrected = EigenCorrected.of_terms(*float32)
+        assert calls == [torch.float32] * 4
+        assert corrected.left_basis.dtype == torch.float32
+        torch.testing.assert_close(
+            corrected.dense().double(), expected.dense(), rtol=1e-4, atol=1e-4
+        )
+        # float32 fails: solved in float64, returned in float32, the same block
+        calls.clear()
+        fails_unless(lambda matrix, _: matrix.dtype == torch.float64, silently)
+        corrected = EigenCorrected.of_terms(*float32)
+        assert calls[:3] == [torch.float32, torch.float32, torch.float64]
+        torch.testing.assert_close(
+            corrected.dense().double(), expected.dense(), rtol=1e-4, atol=1e-4
+        )
+    # float64 fails (and is not retried unchanged): shifted
     calls.clear()
     fails_unless(lambda _, call: call % 2 == 0)
     again = EigenCorrected.of_terms(terms, left, right)

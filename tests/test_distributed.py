@@ -26,7 +26,7 @@ from laplace_helpers import dense_ggn_blocks
 from kfoc_backpack import optimal_factors
 from kfoc_backpack.blocks import KroneckerBlock
 from kfoc_backpack.collect.batch import BatchQuantities, model_zero_blocks
-from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
+from kfoc_backpack.collect.layer_terms import DenseTerms, LayerTerms
 from kfoc_backpack.dataset import DataPass, KFOCFactors
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -99,8 +99,8 @@ laplace_reference = cases.fit_laplace
 def test_laplace_matches_one_process(fitted, arch, key):
     """``"optimal"`` (stored and streamed) and ``"approx"``: the one-process fit, on every rank.
 
-    ``residual`` is an ``nn.Module`` subclass (residual sum, GELU, frozen BatchNorm) fed
-    dict batches."""
+    ``residual`` is an ``nn.Module`` subclass (residual sum, GELU, BatchNorm, parameters
+    of its own, everything trainable) fed dict batches."""
     world, ranks = fitted
     results = [r[arch]["laplace"][key] for r in ranks]
     assert_same_on_every_rank([r["kfacs"] for r in results])
@@ -320,7 +320,7 @@ class Replay:
             if isinstance(value, LayerTerms):
                 batch.weights[name] = value
             else:
-                batch.biases[name] = BiasTerms(self.zeros[name].from_kfacs(value))
+                batch.dense[name] = DenseTerms(self.zeros[name].from_kfacs(value))
         return batch
 
     def zero_blocks(self):

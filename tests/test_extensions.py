@@ -354,7 +354,7 @@ def test_fail_mode_warning_skips_unsupported_conv_settings(conv, problem_text):
     left, right = expected.kfoc(expected.solve(SolverOptions(**tight)))
     torch.testing.assert_close(factors["0.weight"][0], left, rtol=1e-7, atol=1e-12)
     torch.testing.assert_close(factors["0.weight"][1], right, rtol=1e-7, atol=1e-12)
-    torch.testing.assert_close(factors["0.bias"][0], batch.biases["0.bias"].exact.matrix)
+    torch.testing.assert_close(factors["0.bias"][0], batch.dense["0.bias"].exact.matrix)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="Full backward hook")

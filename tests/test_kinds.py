@@ -16,7 +16,8 @@ from kfoc_backpack.collect.batch_layout import BatchLayout
 from kfoc_backpack.collect.kinds import kind_of
 from kfoc_backpack.collect.kinds.conv import ConvKind
 from kfoc_backpack.collect.kinds.linear import LinearKind
-from kfoc_backpack.collect.registry import SUPPORTED_LAYERS, unsupported_reason
+from kfoc_backpack.collect.kinds.norm import BatchNormKind, LayerNormKind
+from kfoc_backpack.collect.registry import NORM_LAYERS, SUPPORTED_LAYERS, unsupported_reason
 
 
 class MyLinear(nn.Linear):
@@ -26,10 +27,15 @@ class MyLinear(nn.Linear):
 def test_kind_of_matches_types_and_subclasses():
     assert isinstance(kind_of(nn.Linear(2, 3)), LinearKind)
     assert isinstance(kind_of(nn.Conv1d(2, 3, 1)), ConvKind)
-    assert kind_of(nn.LayerNorm(3)) is None
+    assert isinstance(kind_of(nn.LayerNorm(3)), LayerNormKind)
+    assert isinstance(kind_of(nn.BatchNorm2d(3)), BatchNormKind)
+    assert kind_of(nn.BatchNorm2d(3), exact_type=True) is None  # no BackPACK extension
+    assert kind_of(nn.Embedding(4, 3)) is None  # per-sample gradients by torch.func
     assert isinstance(kind_of(MyLinear(2, 3)), LinearKind)
     assert kind_of(MyLinear(2, 3), exact_type=True) is None  # BackPACK dispatches on type
     assert set(SUPPORTED_LAYERS) == {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d}
+    norms = {nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
+    assert norms | {nn.SyncBatchNorm, nn.RMSNorm} == set(NORM_LAYERS)
 
 
 def test_registry_reasons_come_from_the_kind():

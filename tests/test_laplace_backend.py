@@ -208,19 +208,34 @@ def test_dict_inputs_match_tensor_inputs(problem):
 
 
 @pytest.mark.parametrize(
-    "layer, match",
-    [
-        (nn.BatchNorm1d(6), "BatchNorm1d"),
-        (nn.Conv1d(1, 2, 1, groups=1, padding_mode="circular"), "padding_mode"),
-    ],
+    "layer",
+    [nn.BatchNorm1d(6).eval(), nn.Conv1d(1, 1, 1, padding_mode="circular")],
+    ids=["batchnorm", "circular-conv"],
 )
-def test_unsupported_layers_rejected_at_construction(layer, match):
-    model = nn.Sequential(nn.Linear(4, 6), layer, nn.Linear(6, 2)).double()
-    with pytest.raises(NotImplementedError, match=match) as info:
+def test_layers_outside_the_factored_kinds_get_exact_blocks(layer):
+    """A normalisation layer (its kind) or a circular convolution (``torch.func``): exact."""
+    torch.manual_seed(0)
+    middle = (
+        nn.Sequential(nn.Unflatten(1, (1, 6)), layer, nn.Flatten())
+        if "Conv" in str(layer)
+        else layer
+    )
+    model = nn.Sequential(nn.Linear(4, 6), middle, nn.Tanh(), nn.Linear(6, 2)).double().eval()
+    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    backend = KFOCBackend(model, "regression")
+    _, kron = backend.kron(X, y, N=7)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    dense = dense_ggn_blocks(model, X, "regression")
+    for name, factors in zip(names, kron.kfacs):
+        if name.startswith("1."):
+            torch.testing.assert_close(factors[0], dense[name], rtol=1e-9, atol=1e-12)
+
+
+def test_too_large_parameter_rejected_at_construction():
+    model = nn.Sequential(nn.Embedding(5000, 256), nn.Flatten(), nn.Linear(256, 2))
+    with pytest.raises(NotImplementedError, match=r"'0' \(Embedding\).*\(5000, 256\)"):
         KFOCBackend(model, "regression")
-    assert "Linear" in str(info.value) or "groups=1" in str(info.value)
-    for p in layer.parameters():
-        p.requires_grad_(False)
+    model[0].weight.requires_grad_(False)
     KFOCBackend(model, "regression")  # frozen: fine
 
 

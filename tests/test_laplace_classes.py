@@ -375,15 +375,28 @@ def test_dict_batches_fit_like_tensor_batches(problem, subset):
     assert la.n_data == NUM_DATA
 
 
-def test_unsupported_layer_rejected_at_construction(problem):
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
-    with pytest.raises(NotImplementedError, match=r"BatchNorm1d.*Linear, Conv1d, Conv2d, Conv3d"):
+def test_too_large_parameter_rejected_at_construction(problem):
+    embedding = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (1, 6)))
+    model = nn.Sequential(embedding, nn.Flatten(), nn.Linear(6, 3)).double()
+    model[0].table = nn.Parameter(torch.zeros(2000, 600, dtype=torch.float64))  # unused here
+    with pytest.raises(
+        NotImplementedError, match=r"(?s)\(2000, 600\) parameter 'table'.*last_layer"
+    ):
         Laplace(model, "classification", "all", "kfoc")
     # last-layer Laplace differentiates the last layer only: the backbone may have it
     la = Laplace(model, "classification", "last_layer", "kfoc")
     X, y = problem.X, torch.randint(0, 3, (NUM_DATA,))
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
     assert torch.isfinite(la.log_marginal_likelihood())
+
+
+def test_batchnorm_gets_its_exact_block_in_eval_mode(problem):
+    """laplace-torch's ``fit`` puts the model in eval mode: BatchNorm has per-sample gradients."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    la = Laplace(model, "classification", "all", "kfoc")
+    X, y = problem.X, torch.randint(0, 3, (NUM_DATA,))
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
+    assert len(la.H_facs.kfacs) == 6 and torch.isfinite(la.log_marginal_likelihood())
 
 
 def test_unknown_aggregation_and_backends(problem):

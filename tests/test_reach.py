@@ -254,29 +254,34 @@ class Counting(nn.Module):
         return self.inner(x)
 
 
-def test_trainable_unsupported_layer_named_before_any_work():
-    model = FrozenBatchNormCNNTrainable()
+def test_too_large_parameter_named_before_any_work():
+    """A vocabulary embedding outside the kinds: too large for per-sample gradients."""
+    model = Counting(nn.Sequential(nn.Embedding(5000, 256), nn.Flatten(), nn.Linear(256, 3)))
     with pytest.raises(NotImplementedError) as info:
         Laplace(model, "classification", "all", "kfoc")
     message = str(info.value)
-    for part in ("'inner.bn'", "BatchNorm2d", "requires_grad=False", "last_layer"):
+    for part in ("inner.0.weight", "'inner.0' (Embedding)", "(5000, 256)", "requires_grad=False"):
         assert part in message
+    assert "last_layer" in message and "freeze_unsupported" in message
     assert model.calls == 0
+    assert freeze_unsupported(model) == ["inner.0.weight"]
+    Laplace(model, "classification", "all", "kfoc")  # the rest is covered
 
 
-def FrozenBatchNormCNNTrainable():  # noqa: N802
-    model = Counting(model_for("frozen_bn"))
-    for p in model.inner.bn.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def test_trainable_attention_named():
+def test_trainable_attention_fits_but_for_out_proj():
+    """``MultiheadAttention``'s ``in_proj`` gets per-sample gradients; ``out_proj`` is named."""
     model = model_for("transformer")
     for p in model.block.self_attn.parameters():
         p.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match=r"'block.self_attn' \(MultiheadAttention\)"):
-        Laplace(model, "classification", "all", "kfoc")
+    X, y = data("transformer")
+    la = Laplace(model, "classification", "all", "kfoc")
+    with pytest.raises(NotImplementedError, match=r"'block.self_attn.out_proj'.*forward"):
+        la.fit(loader("transformer", X, y))
+    for p in model.block.self_attn.out_proj.parameters():
+        p.requires_grad_(False)
+    la = Laplace(model, "classification", "all", "kfoc")
+    la.fit(loader("transformer", X, y))
+    assert finite(la(X[:2], pred_type="glm"))
 
 
 class ViTLike(TransformerClassifier):
@@ -294,53 +299,54 @@ class ViTLike(TransformerClassifier):
         return self.head(self.block(h)[:, 0])
 
 
-def test_every_parameter_without_factors_listed_at_once_and_frozen_by_one_call():
+def test_backpacks_route_lists_every_parameter_without_factors_at_once():
     torch.manual_seed(0)
     model = ViTLike().to(DTYPE)
     expected = [  # named_parameters order: the model's own parameter first
         "cls_token",
         "block.self_attn.in_proj_weight",
         "block.self_attn.in_proj_bias",
+        "block.self_attn.out_proj.weight",  # a Linear subclass: BackPACK matches types exactly
+        "block.self_attn.out_proj.bias",
         "block.norm1.weight",
         "block.norm1.bias",
         "block.norm2.weight",
         "block.norm2.bias",
     ]
-    assert list(unsupported_parameters(model)) == expected
-    with pytest.raises(NotImplementedError, match="7 trainable parameter") as info:
-        Laplace(model, "classification", "all", "kfoc")
-    message = str(info.value)
-    for name in expected:
-        assert name in message
-    assert "'block.norm1' (LayerNorm)" in message and "freeze_unsupported" in message
-    assert freeze_unsupported(model) == expected
+    assert unsupported_parameters(model) == {}  # the hook route covers them all
+    problems = unsupported_parameters(model, exact_type=True)
+    assert list(problems) == expected
+    assert "'block.norm1' (LayerNorm)" in problems["block.norm1.weight"]
+    assert freeze_unsupported(model, exact_type=True) == expected
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in expected)
     assert all(p.requires_grad for n, p in model.named_parameters() if n not in expected)
-    assert freeze_unsupported(model) == []  # nothing left to freeze
-    la = Laplace(model, "classification", "all", "kfoc")
-    X, y = data("transformer")
-    # out_proj is a Linear the attention uses outside its forward: named at the first batch
-    with pytest.raises(NotImplementedError, match=r"'block.self_attn.out_proj'.*forward"):
-        la.fit(loader("transformer", X, y))
-    for p in model.block.self_attn.out_proj.parameters():
-        p.requires_grad_(False)
-    la = Laplace(model, "classification", "all", "kfoc")
-    la.fit(loader("transformer", X, y))
-    assert finite(la(X[:2], pred_type="glm"))
+    assert freeze_unsupported(model, exact_type=True) == []  # nothing left to freeze
 
 
-def test_extra_parameter_of_a_supported_layer_is_listed():
+def test_extra_parameter_of_a_supported_layer():
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].scale = nn.Parameter(torch.ones(2))  # registered on the layer by a library
+    problems = unsupported_parameters(model, exact_type=True)
+    assert list(problems) == ["0.scale"] and "besides its weight and bias" in problems["0.scale"]
+    assert unsupported_parameters(model) == {}  # per-sample gradients by torch.func
+
+
+def test_subclass_whose_forward_is_not_the_layers_is_named():
     class ScaledLinear(nn.Linear):
         def __init__(self):
-            super().__init__(3, 2)
-            self.scale = nn.Parameter(torch.ones(2))
+            super().__init__(4, 3)
+            self.scale = nn.Parameter(torch.full((3,), 2.0))
 
         def forward(self, x):
             return super().forward(x) * self.scale
 
-    model = nn.Sequential(ScaledLinear())
-    problems = unsupported_parameters(model)
-    assert list(problems) == ["0.scale"] and "besides its weight and bias" in problems["0.scale"]
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 3)).to(DTYPE)
+    X = torch.randn(6, 4, dtype=DTYPE)
+    y = torch.randint(0, 3, (6,))
+    la = Laplace(model, "classification", "all", "kfoc")
+    with pytest.raises(NotImplementedError, match=r"'0' \(ScaledLinear\).*forward"):
+        la.fit(DataLoader(TensorDataset(X, y), batch_size=3))
 
 
 def test_weight_used_outside_forward_named():

@@ -18,7 +18,8 @@ from torch.nn import Module
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
+from kfoc_backpack.collect.layer_terms import DenseTerms, LayerTerms
+from kfoc_backpack.collect.parameters import zero_block
 
 BATCH_FORMAT = "K-FOC needs batches (X, y) of tensors (BackPACK does not support dict-like inputs)"
 """What the BackPACK route accepts as a batch, the start of its error messages."""
@@ -51,10 +52,12 @@ class BatchQuantities:
     Attributes:
         loss: The batch's loss as ``lossfunc`` reduces it (detached).
         num_samples: Number of inputs ``N``.
-        weights: Per trainable weight's name, its per-sample :class:`LayerTerms`, which
-            an approximation turns into its block.
-        biases: Per trainable bias's name, its :class:`BiasTerms` (the exact block,
-            and K-FAC's where asked).
+        weights: Per parameter with Kronecker factors (a layer's weight, a large
+            parameter of another kind, :mod:`kfoc_backpack.collect.parameters`), its
+            per-sample :class:`LayerTerms`, which an approximation turns into its block.
+        dense: Per parameter with an exact dense block (biases, normalisation
+            layers' affine parameters, small parameters of any module), its
+            :class:`DenseTerms` (the exact block, and K-FAC's where asked).
 
     Parameters the batch's forward pass did not use are absent from both.
     """
@@ -62,7 +65,7 @@ class BatchQuantities:
     loss: Tensor
     num_samples: int
     weights: dict[str, LayerTerms]
-    biases: dict[str, BiasTerms]
+    dense: dict[str, DenseTerms]
 
 
 class Collector(Protocol):
@@ -77,12 +80,20 @@ class Collector(Protocol):
         ...
 
 
-def layer_zero_blocks(layers: dict[str, Module], names: dict[int, str]) -> dict[str, Block]:
-    """Return the zero block of every trainable parameter of ``layers``, by its full name.
+def layer_zero_blocks(
+    layers: dict[str, Module],
+    names: dict[int, str],
+    loose: Sequence[str] = (),
+    model: Module | None = None,
+) -> dict[str, Block]:
+    """Return the zero block of every trainable parameter of ``layers`` and ``loose``, by full name.
 
     Args:
-        layers: Supported layers by module path.
+        layers: Modules of a kind by module path.
         names: Full parameter names by ``id`` of the parameter.
+        loose: Full names of parameters with per-sample-gradient terms (the size rule of
+            :mod:`kfoc_backpack.collect.parameters`).
+        model: The model ``loose`` names parameters of.
 
     Returns:
         ``{name: block}`` ordered as ``names``.
@@ -93,6 +104,10 @@ def layer_zero_blocks(layers: dict[str, Module], names: dict[int, str]) -> dict[
             param = getattr(module, pname)
             if param.requires_grad:
                 blocks[names[id(param)]] = block
+    if loose:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name in loose:
+            blocks[name] = zero_block(params[name])
     order = list(names.values())
     return {name: blocks[name] for name in order if name in blocks}
 
@@ -106,7 +121,8 @@ def model_zero_blocks(model: Module) -> dict[str, Block]:
     layers = {
         name: module
         for name, module in model.named_modules()
-        if kind_of(module) is not None
+        if (kind := kind_of(module)) is not None
+        and kind.backpack
         and any(p.requires_grad for p in module.parameters(recurse=False))
     }
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}

@@ -1,15 +1,18 @@
-r"""The hook route: per-sample quantities on any ``nn.Module``, by hooks and autograd.
+r"""The hook route: per-sample quantities of every trainable parameter of any ``nn.Module``.
 
 A weight's per-sample matrix ``X_{m,n} = Σ_t g_{m,n,t} a_{n,t}ᵀ`` needs, at the layer,
 only its input ``a`` and the gradient ``g`` of ``⟨f, v_m⟩`` with respect to its output,
-for the output-side vectors ``v_m`` of :mod:`kfoc_backpack.collect.loss`. Forward hooks
-record both at every supported layer, whatever surrounds it (custom ``forward``,
-residual sums, GELU, attention, frozen BatchNorm, dict inputs); one vectorised
+for the output-side vectors ``v_m`` of :mod:`kfoc_backpack.collect.loss`; a
+normalisation layer's scale and shift need the same two tensors. Forward hooks record
+both at every module of a kind (:mod:`kfoc_backpack.collect.kinds`), whatever surrounds
+it (custom ``forward``, residual sums, GELU, attention, dict inputs); one vectorised
 ``autograd.grad`` call over the ``M`` vectors (``C − 1`` for the exact GGN of a
 ``C``-class classifier, ``mc_samples`` for the Monte-Carlo Fisher, one for the
 empirical Fisher; one call per vector where a backward formula cannot be vectorised)
-delivers ``g`` at every layer at once. Nothing of size ``N·out·in`` is formed for
-``Linear`` layers (see :mod:`kfoc_backpack.collect.handover`).
+delivers ``g`` at every module at once. Nothing of size ``N·out·in`` is formed for
+``Linear`` layers (see :mod:`kfoc_backpack.collect.handover`). Every other trainable
+parameter (a ``cls_token``, a layer scale) gets its per-sample gradients by
+``torch.func`` (:mod:`kfoc_backpack.collect.loose`), from the same vectors.
 
 Requirements, each checked with an error that names the layer: inputs are
 independent samples (BatchNorm in eval mode, as laplace-torch's ``fit`` sets), every
@@ -34,21 +37,17 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.blocks import Block, DenseBlock
+from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities, layer_zero_blocks
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout
 from kfoc_backpack.collect.checks import check_used_through_forward, probe_layouts
-from kfoc_backpack.collect.handover import bias_block, weight_terms
-from kfoc_backpack.collect.jacobians import (
-    Jacobian,
-    OutputJacobians,
-    PositionJacobian,
-    RowJacobian,
-)
+from kfoc_backpack.collect.jacobians import Jacobian, OutputJacobians, RowJacobian
 from kfoc_backpack.collect.kinds import kind_of
-from kfoc_backpack.collect.layer_terms import BiasTerms, WeightSteps
+from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
+from kfoc_backpack.collect.loose import LooseParameters
 from kfoc_backpack.collect.loss import check_loss, loss_value, output_vectors
-from kfoc_backpack.collect.registry import describe, trainable_layers
+from kfoc_backpack.collect.parameters import row_terms
+from kfoc_backpack.collect.registry import covered, describe
 from kfoc_backpack.enums import Curvature
 
 
@@ -72,7 +71,7 @@ def _finite(x: object) -> bool:
 
 
 class TermCollector:
-    """Collect every trainable weight's :class:`LayerTerms` and bias block per batch.
+    """Collect every trainable parameter's terms per batch (:class:`LayerTerms` or dense).
 
     ::
 
@@ -82,7 +81,8 @@ class TermCollector:
 
     Args:
         model: The module whose trainable parameters get curvature (hooks go on its
-            supported layers).
+            modules of a kind; the other parameters get per-sample gradients by
+            ``torch.func``).
         lossfunc: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
             (``reduction`` ``"mean"`` or ``"sum"``).
         curvature: The target (:class:`~kfoc_backpack.enums.Curvature`): ``"ggn"`` (exact
@@ -95,8 +95,8 @@ class TermCollector:
         last_layer_hint: Suggest ``subset_of_weights='last_layer'`` in errors.
 
     Raises:
-        NotImplementedError: For a trainable layer without K-FOC factors or an
-            unsupported loss, before any computation.
+        NotImplementedError: For a trainable parameter that gets no block (too large
+            for per-sample gradients) or an unsupported loss, before any computation.
         ValueError: For an unknown ``curvature`` or a bad ``mc_samples``.
     """
 
@@ -118,7 +118,9 @@ class TermCollector:
         self.curvature = Curvature.parse(curvature, "curvature")
         self.mc_samples, self.with_kfac = int(mc_samples), with_kfac
         self.forward = model if forward is None else forward
-        self.layers = trainable_layers(model, owner, last_layer_hint=last_layer_hint)
+        found = covered(model, owner, last_layer_hint=last_layer_hint)
+        self.layers = found.layers
+        self.loose = LooseParameters(model, found.loose, forward, owner)
         self.param_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self._layouts: dict[str, BatchLayout] = {}
         self.weight_steps: defaultdict[str, WeightSteps] = defaultdict(WeightSteps)
@@ -155,9 +157,35 @@ class TermCollector:
             grads = self._backward(calls, output, vectors)
         batch = BatchQuantities(loss, num, {}, {})
         for name, module in self.layers.items():
-            if calls[name].inputs:
-                self._layer_quantities(name, module, calls[name], grads[name], batch, kfac)
+            if not calls[name].inputs:
+                continue
+            terms = kind_of(module).terms(
+                module,
+                calls[name].inputs,
+                grads[name],
+                self._layouts.get(name, PLAIN),
+                self._wanted(module),
+                kfac,
+                self.weight_steps[name],
+            )
+            for pname, value in terms.items():
+                self._file(batch, self.param_names[id(getattr(module, pname))], value)
+        rows = self.loose.rows(X, vectors.detach())
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, value in rows.items():
+            self._file(batch, name, row_terms(value, params[name].shape, kfac))
         return batch
+
+    @staticmethod
+    def _file(batch: BatchQuantities, name: str, terms: object) -> None:
+        if isinstance(terms, LayerTerms):
+            batch.weights[name] = terms
+        else:
+            batch.dense[name] = terms  # type: ignore[assignment]
+
+    @staticmethod
+    def _wanted(module: Module) -> set[str]:
+        return {pname for pname, p in module.named_parameters(recurse=False) if p.requires_grad}
 
     def output_jacobians(self, X: object) -> OutputJacobians:
         """Return the model output on ``X`` and each trainable parameter's Jacobian of it.
@@ -189,16 +217,14 @@ class TermCollector:
         for name, module in self.layers.items():
             if not calls[name].inputs:
                 continue
-            inputs, vectors = self._positions(module, calls[name], grads[name], layouts[name])
-            for pname, param in module.named_parameters(recurse=False):
-                if not param.requires_grad:
-                    continue
-                full = self.param_names[id(param)]
-                if pname == "weight":
-                    groups = kind_of(module).groups(module)
-                    parameters[full] = PositionJacobian(vectors, inputs, groups)
-                elif pname == "bias":
-                    parameters[full] = RowJacobian(vectors.sum(2))
+            found = kind_of(module).jacobians(
+                module, calls[name].inputs, grads[name], layouts[name], self._wanted(module)
+            )
+            for pname, jacobian in found.items():
+                parameters[self.param_names[id(getattr(module, pname))]] = jacobian
+        units = eye.unsqueeze(1).expand(-1, num, -1)
+        for name, rows in self.loose.rows(X, units).items():
+            parameters[name] = RowJacobian(rows.flatten(start_dim=2))
         return OutputJacobians(output.detach(), parameters)
 
     def _recorded(self, X: object) -> tuple[dict[str, _Calls], Tensor]:
@@ -214,13 +240,17 @@ class TermCollector:
             # output: from now on the model works on a copy of those layers' outputs
             self._clone.update(changed)
             calls, output = self._forward(X)
+        for name, module in self.layers.items():
+            coupling = kind_of(module).coupling(module)
+            if coupling is not None:
+                raise NotImplementedError(f"{self.owner}: {describe(name, module)} {coupling}.")
         if not self._checked:
             self._first_batch_checks(calls, output, int(output.shape[0]))
         return calls, output
 
     def zero_blocks(self) -> dict[str, Block]:
         """Every trainable parameter's all-zero block, in ``named_parameters`` order."""
-        return layer_zero_blocks(self.layers, self.param_names)
+        return layer_zero_blocks(self.layers, self.param_names, self.loose.names, self.model)
 
     # ----------------------------------------------------------------------------------
 
@@ -316,7 +346,31 @@ class TermCollector:
         return result
 
     def _first_batch_checks(self, calls: dict[str, _Calls], output: Tensor, num: int) -> None:
-        """Unused-forward layers, batch dimension and sample independence, once."""
+        """Check the described modules, unused forwards, batch dimensions and independence, once.
+
+        A module whose kind does not reproduce its output (a subclass with its own
+        ``forward``) leaves the hooked modules where its kind allows
+        (:attr:`~kfoc_backpack.collect.kinds.ModuleKind.fallback_loose`): its parameters
+        get per-sample gradients by ``torch.func`` from now on (the same blocks).
+
+        Raises:
+            NotImplementedError: Naming a layer its kind does not describe.
+        """
+        for name, record in list(calls.items()):
+            module, kind = self.layers[name], kind_of(self.layers[name])
+            if not record.inputs or kind.reproduces(module, record.inputs[0], record.outputs[0]):
+                continue
+            if not kind.fallback_loose:
+                base = kind.base_type(module).__name__
+                raise NotImplementedError(
+                    f"{self.owner}: {describe(name, module)} subclasses {base} with a forward "
+                    f"that does not compute {base}.forward, which K-FOC's factors describe. "
+                    "Freeze its parameters (requires_grad=False)."
+                )
+            del self.layers[name], calls[name]
+            self.loose.names += [
+                self.param_names[id(p)] for p in module.parameters(recurse=False) if p.requires_grad
+            ]
         silent = [name for name, record in calls.items() if not record.outputs]
         check_used_through_forward(
             {name: self.layers[name] for name in silent}, self.param_names, output, self.owner
@@ -324,48 +378,3 @@ class TermCollector:
         outs = {name: record.outputs for name, record in calls.items() if record.outputs}
         self._layouts.update(probe_layouts(self.layers, outs, output, num, self.owner))
         self._checked = True
-
-    @staticmethod
-    def _positions(
-        module: Module, record: _Calls, grads: list[Tensor], layout: BatchLayout
-    ) -> tuple[Tensor, Tensor]:
-        """``([N, T, I], [M, N, T, O])``: a layer's inputs and vectors at its positions."""
-        kind = kind_of(module)
-        inputs = [kind.inputs(module, x, layout) for x in record.inputs]  # [N, T, I] each
-        vectors = [kind.vectors(module, g, layout) for g in grads]  # [M, N, T, O] each
-        # a layer called several times: its calls are positions of one weight (one call:
-        # the views as they are, no copy)
-        inputs = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        vectors = vectors[0] if len(vectors) == 1 else torch.cat(vectors, 2)
-        return inputs, vectors
-
-    def _layer_quantities(
-        self,
-        name: str,
-        module: Module,
-        record: _Calls,
-        grads: list[Tensor],
-        batch: BatchQuantities,
-        with_kfac: bool,
-    ) -> None:
-        kind = kind_of(module)
-        layout = self._layouts.get(name, PLAIN)
-        inputs, vectors = self._positions(module, record, grads, layout)
-        weight = weight_terms(
-            inputs,
-            vectors,
-            with_kfac,
-            groups=kind.groups(module),
-            steps=self.weight_steps[name],
-        )
-        bias_sqrt = vectors.sum(2)
-        for pname, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            full = self.param_names[id(param)]
-            if pname == "weight":
-                batch.weights[full] = weight
-            elif pname == "bias":
-                kfac = DenseBlock(bias_block(vectors.flatten(1, 2))) if with_kfac else None
-                batch.biases[full] = BiasTerms(DenseBlock(bias_block(bias_sqrt)), kfac)
-

@@ -164,14 +164,19 @@ class LayerTerms:
 
 
 @dataclass(frozen=True)
-class BiasTerms:
-    """The per-sample quantities of one bias: its exact block, and K-FAC's where asked.
+class DenseTerms:
+    """A parameter with a dense block: its exact block, and K-FAC's where asked.
+
+    Biases, normalisation layers' affine parameters and the small parameters of any
+    module (:mod:`kfoc_backpack.collect.parameters`) have these.
 
     Attributes:
-        exact: ``Σ_{m,n} b_{m,n} b_{m,n}ᵀ`` with ``b_{m,n} = Σ_t g_{m,n,t}``: the exact block.
-        kfac: K-FAC's (KFC's) block of the same samples, the positions counted as
-            samples, ``Σ_{m,n,t} g g ᵀ`` — laplace-torch's ``kron`` bias block; equal
-            to :attr:`exact` for a single position. ``None`` unless collected.
+        exact: ``Σ_{m,n} b_{m,n} b_{m,n}ᵀ``, ``b_{m,n}`` the per-sample gradient (for a
+            bias ``Σ_t g_{m,n,t}``): the exact block.
+        kfac: K-FAC's block of the same samples: for a bias the KFC block, the
+            positions counted as samples, ``Σ_{m,n,t} g gᵀ`` (laplace-torch's ``kron``
+            bias block; equal to :attr:`exact` for a single position); for other
+            parameters :attr:`exact`. ``None`` unless collected.
     """
 
     exact: DenseBlock

@@ -12,7 +12,8 @@ more sibling: its fields and a :meth:`Approximation.fit`.
 
 "Raw" blocks are the curvature of the loss as the data pass reduces it (laplace-torch:
 the summed loss, without its likelihood ``factor``): weights as Kronecker factors in
-K-FAC's split (``tr R = (1/N) Σ_n ‖â_n‖²`` over all ``N`` inputs), biases exact.
+K-FAC's split (``tr R = (1/N) Σ_n ‖â_n‖²`` over all ``N`` inputs), biases and the other
+parameters with dense blocks exact.
 Index conventions: :mod:`kfoc_backpack.dataset.options`.
 """
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities
-from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
+from kfoc_backpack.collect.layer_terms import DenseTerms, LayerTerms
 from kfoc_backpack.dataset.data_pass import DataPass
 from kfoc_backpack.enums import Aggregation, Reduction, Structure
 
@@ -90,8 +91,12 @@ class Approximation(ABC):
         (``earlier.num_samples`` inputs), the same on every rank; they count once.
         """
 
-    def bias_block(self, terms: BiasTerms) -> Block:
-        """Return the block the approximation gives a bias: its exact block (default)."""
+    def dense_block(self, terms: DenseTerms) -> Block:
+        """Return the block of a parameter with dense terms: its exact block (default).
+
+        Biases, normalisation layers' scales and the other parameters of
+        :attr:`~kfoc_backpack.collect.batch.BatchQuantities.dense`.
+        """
         return terms.exact
 
 
@@ -109,14 +114,14 @@ def fit_per_batch(
     """One pass: every batch's blocks added in each parameter's sum, combined over ranks.
 
     Weights get ``weight_block``'s block of their batch terms, aggregated as
-    ``aggregation`` says; biases get the approximation's
-    :meth:`~Approximation.bias_block`, summed. Earlier blocks (online) enter as one
+    ``aggregation`` says; parameters with dense blocks get the approximation's
+    :meth:`~Approximation.dense_block`, summed. Earlier blocks (online) enter as one
     more term, on one rank only. A mean reduction divides the sums by the number of
     inputs.
 
     Args:
         data: The fit's passes.
-        approximation: The approximation (its biases' blocks, whether it needs K-FAC's
+        approximation: The approximation (its dense blocks, whether it needs K-FAC's
             factors).
         weight_block: A weight's block from its batch terms.
         aggregation: ``approx`` or ``running``.
@@ -135,8 +140,8 @@ def fit_per_batch(
     def add(batch: BatchQuantities, scale: float) -> None:
         for name, terms in batch.weights.items():
             sums[name].add(weight_block(name, terms), batch.num_samples, scale)
-        for name, bias in batch.biases.items():
-            sums[name].add(approximation.bias_block(bias), batch.num_samples, scale)
+        for name, dense in batch.dense.items():
+            sums[name].add(approximation.dense_block(dense), batch.num_samples, scale)
 
     local = data.run(add, "[Computing Hessian]", with_kfac=approximation.with_kfac)
     combined = data.combine(sums)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from kfoc_backpack.blocks import Block, EigenCorrected
 from kfoc_backpack.collect.batch import BatchQuantities
-from kfoc_backpack.collect.layer_terms import BiasTerms
+from kfoc_backpack.collect.layer_terms import DenseTerms
 from kfoc_backpack.dataset.approximation import Approximation, Fitted
 from kfoc_backpack.dataset.data_pass import DataPass
 from kfoc_backpack.dataset.kfac import KFACFactors
@@ -54,7 +54,7 @@ def corrected_blocks(data: DataPass, bases: dict[str, EigenCorrected]) -> dict[s
         for name, total in sums.items():
             terms = batch.weights.get(name)
             if terms is None:
-                if name in batch.biases:
+                if name in batch.dense:
                     raise ValueError(f"corrected eigenvalues: {name!r} is not a weight.")
                 continue
             basis = bases[name]
@@ -87,7 +87,7 @@ class EigenCorrection(Approximation):
     supports_damping = False
     block_kinds = ("corrected", "dense")
 
-    def bias_block(self, terms: BiasTerms) -> Block:
+    def dense_block(self, terms: DenseTerms) -> Block:
         """Return a bias's exact block (whatever the corrected approximation's own)."""
         return terms.exact
 

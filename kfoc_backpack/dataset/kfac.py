@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kfoc_backpack.blocks import Block, KroneckerBlock
-from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
+from kfoc_backpack.collect.layer_terms import DenseTerms, LayerTerms
 from kfoc_backpack.dataset.approximation import Approximation, Fitted, fit_per_batch
 from kfoc_backpack.dataset.data_pass import DataPass
 from kfoc_backpack.enums import Aggregation, Structure
@@ -33,7 +33,7 @@ class KFACFactors(Approximation):
         """K-FAC's blocks; earlier factors are added (weighted by inputs)."""
         return fit_per_batch(data, self, self._batch_block, Aggregation.APPROX, earlier)
 
-    def bias_block(self, terms: BiasTerms) -> Block:
+    def dense_block(self, terms: DenseTerms) -> Block:
         """Return K-FAC's bias block: positions counted as samples (laplace-torch's)."""
         return terms.kfac_block()
 

@@ -80,7 +80,7 @@ class OptimalSolver:
 
     def _first_visit(self, batch: BatchQuantities, scale: float) -> None:
         num = batch.num_samples
-        for name, bias in batch.biases.items():
+        for name, bias in batch.dense.items():
             self._exact_sum(name).add(bias.exact, num, scale)
         for name, value in batch.weights.items():
             state = self._state(name)

@@ -17,7 +17,7 @@ from torch.nn import Module
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities, batch_size, model_zero_blocks
-from kfoc_backpack.collect.layer_terms import BiasTerms, LayerTerms
+from kfoc_backpack.collect.layer_terms import DenseTerms, LayerTerms
 from kfoc_backpack.enums import Curvature
 from kfoc_backpack.extensions.lifetime import extended, preserved_grads
 from kfoc_backpack.extensions.terms import KFOCTerms
@@ -64,7 +64,7 @@ class BackPACKCollector:
             if isinstance(value, LayerTerms):
                 batch.weights[name] = value
             else:
-                batch.biases[name] = BiasTerms(zeros[name].from_kfacs(value, f"'{name}'"))
+                batch.dense[name] = DenseTerms(zeros[name].from_kfacs(value, f"'{name}'"))
         return batch
 
     def zero_blocks(self) -> dict[str, Block]:

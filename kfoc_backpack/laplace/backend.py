@@ -33,7 +33,7 @@ from torch.nn import Module, Parameter
 
 from kfoc_backpack._compat import supported_kwargs
 from kfoc_backpack.collect.hooks import TermCollector
-from kfoc_backpack.collect.registry import trainable_layers
+from kfoc_backpack.collect.registry import covered
 from kfoc_backpack.dataset.kfoc import KFOCFactors
 from kfoc_backpack.enums import Aggregation, Curvature
 from kfoc_backpack.laplace.errors import BatchKeyError
@@ -48,7 +48,7 @@ def check_supported_layers(module: Module, owner: str = "KFOCBackend") -> None:
         NotImplementedError: Naming the first unsupported layer (module path and
             type), what is supported and the ways out.
     """
-    trainable_layers(module, owner)
+    covered(module, owner)
 
 
 def batch_inputs(batch: object, dict_key_x: str, dict_key_y: str, owner: str) -> tuple[Any, Tensor]:
@@ -198,8 +198,8 @@ class KFOCKronMixin:
             if name in batch.weights:
                 block = solve(name, batch.weights[name])
             else:
-                terms = batch.biases.get(name)
-                block = zeros[name] if terms is None else approximation.bias_block(terms)
+                terms = batch.dense.get(name)
+                block = zeros[name] if terms is None else approximation.dense_block(terms)
             blocks.append(block.input_scaled(batch.num_samples / N))
         return self.factor * batch.loss, BlockKron(blocks) * self.factor
 

@@ -268,6 +268,7 @@ class BlockLaplace(BlockState, KronLaplace):
             DistributedFitError: On every rank, when one rank failed.
         """
         reducer = Reducer(self.process_group)
+        self.model.eval()  # as laplace-torch's fit, before the model first runs
         with reducer.guard(f"{type(self).__name__}.fit's checks"):
             self._check_supported()
             self._check_dtype()
@@ -278,7 +279,6 @@ class BlockLaplace(BlockState, KronLaplace):
             self.H_facs = None
             self._init_H()
             self.loss, self.n_data = 0, 0
-        self.model.eval()
         self.mean = parameters_to_vector(self.params)
         if not self.enable_backprop:
             self.mean = self.mean.detach()

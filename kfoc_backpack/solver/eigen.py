@@ -1,13 +1,16 @@
 """Symmetric eigendecompositions that do not fail where LAPACK's ``eigh`` does.
 
-LAPACK's divide-and-conquer ``eigh`` can fail to converge in float32 on large
-rank-deficient factors (thousands of tied zero eigenvalues, e.g. ResNet-18's 4608-wide
-input factors from a few batches). Every decomposition of the package goes through
-:func:`eigh_attempts`: the matrix as it is, then (only if that failed) in float64, then
-in float64 with the diagonal shifted by its mean magnitude — which leaves the
-eigenvectors unchanged and shifts every eigenvalue by the same amount — and otherwise a
-``FloatingPointError`` naming the matrix. laplace-torch's own ``symeig`` instead ends
-the process when its one retry fails.
+LAPACK's divide-and-conquer ``eigh`` can fail on large rank-deficient factors
+(thousands of tied zero eigenvalues, e.g. ResNet-18's 4608-wide input factors from a
+few batches): in float32 it raises, or — silently — returns NaN eigenvectors (seen on
+ResNet-18's 512-wide output factors, torch 2.14 on CPU). Every decomposition of the
+package goes through :func:`eigh_attempts`, an attempt counting as failed where it
+raises or returns anything non-finite: the matrix as it is; then with the diagonal
+shifted by its mean magnitude — which leaves the eigenvectors unchanged and shifts
+every eigenvalue by the same amount — in the matrix's own dtype (as fast as the first
+attempt); then in float64, unshifted and shifted; otherwise a ``FloatingPointError``
+names the matrix. laplace-torch's own ``symeig`` instead ends the process when its one
+retry fails.
 
 Index conventions: ``D`` the size of a symmetric ``[D, D]`` matrix.
 """
@@ -21,19 +24,27 @@ from torch import Tensor
 
 
 def eigh_attempts(symmetric: Tensor) -> Iterator[tuple[Tensor, float]]:
-    """Yield ``(matrix, shift)``: the matrix, then float64, then float64 shifted.
+    """Yield ``(matrix, shift)``: the matrix, shifted, then float64 and float64 shifted.
 
     Each later attempt is only yielded if the caller asks for it (the previous one
     failed); ``shift`` is what was added to the diagonal (subtract it from the
     eigenvalues).
     """
     yield symmetric, 0.0
-    wide = symmetric.to(torch.float64)
+    magnitude = symmetric.diagonal().abs().mean()
+    shift = float(magnitude) if magnitude > 0 and torch.isfinite(magnitude) else 1.0
+
+    def shifted(matrix: Tensor) -> Tensor:
+        eye = torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
+        return matrix + shift * eye
+
     if symmetric.dtype != torch.float64:
+        yield shifted(symmetric), shift
+        wide = symmetric.to(torch.float64)
         yield wide, 0.0
-    shift = wide.diagonal().abs().mean()
-    shift = float(shift) if shift > 0 else 1.0
-    yield wide + shift * torch.eye(len(wide), dtype=wide.dtype, device=wide.device), shift
+    else:
+        wide = symmetric
+    yield shifted(wide), shift
 
 
 def stable_eigh(symmetric: Tensor, what: str, uplo: str = "L") -> tuple[Tensor, Tensor]:
@@ -54,12 +65,15 @@ def stable_eigh(symmetric: Tensor, what: str, uplo: str = "L") -> tuple[Tensor, 
         except torch.linalg.LinAlgError as error:
             failure = error
             continue
+        if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+            failure = "eigh returned non-finite values"
+            continue
         dtype = symmetric.dtype
         return (values - shift).to(dtype), vectors.to(dtype)
     size = len(symmetric)
     raise FloatingPointError(
-        f"{what} ({size} × {size}) has no eigendecomposition, also in float64 with a "
-        f"diagonal shift: {failure}"
+        f"{what} ({size} × {size}) has no eigendecomposition, also with a diagonal shift "
+        f"and in float64: {failure}"
     )
 
 
