@@ -38,6 +38,8 @@ def neighbour(module: str, *names: str):
             found = getattr(library, "__version__", "?")
         pytest.skip(f"{module} {found} has no {', '.join(missing)}; the comparison needs it.")
     return library
+
+
 NUM_DATA = 23
 UNEVEN_BATCHES = [7, 3, 9, 4]  # sums to NUM_DATA
 IN_FEATURES = 4

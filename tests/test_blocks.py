@@ -44,10 +44,7 @@ def _blocks(seed=0) -> list[Block]:
 
 def _dense(blocks, deltas, scalar=1.0):
     return torch.block_diag(
-        *[
-            scalar * b.dense() + d * torch.eye(b.size, dtype=DTYPE)
-            for b, d in zip(blocks, deltas)
-        ]
+        *[scalar * b.dense() + d * torch.eye(b.size, dtype=DTYPE) for b, d in zip(blocks, deltas)]
     )
 
 

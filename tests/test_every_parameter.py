@@ -247,6 +247,45 @@ def test_batchnorm_in_training_mode_is_refused_naming_it():
         collector(X, y)
 
 
+class PositionIds(nn.Module):
+    """Hugging Face's embeddings: positions from a ``[1, T]`` buffer, broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = nn.Embedding(11, 6)
+        self.positions = nn.Embedding(TOKENS, 6)
+        self.register_buffer("position_ids", torch.arange(TOKENS).unsqueeze(0))
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.words(ids) + self.positions(self.position_ids)  # [N, T, 6] + [1, T, 6]
+        return self.head(self.norm(h).mean(1))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_an_output_broadcast_over_the_inputs_keeps_each_inputs_gradient(structure):
+    torch.manual_seed(0)
+    model = PositionIds().to(DTYPE).eval()
+    X = torch.randint(0, 11, (9, TOKENS), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2))
+    la = fit(structure, model, "classification", batches(X, y, [4, 5]))
+    dense = reference(model, X, y, "classification", "ggn", None)
+    block = named_blocks(la)["positions.weight"]
+    assert isinstance(block, DenseBlock)
+    torch.testing.assert_close(block.dense(), dense["positions.weight"], rtol=1e-9, atol=1e-12)
+    f_var = la._glm_predictive_distribution(X[:3])[1]
+    torch.testing.assert_close(f_var, dense_covariance(la, model, X[:3]), rtol=1e-9, atol=1e-12)
+
+
+def test_embedding_with_frequency_scaled_gradients_is_refused_naming_it():
+    model, X, y = whole_data("tiny_vit", "classification")
+    model.embed.scale_grad_by_freq = True
+    collector = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(NotImplementedError, match=r"'embed' \(Embedding\).*scale_grad_by_freq"):
+        collector(X, y)
+
+
 def test_state_dict_and_online_fit_keep_every_block():
     model, X, y = whole_data("tiny_vit", "classification")
     la = fit("ekfoc", model, "classification", batches(X, y))

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from kfoc_backpack.collect.batch_layout import BatchLayout
 from kfoc_backpack.collect.kinds import kind_of
 from kfoc_backpack.collect.kinds.conv import ConvKind
+from kfoc_backpack.collect.kinds.embedding import EmbeddingKind
 from kfoc_backpack.collect.kinds.linear import LinearKind
 from kfoc_backpack.collect.kinds.norm import BatchNormKind, LayerNormKind
 from kfoc_backpack.collect.registry import NORM_LAYERS, SUPPORTED_LAYERS, unsupported_reason
@@ -30,7 +31,8 @@ def test_kind_of_matches_types_and_subclasses():
     assert isinstance(kind_of(nn.LayerNorm(3)), LayerNormKind)
     assert isinstance(kind_of(nn.BatchNorm2d(3)), BatchNormKind)
     assert kind_of(nn.BatchNorm2d(3), exact_type=True) is None  # no BackPACK extension
-    assert kind_of(nn.Embedding(4, 3)) is None  # per-sample gradients by torch.func
+    assert isinstance(kind_of(nn.Embedding(4, 3)), EmbeddingKind)
+    assert kind_of(nn.Embedding(4, 3), exact_type=True) is None
     assert isinstance(kind_of(MyLinear(2, 3)), LinearKind)
     assert kind_of(MyLinear(2, 3), exact_type=True) is None  # BackPACK dispatches on type
     assert set(SUPPORTED_LAYERS) == {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d}

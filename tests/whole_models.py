@@ -3,7 +3,7 @@
 * :class:`NormCNN` — a strided convolution, BatchNorm in eval mode (random running
   statistics and affine parameters), GroupNorm, a torchvision-style ``LayerNorm2d``
   (a ``LayerNorm`` subclass whose ``forward`` permutes the channels last), a linear head;
-* :class:`TinyViT` — token ids through a word embedding, a ``cls_token`` and a
+* :class:`TinyViT` — token ids through a word embedding (``padding_idx`` 0), a ``cls_token`` and a
   ``pos_embed`` registered on the model, LayerNorm, attention from ``Linear`` layers, a
   layer scale ``gamma``, ``RMSNorm`` and a linear head.
 
@@ -56,7 +56,7 @@ class TinyViT(nn.Module):
 
     def __init__(self, outputs: int = 3):
         super().__init__()
-        self.embed = nn.Embedding(VOCABULARY, WIDTH)
+        self.embed = nn.Embedding(VOCABULARY, WIDTH, padding_idx=0)
         self.cls_token = nn.Parameter(0.1 * torch.randn(1, 1, WIDTH))
         self.pos_embed = nn.Parameter(0.1 * torch.randn(1, TOKENS + 1, WIDTH))
         self.norm1 = nn.LayerNorm(WIDTH)

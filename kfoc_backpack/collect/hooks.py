@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from torch.nn import Module
+from torch.utils._pytree import tree_leaves
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities, layer_zero_blocks
@@ -128,6 +129,7 @@ class TermCollector:
         :attr:`layers`: each batch's route choice counts them
         (:class:`~kfoc_backpack.collect.layer_terms.WeightSteps`)."""
         self._clone: set[str] = set()
+        self._broadcast: set[str] = set()
         self._checked = False
         self._batched_backward = True
 
@@ -240,6 +242,11 @@ class TermCollector:
             # output: from now on the model works on a copy of those layers' outputs
             self._clone.update(changed)
             calls, output = self._forward(X)
+        if not self._checked:
+            broadcast = self._broadcast_layers(calls, int(output.shape[0]))
+            if broadcast:
+                self._broadcast.update(broadcast)
+                calls, output = self._forward(X)
         for name, module in self.layers.items():
             coupling = kind_of(module).coupling(module)
             if coupling is not None:
@@ -252,21 +259,50 @@ class TermCollector:
         """Every trainable parameter's all-zero block, in ``named_parameters`` order."""
         return layer_zero_blocks(self.layers, self.param_names, self.loose.names, self.model)
 
+    def _broadcast_layers(self, calls: dict[str, _Calls], num: int) -> set[str]:
+        """Layers whose output has one row where the batch has ``num > 1`` inputs.
+
+        Such an output (a position embedding of ``position_ids`` ``[1, T]``) is broadcast
+        over the inputs later; the gradient at it would be their sum. From then on the
+        hook expands it (and its input) to the ``num`` inputs before the model uses it,
+        so that each input's gradient stays in its own row. A layer that may keep the
+        batch in dimension 1 with ``num`` there is taken as doing so.
+        """
+        if num <= 1:
+            return set()
+        found = set()
+        for name, record in calls.items():
+            kind = kind_of(self.layers[name])
+            for out in record.outputs:
+                sequence_first = kind.any_batch_dim and out.dim() >= 2 and out.shape[1] == num
+                if out.dim() > 0 and out.shape[0] == 1 and not sequence_first:
+                    found.add(name)
+        return found
+
     # ----------------------------------------------------------------------------------
 
     def _forward(self, X: object) -> tuple[dict[str, _Calls], Tensor]:
         calls = {name: _Calls() for name in self.layers}
         handles = []
+        leaves = [leaf for leaf in tree_leaves(X) if isinstance(leaf, Tensor) and leaf.dim()]
+        num = int(leaves[0].shape[0]) if leaves else 1
 
         def hook_for(name: str):
             def hook(module: Module, args: tuple, kwargs: dict, out: Tensor):
                 record = calls[name]
                 layer_input = args[0] if args else kwargs["input"]
+                if name in self._broadcast and out.shape[0] == 1 < num:
+                    # a row shared by every input: one row per input from here on
+                    out = out.expand(num, *out.shape[1:])
+                    if layer_input.dim() and layer_input.shape[0] == 1:
+                        layer_input = layer_input.expand(num, *layer_input.shape[1:])
                 record.inputs.append(layer_input.detach())
                 record.outputs.append(out)
                 record.versions.append(out._version)
                 # the rest of the model works on a copy, which in-place operations may change
-                return out.clone() if name in self._clone else None
+                if name in self._clone:
+                    return out.clone()
+                return out if name in self._broadcast else None
 
             return hook
 

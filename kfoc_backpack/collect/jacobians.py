@@ -101,9 +101,7 @@ class PositionJacobian:
 
     def chunk(self, start: int, stop: int) -> PositionJacobian:
         """Return the Jacobian of inputs ``start … stop − 1``."""
-        return PositionJacobian(
-            self.vectors[:, start:stop], self.inputs[start:stop], self.groups
-        )
+        return PositionJacobian(self.vectors[:, start:stop], self.inputs[start:stop], self.groups)
 
 
 Jacobian = RowJacobian | PositionJacobian

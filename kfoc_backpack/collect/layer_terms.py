@@ -36,7 +36,6 @@ Terms = OuterTerms | SampleTerms | FactoredTerms
 """The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""
 
 
-
 class WeightSteps:
     """The Lanczos steps of one weight's last solve, for the route of its next batch.
 

@@ -3,8 +3,8 @@
 :data:`KINDS` is the one list of module kinds; :func:`kind_of` finds a module's. Layers
 that share a weight over positions (:class:`~.base.LayerKind`: ``Linear``, convolutions)
 get K-FOC's factors from their inputs and output-side vectors; normalisation layers
-(:mod:`~.norm`) their exact per-sample gradients. A module of no kind with trainable
-parameters gets per-sample gradients by ``torch.func``
+(:mod:`~.norm`) and embeddings (:mod:`~.embedding`) their exact per-sample gradients. A
+module of no kind with trainable parameters gets per-sample gradients by ``torch.func``
 (:mod:`kfoc_backpack.collect.loose`). Adding a kind means one file here and its entry
 in :data:`KINDS` — plus, for ``with backpack(...)`` users of a layer kind, a BackPACK
 module extension that names BackPACK's derivatives of the layer
@@ -17,6 +17,7 @@ from torch.nn import Module
 
 from kfoc_backpack.collect.kinds.base import LayerKind, ModuleKind
 from kfoc_backpack.collect.kinds.conv import ConvKind
+from kfoc_backpack.collect.kinds.embedding import EmbeddingKind
 from kfoc_backpack.collect.kinds.linear import LinearKind
 from kfoc_backpack.collect.kinds.norm import (
     BatchNormKind,
@@ -33,6 +34,7 @@ KINDS: tuple[ModuleKind, ...] = (
     RMSNormKind(),
     GroupNormKind(),
     BatchNormKind(),
+    EmbeddingKind(),
 )
 """The module kinds."""
 
