@@ -55,7 +55,6 @@ if not _MISSING:
 else:
     _LAPLACE_CLASSES = []
 
-
     def __getattr__(name: str):
         """Explain that everything but the solver needs BackPACK and laplace-torch."""
         if name.startswith("__"):

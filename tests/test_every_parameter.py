@@ -130,7 +130,8 @@ def test_the_size_rule():
     assert parameters.block_shape((4096,)) is None  # vectors: dense, whatever their size
     assert parameters.block_shape((1, 1, 768)) is None  # a cls_token
     assert parameters.block_shape((768, 1, 1)) is None  # a layer scale
-    assert parameters.block_shape((64, 64)) is None  # at most DENSE_LIMIT entries
+    assert parameters.block_shape((32, 32)) is None  # at most DENSE_LIMIT entries
+    assert parameters.block_shape((32, 128)) == (32, 128)
     assert parameters.block_shape((1, 197, 768)) == (197, 768)  # a pos_embed
     assert parameters.block_shape((65, 8, 8)) == (65, 64)
     gen = torch.Generator().manual_seed(0)
@@ -161,12 +162,38 @@ def test_kfac_of_a_large_parameter_is_the_product_of_its_marginals(small_limit):
     la = fit("kfac", model, "classification", data)
     dense = reference(model, X, y, "classification", "ggn", data)
     blocks = named_blocks(la)
-    for name, (rows, cols) in LARGE.items():
-        left, right = partial_traces(dense[name], rows, cols)
-        total = dense[name].trace()
-        torch.testing.assert_close(blocks[name].left, left / cols)
-        torch.testing.assert_close(blocks[name].right, right * cols / total)
-        torch.testing.assert_close(blocks[name].trace(), total)
+    rows, cols = LARGE["pos_embed"]
+    left, right = partial_traces(dense["pos_embed"], rows, cols)
+    total = dense["pos_embed"].trace()
+    torch.testing.assert_close(blocks["pos_embed"].left, left / cols)
+    torch.testing.assert_close(blocks["pos_embed"].right, right * cols / total)
+    torch.testing.assert_close(blocks["pos_embed"].trace(), total)
+
+
+def test_kfac_of_an_embedding_is_kfcs_with_the_ids_frequencies(small_limit):
+    """``diag(count)/T ⊗ (1/N) Σ_{n,t} J_{n,t}ᵀ H_n J_{n,t}``, ``J`` at the table's output."""
+    model, X, y = whole_data("tiny_vit", "classification")
+    la = fit("kfac", model, "classification", batches(X, y, [X.shape[0]]))
+    block = named_blocks(la)["embed.weight"]
+    counts = torch.bincount(X[X != 0].flatten(), minlength=11).to(DTYPE)  # 0: padding
+    torch.testing.assert_close(block.left, torch.diag(counts / TOKENS))
+
+    def from_table(h):  # TinyViT.forward after its embedding
+        h = torch.cat([model.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + model.pos_embed
+        q, k, v = model.qkv(model.norm1(h)).chunk(3, dim=-1)
+        attention = torch.softmax(q @ k.transpose(1, 2) / WIDTH**0.5, dim=-1)
+        h = h + model.gamma * model.proj(attention @ v)
+        return model.head(model.norm2(h)[:, 0])
+
+    with torch.no_grad():
+        table = model.embed(X)
+        p = from_table(table).softmax(-1)
+    J = torch.func.jacrev(from_table)(table.detach()).detach()  # [N, C, N, T, D]
+    J = torch.einsum("ncntd->nctd", J)  # each input's own positions
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    keep = (X != 0).to(DTYPE)
+    expected = torch.einsum("nctd,ncb,nbte,nt->de", J, H, J, keep) / X.shape[0]
+    torch.testing.assert_close(block.right, expected)
 
 
 @pytest.mark.parametrize("structure", ["ekfoc", "ekfac"])

@@ -333,9 +333,7 @@ class BlockSum(ABC):
         return []
 
     @abstractmethod
-    def combine(
-        self, summed: list[Tensor], gathered: list[list[Tensor]], counts: Tensor
-    ) -> Block:
+    def combine(self, summed: list[Tensor], gathered: list[list[Tensor]], counts: Tensor) -> Block:
         """Return the sum over all ranks.
 
         Args:

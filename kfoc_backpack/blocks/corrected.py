@@ -55,9 +55,7 @@ class EigenCorrected(TwoSided, Block):
         return cls(left_basis, right_basis, zeros, factors)
 
     @classmethod
-    def of_terms(
-        cls, terms: RotatableTerms, left: Tensor, right: Tensor
-    ) -> EigenCorrected:
+    def of_terms(cls, terms: RotatableTerms, left: Tensor, right: Tensor) -> EigenCorrected:
         """Correct ``left ⊗ right`` by ``terms``' block: its eigenbasis and the block's diagonal.
 
         Args:

@@ -104,7 +104,41 @@ class PositionJacobian:
         return PositionJacobian(self.vectors[:, start:stop], self.inputs[start:stop], self.groups)
 
 
-Jacobian = RowJacobian | PositionJacobian
+@dataclass(frozen=True)
+class TransposedJacobian:
+    """A parameter's output Jacobian as the transposes of another form's matrices.
+
+    An embedding table's ``J_{n,c} = Σ_t e_{id_t} g_{c,n,t}ᵀ`` (``V × D``) is the transpose of
+    a weight's position Jacobian with the one-hot ids as its inputs.
+
+    Attributes:
+        inner: The Jacobian of the transposed matrices (``[C, N, D, V]`` rotated).
+    """
+
+    inner: PositionJacobian
+
+    @property
+    def num_inputs(self) -> int:
+        """``N``."""
+        return self.inner.num_inputs
+
+    def rows(self) -> Tensor:
+        """``[C, N, V·D]``: the transposed matrices formed, in the parameter's ``vec`` order."""
+        outputs, num = self.inner.vectors.shape[:2]
+        columns = self.inner.vectors.shape[-1]
+        matrices = self.inner.rows().reshape(outputs, num, columns, -1)
+        return matrices.transpose(2, 3).reshape(outputs, num, -1)
+
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> Tensor:
+        """``[C, N, V, D]``: ``Q_Lᵀ J Q_R``, from the inner ``Q_Rᵀ Jᵀ Q_L``."""
+        return self.inner.rotated(right_basis, left_basis).transpose(2, 3)
+
+    def chunk(self, start: int, stop: int) -> TransposedJacobian:
+        """Return the Jacobian of inputs ``start … stop − 1``."""
+        return TransposedJacobian(self.inner.chunk(start, stop))
+
+
+Jacobian = RowJacobian | PositionJacobian | TransposedJacobian
 """A parameter's output Jacobian in one of its forms."""
 
 

@@ -45,6 +45,7 @@ BatchSplitter = Callable[[object], tuple[object, Tensor]]
 Visit = Callable[[BatchQuantities, float], None]
 """``visit(batch, scale)``: one batch's quantities and its weight ``s_p`` in the sum."""
 
+
 class DataPass:
     """The passes of one fit over a loader (see the module docstring).
 

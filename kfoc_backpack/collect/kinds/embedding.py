@@ -2,14 +2,19 @@ r"""``torch.nn.Embedding``: a table whose rows the inputs' token ids pick.
 
 The output at position ``t`` is row ``id_t`` of the weight ``W`` (``[V, D]``). With ``g`` the
 gradient of an output-side vector at the output, the per-sample gradient of input ``n``
-is ``X_{m,n} = Σ_t e_{id_t} g_{m,n,t}ᵀ``: the vectors ``g`` added into the rows of the
-ids the input holds (positions at ``padding_idx`` get none, as the layer's own backward
-gives them none). Its block follows the size rule of
-:mod:`kfoc_backpack.collect.parameters`: the exact dense block for a small table, else
-K-FOC's factors of the per-sample matrices (a ``V × V`` vocabulary-side factor and a
-``D × D`` width-side one). A table of more than
-:data:`~kfoc_backpack.collect.loose.MAX_ENTRIES` entries is refused (its per-sample
-gradients hold ``M·N`` copies of it), naming the layer.
+is ``X_{m,n} = Σ_t e_{id_t} g_{m,n,t}ᵀ`` (positions at ``padding_idx`` count for nothing,
+as the layer's own backward gives them nothing). Its block follows the size rule of
+:mod:`kfoc_backpack.collect.parameters`: a small table gets its exact dense block; a
+larger one K-FOC's factors (a ``V × V`` vocabulary-side and a ``D × D`` width-side
+factor). ``X_{m,n}ᵀ = Σ_t g_{m,n,t} e_{id_t}ᵀ`` is a layer's per-sample matrix with the
+vectors ``g`` on its output side and the one-hot ids as its inputs, so the table is
+solved by the layers' routes on the transposed problem
+(:class:`~kfoc_backpack.solver.transposed.TransposedTerms`), never forming the
+``M·N`` per-sample ``V × D`` matrices. K-FAC's factors (``hessian_structure="kfac"``)
+are the KFC ones of that layer, swapped: the ids' frequencies ``diag(count)/T`` on the
+vocabulary side, ``Σ g gᵀ`` on the width side. A table of more than
+:data:`~kfoc_backpack.collect.loose.MAX_ENTRIES` entries is refused, naming the layer
+(its ``V × V`` factor alone would not fit).
 
 Index conventions: ``M`` vectors per input, ``N`` inputs, ``T`` positions (tokens),
 ``V`` rows (the vocabulary), ``D`` the width.
@@ -17,16 +22,25 @@ Index conventions: ``M`` vectors per input, ``N`` inputs, ``T`` positions (token
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Embedding, Module
 
 from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch_layout import BatchLayout
-from kfoc_backpack.collect.jacobians import Jacobian, RowJacobian
+from kfoc_backpack.collect.handover import sum_of_squares, weight_terms
+from kfoc_backpack.collect.jacobians import (
+    Jacobian,
+    PositionJacobian,
+    RowJacobian,
+    TransposedJacobian,
+)
 from kfoc_backpack.collect.kinds.base import ModuleKind, Terms
-from kfoc_backpack.collect.layer_terms import WeightSteps
+from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
 from kfoc_backpack.collect.loose import MAX_ENTRIES
-from kfoc_backpack.collect.parameters import row_terms, zero_block
+from kfoc_backpack.collect.parameters import block_shape, row_terms, zero_block
+from kfoc_backpack.solver.transposed import TransposedTerms
 
 
 class EmbeddingKind(ModuleKind):
@@ -57,24 +71,27 @@ class EmbeddingKind(ModuleKind):
         """Return the weight's zero block (the size rule's structure)."""
         return {"weight": zero_block(module.weight)}
 
-    def _rows(
+    def positions(
         self, module: Module, ids: list[Tensor], grads: list[Tensor], layout: BatchLayout
-    ) -> Tensor:
-        """``[M, N, V, D]``: each vector's gradient added into its ids' rows, all calls summed."""
-        rows = None
+    ) -> tuple[Tensor, Tensor]:
+        """``([N, T, V], [M, N, T, D])``: the one-hot ids and the vectors at the positions.
+
+        Every call's positions together; a position at ``padding_idx`` has a zero one-hot
+        row and zero vectors.
+        """
+        onehots, vectors = [], []
         for index, g in zip(ids, grads):
-            index = layout.split(index)  # [N, …]
-            vectors = layout.split(g, lead=1)  # [M, N, …, D]
-            num = vectors.shape[1]
-            flat_ids = index.reshape(num, -1)  # [N, T]
-            flat = vectors.reshape(vectors.shape[0], num, -1, vectors.shape[-1])  # [M, N, T, D]
+            split = layout.split(g, lead=1)  # [M, N, …, D]
+            num = split.shape[1]
+            flat = split.reshape(split.shape[0], num, -1, split.shape[-1])  # [M, N, T, D]
+            flat_ids = layout.split(index).reshape(num, -1)  # [N, T]
+            onehot = F.one_hot(flat_ids, module.num_embeddings).to(flat.dtype)
             if module.padding_idx is not None:
-                flat = flat * (flat_ids != module.padding_idx).unsqueeze(-1).to(flat)
-            table = flat.new_zeros(flat.shape[0], num, module.num_embeddings, flat.shape[-1])
-            where = flat_ids.unsqueeze(0).unsqueeze(-1).expand_as(flat)
-            table.scatter_add_(2, where, flat)
-            rows = table if rows is None else rows + table
-        return rows
+                keep = (flat_ids != module.padding_idx).to(flat.dtype)
+                flat, onehot = flat * keep.unsqueeze(-1), onehot * keep.unsqueeze(-1)
+            onehots.append(onehot)
+            vectors.append(flat)
+        return torch.cat(onehots, 1), torch.cat(vectors, 2)
 
     def terms(
         self,
@@ -86,11 +103,21 @@ class EmbeddingKind(ModuleKind):
         with_kfac: bool = False,
         steps: WeightSteps | None = None,
     ) -> dict[str, Terms]:
-        """Return the weight's terms from its per-sample rows."""
+        """Return the weight's terms: its exact dense block, or the transposed layer's terms."""
         if "weight" not in wanted:
             return {}
-        rows = self._rows(module, inputs, grads, layout)
-        return {"weight": row_terms(rows, module.weight.shape, with_kfac)}
+        onehot, vectors = self.positions(module, inputs, grads, layout)
+        if block_shape(module.weight.shape) is None:
+            rows = torch.einsum("ntv,mntd->mnvd", onehot, vectors)
+            return {"weight": row_terms(rows, module.weight.shape, with_kfac)}
+        inner = weight_terms(onehot, vectors, steps=steps)  # the terms of Xᵀ ([D, V])
+        num, positions = onehot.shape[:2]
+        kfac = None
+        if with_kfac:  # KFC of the transposed layer, swapped: diag(count)/T ⊗ Σ g gᵀ / N
+            flat = vectors.flatten(end_dim=2)
+            kfac = (torch.diag(onehot.sum((0, 1)) / positions), flat.T @ flat / num)
+        trace = sum_of_squares(vectors) / num  # the width-side factor's: a mean over inputs
+        return {"weight": LayerTerms(TransposedTerms(inner.terms), trace, kfac, inner.sizes, steps)}
 
     def jacobians(
         self,
@@ -100,8 +127,11 @@ class EmbeddingKind(ModuleKind):
         layout: BatchLayout,
         wanted: set[str],
     ) -> dict[str, Jacobian]:
-        """Return the weight's Jacobian rows."""
+        """Return the weight's Jacobian: rows, or the transposed layer's position form."""
         if "weight" not in wanted:
             return {}
-        rows = self._rows(module, inputs, grads, layout)
-        return {"weight": RowJacobian(rows.flatten(start_dim=2))}
+        onehot, vectors = self.positions(module, inputs, grads, layout)
+        if block_shape(module.weight.shape) is None:
+            rows = torch.einsum("ntv,cntd->cnvd", onehot, vectors)
+            return {"weight": RowJacobian(rows.flatten(start_dim=2))}
+        return {"weight": TransposedJacobian(PositionJacobian(vectors, onehot))}
