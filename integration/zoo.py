@@ -21,8 +21,21 @@ model                  built by
                        4 heads, 32 tokens, dict batches)
 =====================  ===============================================================
 
-The images are 32×32 RGB (two batches of 16, random), the token sequences 32 long. Per
-model it prints the *curvature time* — ``la.fit`` less the eigendecompositions of the
+The images are 32×32 RGB (two batches of 16, random), the token sequences 32 long.
+
+**Whole models** (the first table): each model with *nothing frozen* is fitted with
+``kfoc``, ``ekfoc`` and ``ekfac`` — normalisation layers, embeddings, ``cls_token``,
+``pos_embed`` and layer scales included — and laplace-torch's ``kron`` with what it
+cannot fit frozen; then each predicts with ``la(X, pred_type="glm",
+link_approx="probit")``, ours on ``--test-inputs`` inputs (32), ``kron`` (whose GLM
+predictive forms the ``inputs × classes × parameters`` Jacobian) on
+``--kron-test-inputs`` (8). Each fit runs in a process of its own, so that its peak
+memory (``ru_maxrss``) is its own: the table gives the fit time, the peak after the
+fit, the predictive's time per input and what it added to the peak, the log marginal
+likelihood (finite) and whether every probit row sums to one.
+
+**Curvature on the same parameters** (the second table): per model it prints the
+*curvature time* — ``la.fit`` less the eigendecompositions of the
 factors that both methods pay at its end (``Kron.decompose``, timed inside the same
 fit) — and the full fit time, medians over ``--repeats`` fits with the methods
 interleaved (after one warm-up fit each), their ratio, and for ``kfoc`` each weight's
@@ -40,7 +53,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -61,6 +80,8 @@ from kfoc_backpack.enums import Route
 from kfoc_backpack.solver import LayerSizes, route_flops
 
 METHODS = ("kron", "kfoc")
+WHOLE_METHODS = ("kron", "kfoc", "ekfoc", "ekfac")
+"""``kron`` fits what laplace-torch can (the rest frozen); the others fit every parameter."""
 CLASSES = 10
 IMAGE = (3, 32, 32)
 TOKENS = 32
@@ -172,11 +193,16 @@ class DictDataset(Dataset):
 
 
 def make(name: str, batch: int, batches: int, seed: int = 0) -> Case:
-    """Build the model (eval mode, unsupported parameters frozen) and its random data."""
+    """Build the model (eval mode, what ``kron`` cannot fit frozen) and its random data."""
     build, kind = MODELS[name]
     torch.manual_seed(seed)
     model = build().eval()
     frozen = kfoc_backpack.freeze_unsupported(model, exact_type=True)  # kron's layers
+    return make_data(model, kind, batch, batches, frozen)
+
+
+def make_data(model: nn.Module, kind: str, batch: int, batches: int, frozen: list[str]) -> Case:
+    """Return the model with random data of input ``kind`` (the global generator's next draws)."""
     num = batch * batches
     labels = torch.randint(0, CLASSES, (num,))
     if kind == "image":
@@ -356,6 +382,93 @@ def layer_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def whole_once(name: str, method: str, batch: int, batches: int, inputs: int) -> dict:
+    """Fit ``method`` on the whole model and predict ``inputs`` inputs, in this process.
+
+    ``kron`` gets the model with what laplace-torch's ``kron`` cannot fit frozen; the
+    package's structures get every parameter.
+    """
+    build, kind = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    frozen = kfoc_backpack.freeze_unsupported(model, exact_type=True) if method == "kron" else []
+    case = make_data(model, kind, batch, batches, frozen)
+    if kind == "image":
+        test = next(iter(DataLoader(case.loader.dataset, batch_size=inputs)))[0]
+    else:
+        first = next(iter(DataLoader(case.loader.dataset, batch_size=inputs)))
+        test = {key: first[key] for key in ("input_ids", "attention_mask")}
+    la = Laplace(model, "classification", "all", method, **case.laplace_kwargs)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    la.fit(case.loader)
+    fit = time.perf_counter() - start
+    marglik = float(la.log_marginal_likelihood())
+    after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    probs = la(test, pred_type="glm", link_approx="probit")
+    predict = time.perf_counter() - start
+    after_predict = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rows = probs.sum(-1)
+    return {
+        "method": method,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "frozen": frozen,
+        "fit_s": fit,
+        "peak_before_fit_mb": before / 2**20,
+        "peak_after_fit_mb": after_fit / 2**20,
+        "log_marginal_likelihood": marglik,
+        "finite": bool(torch.isfinite(torch.tensor(marglik))),
+        "test_inputs": len(rows),
+        "predict_s_per_input": predict / len(rows),
+        "predict_added_peak_mb": (after_predict - after_fit) / 2**20,
+        "rows_sum_to_one": bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-5)),
+    }
+
+
+def whole_model(name: str, args: argparse.Namespace) -> dict[str, object]:
+    """Every method of :data:`WHOLE_METHODS` on the model, each in a process of its own."""
+    record: dict[str, object] = {"model": name, "errors": {}}
+    for method in WHOLE_METHODS:
+        inputs = args.kron_test_inputs if method == "kron" else args.test_inputs
+        command = [
+            sys.executable, __file__, "--whole-one", name, method, "--batch", str(args.batch),
+            "--batches", str(args.batches), "--threads", str(args.threads),
+            "--test-inputs", str(inputs),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            record["errors"][method] = error[:200]  # type: ignore[index]
+            continue
+        record[method] = json.loads(lines[-1])
+    return record
+
+
+def whole_table(records: list[dict]) -> str:
+    """Markdown table of the whole-model fits and predictives."""
+    lines = [
+        "| model | method | trainable | fit s | peak after fit MB | predictive s/input "
+        "| predictive added MB | inputs | log marglik | probit rows sum to 1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for rec in records:
+        for method in WHOLE_METHODS:
+            if method in rec["errors"]:
+                lines.append(f"| {rec['model']} | {method} | {rec['errors'][method]} |||||||")
+                continue
+            r = rec[method]
+            lines.append(
+                f"| {rec['model']} | {method} | {r['trainable']} | {r['fit_s']:.1f} "
+                f"| {r['peak_after_fit_mb']:.0f} | {r['predict_s_per_input']:.3f} "
+                f"| {r['predict_added_peak_mb']:.0f} | {r['test_inputs']} "
+                f"| {r['log_marginal_likelihood']:.1f} "
+                f"| {'yes' if r['rows_sum_to_one'] else 'NO'} |"
+            )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
@@ -368,6 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=cli.positive_int, default=2, help="batches per fit")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("results/zoo"), help="output directory")
+    parser.add_argument(
+        "--test-inputs", type=cli.positive_int, default=32, help="inputs our predictives take"
+    )
+    parser.add_argument(
+        "--kron-test-inputs",
+        type=cli.positive_int,
+        default=8,
+        help="inputs kron's predictive takes",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("whole", "curvature"),
+        default=["whole", "curvature"],
+        help="whole models (fit and predictive, nothing frozen) and/or the curvature timing",
+    )
+    parser.add_argument(
+        "--whole-one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS
+    )  # one whole-model fit in this process (what the whole section runs per method)
     return parser
 
 
@@ -375,17 +507,37 @@ def main(argv: list[str] | None = None) -> dict:
     cli.quiet_library_warnings()
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    records = [
-        time_model(name, args.batch, args.batches, args.repeats)
-        for name in tqdm(args.models, desc="models")
-    ]
+    if args.whole_one:
+        name, method = args.whole_one
+        record = whole_once(name, method, args.batch, args.batches, args.test_inputs)
+        print(json.dumps(record))
+        return record
+    whole = []
+    if "whole" in args.sections:
+        whole = [whole_model(name, args) for name in tqdm(args.models, desc="whole models")]
+    records = []
+    if "curvature" in args.sections:
+        records = [
+            time_model(name, args.batch, args.batches, args.repeats)
+            for name in tqdm(args.models, desc="models")
+        ]
     result = {
         "torch": torch.__version__,
         "threads": args.threads,
         "repeats": args.repeats,
+        "command": "python integration/zoo.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "whole": whole,
         "models": records,
     }
-    cli.write_report(args.out, "zoo", result, table(records) + "\n\n" + layer_table(records))
+    report = []
+    if whole:
+        report.append("## Whole models\n\n" + whole_table(whole))
+    if records:
+        report.append("## Curvature on the same parameters\n\n" + table(records))
+        report.append(layer_table(records))
+    cli.write_report(args.out, "zoo", result, "\n\n".join(report))
     return result
 
 

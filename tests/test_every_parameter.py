@@ -259,6 +259,8 @@ def test_a_norm_subclass_is_described_only_where_it_computes_the_norm():
     assert "ln" in collector.layers  # before the first batch: a LayerNorm
     batch = collector(X, y)
     assert "ln" not in collector.layers and collector.loose.names == ["ln.weight", "ln.bias"]
+    vit = TermCollector(whole_data("tiny_vit", "classification")[0], nn.CrossEntropyLoss())
+    assert vit.standins.names == ["cls_token", "pos_embed"] and vit.loose.names == ["gamma"]
     assert isinstance(model.ln, LayerNorm2d) and "ln.weight" in batch.dense
 
     same = nn.Sequential(nn.Linear(3, 4), SameLayerNorm(4), nn.Linear(4, 2)).to(DTYPE).eval()
@@ -301,6 +303,44 @@ def test_an_output_broadcast_over_the_inputs_keeps_each_inputs_gradient(structur
     block = named_blocks(la)["positions.weight"]
     assert isinstance(block, DenseBlock)
     torch.testing.assert_close(block.dense(), dense["positions.weight"], rtol=1e-9, atol=1e-12)
+    f_var = la._glm_predictive_distribution(X[:3])[1]
+    torch.testing.assert_close(f_var, dense_covariance(la, model, X[:3]), rtol=1e-9, atol=1e-12)
+
+
+class Tokens(nn.Module):
+    """Parameters with a leading size one, used in the ways models use them."""
+
+    def __init__(self, use: str):
+        super().__init__()
+        self.use = use
+        self.token = nn.Parameter(torch.randn(1, 1, 4))
+        self.inp = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.inp(x)  # [N, T, 4]
+        if self.use == "expand":  # a cls_token: one copy per input
+            h = torch.cat([self.token.expand(h.shape[0], -1, -1), h], 1)
+        elif self.use == "repeat":  # the copies cannot stand in: repeat multiplies them
+            h = torch.cat([self.token.repeat(h.shape[0], 1, 1), h], 1)
+        else:  # "mean": the output would not change, but every input reaches every copy
+            h = h + self.token.mean(0, keepdim=True)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("use", ["expand", "repeat", "mean"])
+def test_leading_size_one_parameters_get_copies_per_input_where_they_may(use):
+    torch.manual_seed(0)
+    model = Tokens(use).to(DTYPE).eval()
+    X = torch.randn(6, 3, 3, dtype=DTYPE)
+    y = torch.randn(6, 2, dtype=DTYPE)
+    collector = TermCollector(model, nn.MSELoss(reduction="sum"))
+    batch = collector(X, y)
+    assert collector.standins.names == (["token"] if use == "expand" else [])
+    assert collector.loose.names == ([] if use == "expand" else ["token"])
+    dense = dense_blocks(model, X, y, "regression", "ggn")
+    torch.testing.assert_close(batch.dense["token"].exact.dense(), 2 * dense["token"])  # MSE
+    la = fit("kfoc", model, "regression", batches(X, y, [2, 4]))
     f_var = la._glm_predictive_distribution(X[:3])[1]
     torch.testing.assert_close(f_var, dense_covariance(la, model, X[:3]), rtol=1e-9, atol=1e-12)
 

@@ -19,6 +19,7 @@ from kfoc_backpack.enums import Route
 def test_bert_tiny_fits_both_methods(tmp_path):
     result = zoo.main(
         ["--models", "bert_tiny", "--repeats", "1", "--batch", "4", "--out", str(tmp_path)]
+        + ["--sections", "curvature"]
     )
     (record,) = result["models"]
     assert record["errors"] == {}
@@ -35,6 +36,29 @@ def test_bert_tiny_fits_both_methods(tmp_path):
     saved = json.loads((tmp_path / "zoo.json").read_text())
     assert saved["models"][0]["model"] == "bert_tiny"
     assert "| bert_tiny |" in (tmp_path / "zoo.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["kron", "ekfoc"])
+def test_whole_bert_tiny_fits_and_predicts(method):
+    """Nothing frozen for ours (embeddings and LayerNorms included), kron's layers for kron."""
+    record = zoo.whole_once("bert_tiny", method, batch=4, batches=2, inputs=3)
+    assert record["finite"] and record["rows_sum_to_one"] and record["test_inputs"] == 3
+    if method == "kron":
+        assert "hf_model.bert.embeddings.word_embeddings.weight" in record["frozen"]
+    else:
+        assert record["frozen"] == []
+        whole = sum(p.numel() for p in zoo.MODELS["bert_tiny"][0]().parameters())
+        assert record["trainable"] == whole
+    table = zoo.whole_table(
+        [
+            {
+                "model": "bert_tiny",
+                "errors": {"kron": "boom"},
+                **{m: record for m in zoo.WHOLE_METHODS if m != "kron"},
+            }
+        ]
+    )
+    assert "| bert_tiny | kron | boom |" in table and "| bert_tiny | ekfoc |" in table
 
 
 def test_missing_library_names_the_extra(monkeypatch):

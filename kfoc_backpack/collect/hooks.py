@@ -45,7 +45,7 @@ from kfoc_backpack.collect.checks import check_used_through_forward, probe_layou
 from kfoc_backpack.collect.jacobians import Jacobian, OutputJacobians, RowJacobian
 from kfoc_backpack.collect.kinds import kind_of
 from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
-from kfoc_backpack.collect.loose import LooseParameters
+from kfoc_backpack.collect.loose import LooseParameters, StandIns, broadcastable
 from kfoc_backpack.collect.loss import check_loss, loss_value, output_vectors
 from kfoc_backpack.collect.parameters import row_terms
 from kfoc_backpack.collect.registry import covered, describe
@@ -121,8 +121,18 @@ class TermCollector:
         self.forward = model if forward is None else forward
         found = covered(model, owner, last_layer_hint=last_layer_hint)
         self.layers = found.layers
-        self.loose = LooseParameters(model, found.loose, forward, owner)
         self.param_names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        self.standins = StandIns(
+            model, [n for n in found.loose if broadcastable(shapes[n])], forward
+        )
+        """Parameters given one copy per input in the forward pass (``cls_token``, …)."""
+        self.loose = LooseParameters(
+            model, [n for n in found.loose if not broadcastable(shapes[n])], forward, owner
+        )
+        """The other parameters of no kind: per-sample gradients by ``torch.func.vmap``."""
+        self._standins_checked = False
+        self._values: dict[str, Tensor] = {}
         self._layouts: dict[str, BatchLayout] = {}
         self.weight_steps: defaultdict[str, WeightSteps] = defaultdict(WeightSteps)
         """Lanczos steps of each layer's last weight solve, by the names of
@@ -156,7 +166,7 @@ class TermCollector:
             num = int(output.shape[0])  # inputs of the batch
             loss = loss_value(self.lossfunc, output, y).detach()
             vectors = output_vectors(self.lossfunc, output, y, self.curvature, self.mc_samples)
-            grads = self._backward(calls, output, vectors)
+            grads, standin_grads = self._backward(calls, output, vectors)
         batch = BatchQuantities(loss, num, {}, {})
         for name, module in self.layers.items():
             if not calls[name].inputs:
@@ -172,7 +182,7 @@ class TermCollector:
             )
             for pname, value in terms.items():
                 self._file(batch, self.param_names[id(getattr(module, pname))], value)
-        rows = self.loose.rows(X, vectors.detach())
+        rows = self.loose.rows(X, vectors.detach()) | standin_grads
         params = dict(self.model.named_parameters(remove_duplicate=False))
         for name, value in rows.items():
             self._file(batch, name, row_terms(value, params[name].shape, kfac))
@@ -214,7 +224,9 @@ class TermCollector:
             outs = {name: record.outputs for name, record in calls.items() if record.outputs}
             layouts = probe_layouts(self.layers, outs, output, num, self.owner)
             eye = torch.eye(outputs, dtype=output.dtype, device=output.device)
-            grads = self._backward(calls, output, eye.unsqueeze(1).expand(-1, num, -1))
+            grads, standin_grads = self._backward(
+                calls, output, eye.unsqueeze(1).expand(-1, num, -1)
+            )
         parameters: dict[str, Jacobian] = {}
         for name, module in self.layers.items():
             if not calls[name].inputs:
@@ -225,13 +237,25 @@ class TermCollector:
             for pname, jacobian in found.items():
                 parameters[self.param_names[id(getattr(module, pname))]] = jacobian
         units = eye.unsqueeze(1).expand(-1, num, -1)
-        for name, rows in self.loose.rows(X, units).items():
+        for name, rows in (self.loose.rows(X, units) | standin_grads).items():
             parameters[name] = RowJacobian(rows.flatten(start_dim=2))
         return OutputJacobians(output.detach(), parameters)
 
     def _recorded(self, X: object) -> tuple[dict[str, _Calls], Tensor]:
         """Forward with every layer's calls recorded (the first batch's checks done once)."""
-        calls, output = self._forward(X)
+        try:
+            calls, output = self._forward(X)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            if self._standins_checked or not self.standins:
+                raise
+            self._drop_standins(list(self.standins.names))  # the model cannot take copies
+            calls, output = self._forward(X)
+        if not self._standins_checked and self.standins and int(output.shape[0]) > 1:
+            self._standins_checked = True
+            failed = self._failed_standins(X, output)
+            if failed:
+                self._drop_standins(failed)
+                calls, output = self._forward(X)
         changed = {
             name
             for name, record in calls.items()
@@ -257,7 +281,39 @@ class TermCollector:
 
     def zero_blocks(self) -> dict[str, Block]:
         """Every trainable parameter's all-zero block, in ``named_parameters`` order."""
-        return layer_zero_blocks(self.layers, self.param_names, self.loose.names, self.model)
+        loose = self.loose.names + self.standins.names
+        return layer_zero_blocks(self.layers, self.param_names, loose, self.model)
+
+    def _failed_standins(self, X: object, output: Tensor) -> list[str]:
+        """Return the stand-ins that change the output or that other inputs' outputs reach.
+
+        The model run with the parameters themselves must give the same output, and the
+        gradient of input 0's output alone (a random probe) must stay in copy 0.
+        """
+        with torch.no_grad():
+            plain = self.forward(X)
+        scale = float(plain.abs().max()) if plain.numel() else 0.0
+        if plain.shape != output.shape or not torch.allclose(
+            plain, output.detach(), rtol=1e-4, atol=1e-4 * scale + 1e-12
+        ):
+            return list(self.standins.names)
+        probe = torch.zeros_like(output)
+        generator = torch.Generator().manual_seed(0)
+        probe[0] = torch.randn(output[0].shape, generator=generator, dtype=output.dtype).to(
+            output.device
+        )
+        values = list(self._values.values())
+        grads = torch.autograd.grad(output, values, probe, retain_graph=True, allow_unused=True)
+        return [
+            name
+            for name, grad in zip(self._values, grads)
+            if grad is not None and bool(grad[1:].ne(0).any())
+        ]
+
+    def _drop_standins(self, names: list[str]) -> None:
+        """Move stand-ins to the ``torch.func.vmap`` route."""
+        self.standins.names = [n for n in self.standins.names if n not in names]
+        self.loose.names += names
 
     def _broadcast_layers(self, calls: dict[str, _Calls], num: int) -> set[str]:
         """Layers whose output has one row where the batch has ``num > 1`` inputs.
@@ -309,7 +365,11 @@ class TermCollector:
         try:
             for name, module in self.layers.items():
                 handles.append(module.register_forward_hook(hook_for(name), with_kwargs=True))
-            output = self.forward(X)
+            self._values = self.standins.values(num) if self.standins else {}
+            if self._values:
+                output = self.standins.forward(X, self._values)
+            else:
+                output = self.forward(X)
         finally:
             for handle in handles:
                 handle.remove()
@@ -340,15 +400,21 @@ class TermCollector:
 
     def _backward(
         self, calls: dict[str, _Calls], output: Tensor, vectors: Tensor
-    ) -> dict[str, list[Tensor]]:
+    ) -> tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
         """``[M, *out]`` gradients of ``⟨f, v_m⟩`` at every recorded layer output.
 
         One vectorised backward pass over the ``M`` vectors (``is_grads_batched``)
         where every backward formula of the model supports it, else one pass per
         vector (remembered for the following batches).
+
+        Returns:
+            The gradients at each layer's outputs, and at each stand-in
+            (``[M, N, *shape]``: the parameter's per-sample gradients).
         """
         names = [name for name, record in calls.items() for _ in record.outputs]
         outs = [out for record in calls.values() for out in record.outputs]
+        standins = list(self._values.values())
+        outs = outs + standins
         stacked = None
         if self._batched_backward and vectors.shape[0] > 1:
             try:
@@ -379,7 +445,12 @@ class TermCollector:
             if grads is None:  # the layer's output does not reach the model output
                 grads = out.new_zeros(vectors.shape[0], *out.shape)
             result[name].append(grads.detach())
-        return result
+        per_sample = {}
+        for name, value, grads in zip(self._values, standins, stacked[len(names) :]):
+            if grads is None:  # not used by this batch
+                grads = value.new_zeros(vectors.shape[0], *value.shape)
+            per_sample[name] = grads.detach().unsqueeze(2)  # [M, N, 1, …]: the parameter's shape
+        return result, per_sample
 
     def _first_batch_checks(self, calls: dict[str, _Calls], output: Tensor, num: int) -> None:
         """Check the described modules, unused forwards, batch dimensions and independence, once.

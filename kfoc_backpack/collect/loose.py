@@ -1,15 +1,24 @@
-r"""Per-sample gradients of the parameters no module kind describes, by ``torch.func``.
+r"""Per-sample gradients of the parameters no module kind describes.
 
 A ``cls_token`` or ``pos_embed`` registered on a model, a layer scale ``gamma``, an
 ``RMSNorm`` of a library's own, a convolution with ``padding="same"`` — any trainable
 parameter outside :mod:`kfoc_backpack.collect.kinds` — has no layer input whose
 second moment would give its block, but it has per-sample gradients: for each input
-``n`` and output-side vector ``v_{m,n}``, ``b_{m,n} = ∂⟨f(x_n), v_{m,n}⟩/∂θ``.
-:class:`LooseParameters` computes them for all such parameters at once:
-``torch.func.vmap`` over the batch's inputs of the model run on one input, pulled back
-(``torch.func.vjp``) with the ``M`` vectors — one more (vectorised) forward and
-backward pass of the model per batch, only where such parameters exist. Their blocks
-follow the size rule of :mod:`kfoc_backpack.collect.parameters`.
+``n`` and output-side vector ``v_{m,n}``, ``b_{m,n} = ∂⟨f(x_n), v_{m,n}⟩/∂θ``. Two ways
+to them, both ending in the size rule of :mod:`kfoc_backpack.collect.parameters`:
+
+* :class:`StandIns` — a parameter with a leading dimension of one (``cls_token``
+  ``[1, 1, D]``, ``pos_embed`` ``[1, T, D]``), which models broadcast over the batch
+  (``cls_token.expand(N, -1, -1)``, ``x + pos_embed``), is given one copy per input
+  for the hook route's own forward pass (``torch.func.functional_call``): the gradients
+  at the copies, from the same backward pass as every layer's, are the per-sample
+  gradients — no extra pass. The hook route checks on its first batch of several
+  inputs that the model's output is unchanged and that input 0's output reaches only
+  copy 0; a parameter that fails goes the second way;
+* :class:`LooseParameters` — every other one: ``torch.func.vmap`` over the batch's
+  inputs of the model run on one input, pulled back (``torch.func.vjp``) with the
+  ``M`` vectors — one more (vectorised) forward and backward pass of the model per
+  batch, only where such parameters exist.
 
 Each input must be a separate sample of the model (what the hook route checks for every
 layer anyway): the model runs on input ``n`` alone as a batch of one. Parameters with
@@ -45,6 +54,47 @@ class _Call(Module):
 
     def forward(self, X: Any) -> Tensor:
         return self.calls[0](X) if self.calls else self.model(X)
+
+
+def broadcastable(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether a parameter of ``shape`` may be given one copy per input (leading size one)."""
+    return len(shape) >= 1 and shape[0] == 1
+
+
+class StandIns:
+    """One copy per input of parameters with a leading dimension of one, for a forward pass.
+
+    Args:
+        model: The model.
+        names: Full names of its parameters to stand in for.
+        forward: ``forward(X) -> output`` (default ``model(X)``).
+    """
+
+    def __init__(
+        self, model: Module, names: list[str], forward: Callable[[Any], Tensor] | None = None
+    ):
+        self.names = list(names)
+        self.call = _Call(model, None if forward is model else forward)
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def values(self, num: int) -> dict[str, Tensor]:
+        """Return ``[num, *shape[1:]]`` copies of each parameter, leaves that require grad."""
+        params = dict(self.call.model.named_parameters(remove_duplicate=False))
+        return {
+            name: params[name]
+            .detach()
+            .expand(num, *params[name].shape[1:])
+            .clone()
+            .requires_grad_()
+            for name in self.names
+        }
+
+    def forward(self, X: Any, values: dict[str, Tensor]) -> Tensor:
+        """Run the model on ``X`` with ``values`` in place of the parameters."""
+        swapped = {f"model.{name}": value for name, value in values.items()}
+        return functional_call(self.call, swapped, (X,), strict=False)
 
 
 class LooseParameters:
