@@ -231,12 +231,25 @@ def test_layers_outside_the_factored_kinds_get_exact_blocks(layer):
             torch.testing.assert_close(factors[0], dense[name], rtol=1e-9, atol=1e-12)
 
 
+class Scaled(nn.Module):
+    """A module no kind describes, with a parameter too large for per-sample gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1100, 1000))
+
+    def forward(self, x):
+        return x * self.scale.mean()
+
+
 def test_too_large_parameter_rejected_at_construction():
-    model = nn.Sequential(nn.Embedding(5000, 256), nn.Flatten(), nn.Linear(256, 2))
-    with pytest.raises(NotImplementedError, match=r"'0' \(Embedding\).*\(5000, 256\)"):
+    model = nn.Sequential(nn.Linear(3, 4), Scaled(), nn.Linear(4, 2))
+    with pytest.raises(NotImplementedError, match=r"'1' \(Scaled\).*\(1100, 1000\)"):
         KFOCBackend(model, "regression")
-    model[0].weight.requires_grad_(False)
+    model[1].scale.requires_grad_(False)
     KFOCBackend(model, "regression")  # frozen: fine
+    table = nn.Sequential(nn.Embedding(5000, 256), nn.Flatten(), nn.Linear(256, 2))
+    KFOCBackend(table, "regression")  # a large table: diag(l) ⊗ R (tests/test_vocabulary.py)
 
 
 def test_default_last_layer_kron_with_backend(problem):

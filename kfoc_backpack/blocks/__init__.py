@@ -2,7 +2,9 @@
 
 * :class:`KroneckerBlock` — a weight's ``L ⊗ R`` (K-FOC's or K-FAC's factors);
 * :class:`DenseBlock` — an exact ``[B, B]`` block (biases);
-* :class:`EigenCorrected` — a Kronecker eigenbasis with the data's own eigenvalues.
+* :class:`EigenCorrected` — a Kronecker eigenbasis with the data's own eigenvalues;
+* :class:`DiagonalKroneckerBlock` — a large table's ``diag(l) ⊗ R`` (a diagonal row
+  side), and :class:`DiagonalCorrected`, its basis with the data's eigenvalues.
 
 Each block adds and scales itself (:class:`BlockSum`: over batches, and over
 ``torch.distributed`` ranks through its summed and gathered parts), serialises into a
@@ -18,16 +20,26 @@ BackPACK or laplace-torch.
 from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed, Jacobian, output_products
 from kfoc_backpack.blocks.corrected import DiagonalSum, EigenCorrected
 from kfoc_backpack.blocks.dense import DecomposedDense, DenseBlock, DenseSum
+from kfoc_backpack.blocks.diagonal_kronecker import (
+    DecomposedDiagonalKronecker,
+    DiagonalCorrected,
+    DiagonalKroneckerBlock,
+    DiagonalKroneckerSum,
+)
 from kfoc_backpack.blocks.kronecker import DecomposedKronecker, KroneckerBlock, KroneckerSum
 
 __all__ = [
     "Block",
     "BlockSum",
     "DecomposedDense",
+    "DecomposedDiagonalKronecker",
     "DecomposedKronecker",
     "Decomposed",
     "DenseBlock",
     "DenseSum",
+    "DiagonalCorrected",
+    "DiagonalKroneckerBlock",
+    "DiagonalKroneckerSum",
     "DiagonalSum",
     "EigenCorrected",
     "Jacobian",

@@ -8,6 +8,7 @@ outputs × parameters`` numbers): each parameter's part comes in the form its la
   ``n`` is the matrix ``J_{n,c} = Σ_t g_{c,n,t} a_{n,t}ᵀ`` (``O × I``), kept as the
   output-side vectors ``g`` (the backpropagation of each output unit to the layer's
   output) and the inputs ``a`` — the per-sample terms of §1 with one column per output;
+* a large embedding table as its ids and vectors (:class:`VocabularyJacobian`);
 * any other parameter (a bias, ``Σ_t g_{c,n,t}``) as its rows (:class:`RowJacobian`),
 
 and a posterior block (:meth:`kfoc_backpack.blocks.Decomposed.output_covariance`) turns
@@ -23,9 +24,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from kfoc_backpack.solver.shared.formed import formed_samples
+from kfoc_backpack.solver.vocabulary import compact_chunks, dense_rows, merge_rows
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,86 @@ class TransposedJacobian:
         return TransposedJacobian(self.inner.chunk(start, stop))
 
 
-Jacobian = RowJacobian | PositionJacobian | TransposedJacobian
+@dataclass(frozen=True)
+class VocabularyJacobian:
+    """A large table's output Jacobian ``J_{n,c} = Σ_t e_{id_t} g_{c,n,t}ᵀ`` as ids and vectors.
+
+    The ``V × D`` matrices are never formed: a block with a diagonal row side
+    (:class:`~kfoc_backpack.blocks.DiagonalKroneckerBlock`) weighs only the rows the
+    inputs hold (:meth:`weighted_products`).
+
+    Attributes:
+        ids: ``[N, T]`` the ids at the positions.
+        vectors: ``[C, N, T, D]``: each output's backpropagation to the table's output.
+        num_rows: ``V``.
+        padding_idx: An id whose positions count for nothing, or ``None``.
+    """
+
+    ids: Tensor
+    vectors: Tensor
+    num_rows: int
+    padding_idx: int | None = None
+
+    @property
+    def num_inputs(self) -> int:
+        """``N``."""
+        return self.ids.shape[0]
+
+    def merged(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rows [C, U, D], vocab [U], owner [U])``: the non-zero rows of every ``J_{n,c}``."""
+        return merge_rows(self.ids, self.vectors, self.num_rows, self.padding_idx)
+
+    def rows(self) -> Tensor:
+        """``[C, N, V·D]``: the matrices formed (small tables and tests)."""
+        rows, vocab, owner = self.merged()
+        matrices = dense_rows(rows, vocab, owner, self.num_inputs, self.num_rows)
+        return matrices.flatten(start_dim=2)
+
+    def rotated(self, left_basis: Tensor, right_basis: Tensor) -> Tensor:
+        """``[C, N, V, D]``: ``Q_Lᵀ J Q_R`` of the formed matrices (small tables and tests)."""
+        outputs, num = self.vectors.shape[:2]
+        matrices = self.rows().reshape(outputs, num, self.num_rows, -1)
+        return left_basis.T @ matrices @ right_basis
+
+    def weighted_products(
+        self, right_basis: Tensor, weights: Tensor, joint: bool = False
+    ) -> Tensor:
+        """``Σ_{v,j} Ĵ_a[v, j] Ĵ_b[v, j] weights[v, j]`` with ``Ĵ = J Q_R``.
+
+        Args:
+            right_basis: ``[D, D]`` ``Q_R``.
+            weights: ``[V, D]``.
+            joint: Between every pair of (input, output) rows (input-major), not only
+                the outputs of each input.
+
+        Returns:
+            ``[N, C, C]``, or ``[N·C, N·C]`` with ``joint``.
+        """
+        rows, vocab, owner = self.merged()
+        rotated = rows @ right_basis
+        weighted = rotated * weights[vocab]
+        outputs, num = rows.shape[0], self.num_inputs
+        if not joint:
+            products = torch.einsum("cud,eud->uce", rotated, weighted)
+            out = products.new_zeros(num, outputs, outputs)
+            return out.index_add_(0, owner, products)
+        out = rows.new_zeros(num * outputs, num * outputs)
+        width = rows.shape[-1]
+        for selected, index, ids in compact_chunks(vocab, width, num * outputs):
+            piece = rows.new_zeros(outputs, num, len(ids), width)
+            piece[:, owner[selected], index] = rotated[:, selected]
+            flat = piece.transpose(0, 1).reshape(num * outputs, -1)
+            out += flat @ (piece * weights[ids]).transpose(0, 1).reshape(num * outputs, -1).T
+        return out
+
+    def chunk(self, start: int, stop: int) -> VocabularyJacobian:
+        """Return the Jacobian of inputs ``start … stop − 1``."""
+        return VocabularyJacobian(
+            self.ids[start:stop], self.vectors[:, start:stop], self.num_rows, self.padding_idx
+        )
+
+
+Jacobian = RowJacobian | PositionJacobian | TransposedJacobian | VocabularyJacobian
 """A parameter's output Jacobian in one of its forms."""
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kfoc_backpack.blocks import DenseBlock, KroneckerBlock
+from kfoc_backpack.blocks import DenseBlock, DiagonalKroneckerBlock, KroneckerBlock
 from kfoc_backpack.solver import (
     FactoredTerms,
     KroneckerFactors,
@@ -31,6 +31,7 @@ from kfoc_backpack.solver import (
 from kfoc_backpack.solver.rescale import solve_rescaled
 from kfoc_backpack.solver.scale import finalize
 from kfoc_backpack.solver.shared.route import lanczos_steps
+from kfoc_backpack.solver.vocabulary import VocabularyTerms
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
 """The structured forms of a weight block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``."""
@@ -160,6 +161,47 @@ class LayerTerms:
         return LayerTerms(
             self.terms.detach(), self.input_trace.detach(), kfac, self.sizes, self.steps
         )
+
+
+@dataclass(frozen=True)
+class DiagonalLayerTerms(LayerTerms):
+    """The per-sample rows of a table whose block is ``diag(l) ⊗ R``.
+
+    Attributes:
+        terms: The table's :class:`~kfoc_backpack.solver.vocabulary.VocabularyTerms`.
+        input_trace: ``tr R``: the width side's mean squared vector (the split).
+        kfac: K-FAC's ``(l [V], R [D, D])`` of the same samples, or ``None``.
+    """
+
+    terms: VocabularyTerms
+
+    def solve(self, options: SolverOptions | None = None, what: Naming = None) -> KroneckerFactors:
+        """Return the nearest ``diag(l) ⊗ R`` (``l`` ``[V]``), ``tr R = input_trace``.
+
+        Raises:
+            FloatingPointError: If the rows or the factors are not finite, prefixed by ``what``.
+        """
+        with named_failures(what):
+            return self.terms.solve(options, right_trace=self.input_trace)
+
+    def kfoc(self, factors: KroneckerFactors) -> DiagonalKroneckerBlock:  # type: ignore[override]
+        """Return the block of factors :meth:`solve` gave (already in K-FAC's split)."""
+        return DiagonalKroneckerBlock(factors.left, factors.right)
+
+    def kfac_block(self) -> DiagonalKroneckerBlock:  # type: ignore[override]
+        """K-FAC's ``diag(l) ⊗ R``: the ids' frequencies on the row side.
+
+        Raises:
+            ValueError: If the quantities were collected without K-FAC's factors.
+        """
+        if self.kfac is None:
+            raise ValueError("K-FAC's factors were not collected (with_kfac=False).")
+        return DiagonalKroneckerBlock(*self.kfac)
+
+    def detach(self) -> DiagonalLayerTerms:
+        """Return the same quantities, detached from any autograd graph."""
+        kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
+        return DiagonalLayerTerms(self.terms.detach(), self.input_trace.detach(), kfac)
 
 
 @dataclass(frozen=True)

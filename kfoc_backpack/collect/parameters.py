@@ -21,6 +21,11 @@ rows ``b_{m,n} = ∂⟨f(x_n), v_{m,n}⟩/∂θ`` (one per output-side vector ``
   factors of it (``hessian_structure="kfac"``) are the trace-preserving product of its
   marginal second moments, ``(1/I) Σ X Xᵀ ⊗ I·Σ XᵀX / Σ ‖X‖²_F``.
 
+An embedding table (:mod:`kfoc_backpack.collect.kinds.embedding`) follows the same rule,
+and one more (:func:`diagonal_rows`): a table of more than :data:`VOCABULARY_LIMIT` rows,
+or of more than :data:`~kfoc_backpack.collect.loose.MAX_ENTRIES` entries, gets a
+diagonal row side, ``diag(l) ⊗ R`` (:mod:`kfoc_backpack.solver.vocabulary`).
+
 Index conventions: ``M`` vectors per input, ``N`` inputs, ``P`` the parameter's entries,
 ``O``/``I`` the rows and columns of its matrix.
 """
@@ -41,6 +46,19 @@ DENSE_LIMIT = 1024
 exact dense block; larger ones Kronecker factors. The posterior eigendecomposes each
 block: ``P³`` multiply-adds for a dense one (a second at ``P = 4096`` on a CPU core, a
 millisecond at 1024), ``O³ + I³`` for factors."""
+
+
+VOCABULARY_LIMIT = 4096
+"""Embedding tables of more rows get a diagonal row side (``diag(l) ⊗ R``): a dense
+``V × V`` factor holds ``V²`` numbers (64 MiB at 4096 rows in float32, 3.7 GB for BERT's
+30,522) and its eigendecomposition costs ``V³``."""
+
+
+def diagonal_rows(num_rows: int, width: int) -> bool:
+    """Whether a ``[V, D]`` table's block is ``diag(l) ⊗ R`` (else ``L ⊗ R`` or dense)."""
+    from kfoc_backpack.collect.loose import MAX_ENTRIES
+
+    return num_rows > VOCABULARY_LIMIT or num_rows * width > MAX_ENTRIES
 
 
 def block_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:

@@ -135,7 +135,8 @@ def unsupported_parameters(model: Module, exact_type: bool = False) -> dict[str,
     """Every trainable parameter of ``model`` that gets no block, and why.
 
     On the hook route (default) these are parameters of modules of no kind too large
-    for per-sample gradients (a vocabulary embedding); on BackPACK's route
+    for per-sample gradients (more than 2^20 entries) and layers with a setting their
+    kind cannot represent; on BackPACK's route
     (``exact_type=True``) every parameter outside :data:`SUPPORTED_LAYERS`.
 
     Args:
@@ -154,14 +155,15 @@ def freeze_unsupported(model: Module, exact_type: bool = False) -> list[str]:
 
     Sets ``requires_grad=False`` on each parameter :func:`unsupported_parameters`
     lists, so that ``hessian_structure="kfoc"`` covers the rest of the model. On the
-    hook route (laplace-torch's classes) that is only what is too large for per-sample
-    gradients (a vocabulary embedding); ``exact_type=True`` freezes what BackPACK's
+    hook route (laplace-torch's classes) that is only a parameter of a module of no kind
+    too large for per-sample gradients, or of a layer with a setting its kind cannot
+    represent; ``exact_type=True`` freezes what BackPACK's
     route has no factors for (normalisation layers, embeddings, parameters registered
     on a model itself such as ``cls_token``). A ``Linear`` whose weight the model uses
     outside the layer's ``forward`` (``nn.MultiheadAttention``'s ``out_proj``) is only
     seen at the first batch, which names it::
 
-        frozen = kfoc_backpack.freeze_unsupported(model)  # ['embeddings.word_embeddings.weight']
+        frozen = kfoc_backpack.freeze_unsupported(model)  # e.g. [] for a BERT
         la = Laplace(model, "classification", "all", "kfoc")
 
     Args:

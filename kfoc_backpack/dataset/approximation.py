@@ -75,7 +75,7 @@ class Approximation(ABC):
     with_kfac: ClassVar[bool] = False
     """Whether the passes collect K-FAC's factors of the samples."""
 
-    block_kinds: ClassVar[tuple[str, ...]] = ("kronecker", "dense")
+    block_kinds: ClassVar[tuple[str, ...]] = ("kronecker", "diagonal_kronecker", "dense")
     """The kinds of block (:attr:`~kfoc_backpack.blocks.Block.kind`) the fit produces."""
 
     @property

@@ -85,7 +85,7 @@ class EigenCorrection(Approximation):
     """
 
     supports_damping = False
-    block_kinds = ("corrected", "dense")
+    block_kinds = ("corrected", "diagonal_corrected", "dense")
 
     def dense_block(self, terms: DenseTerms) -> Block:
         """Return a bias's exact block (whatever the corrected approximation's own)."""

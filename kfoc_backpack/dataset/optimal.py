@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import RandomSampler
 
-from kfoc_backpack.blocks import BlockSum, KroneckerBlock
+from kfoc_backpack.blocks import BlockSum, DiagonalKroneckerBlock, KroneckerBlock
 from kfoc_backpack.collect.batch import BatchQuantities
 from kfoc_backpack.collect.layer_terms import LayerTerms, named_failures
 from kfoc_backpack.dataset.approximation import Fitted
@@ -303,11 +303,18 @@ class OptimalSolver:
 
         Raises:
             ValueError: For an empty loader (on every rank) or ``earlier`` with a mean
-                reduction.
+                reduction, or a table with a diagonal row side.
         """
         data = self.data
         if earlier is not None and data.reduction is not Reduction.SUM:
             raise ValueError("prior is only supported with reduction='sum'.")
+        tables = [n for n, z in data.zero_blocks().items() if isinstance(z, DiagonalKroneckerBlock)]
+        if tables:
+            raise ValueError(
+                f"aggregation='optimal' is not supported for {', '.join(map(repr, tables))}: "
+                "a table of that many rows has a diagonal row side (diag(l) ⊗ R), which only "
+                "the per-batch aggregations 'running' and 'approx' give. Use one of them."
+            )
         # this rank's loss and inputs until _combine sums them over the ranks
         self.loss, self.num_samples = data.run(
             self._first_visit, f"[K-FOC optimal: pass {data.passes + 1}]"

@@ -13,8 +13,11 @@ solved by the layers' routes on the transposed problem
 ``M·N`` per-sample ``V × D`` matrices. K-FAC's factors (``hessian_structure="kfac"``)
 are the KFC ones of that layer, swapped: the ids' frequencies ``diag(count)/T`` on the
 vocabulary side, ``Σ g gᵀ`` on the width side. A table of more than
-:data:`~kfoc_backpack.collect.loose.MAX_ENTRIES` entries is refused, naming the layer
-(its ``V × V`` factor alone would not fit).
+:data:`~kfoc_backpack.collect.parameters.VOCABULARY_LIMIT` rows (or
+:data:`~kfoc_backpack.collect.loose.MAX_ENTRIES` entries), whose ``V × V`` factor would
+not fit, gets ``diag(l) ⊗ R`` instead (:mod:`kfoc_backpack.solver.vocabulary`): its
+per-sample rows are kept merged by id (:class:`~kfoc_backpack.solver.vocabulary.VocabularyTerms`),
+no one-hot or ``V × V`` matrix is formed, and K-FAC's row side is the ids' frequencies.
 
 Index conventions: ``M`` vectors per input, ``N`` inputs, ``T`` positions (tokens),
 ``V`` rows (the vocabulary), ``D`` the width.
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Embedding, Module
 
-from kfoc_backpack.blocks import Block
+from kfoc_backpack.blocks import Block, DiagonalKroneckerBlock
 from kfoc_backpack.collect.batch_layout import BatchLayout
 from kfoc_backpack.collect.handover import sum_of_squares, weight_terms
 from kfoc_backpack.collect.jacobians import (
@@ -35,12 +38,13 @@ from kfoc_backpack.collect.jacobians import (
     PositionJacobian,
     RowJacobian,
     TransposedJacobian,
+    VocabularyJacobian,
 )
 from kfoc_backpack.collect.kinds.base import ModuleKind, Terms
-from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
-from kfoc_backpack.collect.loose import MAX_ENTRIES
-from kfoc_backpack.collect.parameters import block_shape, row_terms, zero_block
+from kfoc_backpack.collect.layer_terms import DiagonalLayerTerms, LayerTerms, WeightSteps
+from kfoc_backpack.collect.parameters import block_shape, diagonal_rows, row_terms, zero_block
 from kfoc_backpack.solver.transposed import TransposedTerms
+from kfoc_backpack.solver.vocabulary import VocabularyTerms
 
 
 class EmbeddingKind(ModuleKind):
@@ -58,40 +62,45 @@ class EmbeddingKind(ModuleKind):
             )
         return None
 
-    def problem(self, module: Module) -> str | None:
-        """Name a table too large for per-sample rows, if it is."""
-        if module.weight.numel() > MAX_ENTRIES:
-            return (
-                f"a table of {module.weight.numel()} entries (more than {MAX_ENTRIES}: its "
-                "per-sample gradients would hold a copy of it per vector and input)"
-            )
-        return None
-
     def zero_blocks(self, module: Module) -> dict[str, Block]:
         """Return the weight's zero block (the size rule's structure)."""
+        if self.diagonal(module):
+            weight = module.weight.detach()
+            return {"weight": DiagonalKroneckerBlock.zeros(*weight.shape, weight)}
         return {"weight": zero_block(module.weight)}
 
     def positions(
         self, module: Module, ids: list[Tensor], grads: list[Tensor], layout: BatchLayout
     ) -> tuple[Tensor, Tensor]:
-        """``([N, T, V], [M, N, T, D])``: the one-hot ids and the vectors at the positions.
+        """``([N, T], [M, N, T, D])``: the ids and the vectors at the positions.
 
-        Every call's positions together; a position at ``padding_idx`` has a zero one-hot
-        row and zero vectors.
+        Every call's positions together; a position at ``padding_idx`` keeps its id and
+        has zero vectors (its one-hot row is zeroed by :meth:`onehot`).
         """
-        onehots, vectors = [], []
+        flat_ids, vectors = [], []
         for index, g in zip(ids, grads):
             split = layout.split(g, lead=1)  # [M, N, …, D]
             num = split.shape[1]
             flat = split.reshape(split.shape[0], num, -1, split.shape[-1])  # [M, N, T, D]
-            flat_ids = layout.split(index).reshape(num, -1)  # [N, T]
-            onehot = F.one_hot(flat_ids, module.num_embeddings).to(flat.dtype)
+            index = layout.split(index).reshape(num, -1)  # [N, T]
             if module.padding_idx is not None:
-                keep = (flat_ids != module.padding_idx).to(flat.dtype)
-                flat, onehot = flat * keep.unsqueeze(-1), onehot * keep.unsqueeze(-1)
-            onehots.append(onehot)
+                flat = flat * (index != module.padding_idx).to(flat.dtype).unsqueeze(-1)
+            flat_ids.append(index)
             vectors.append(flat)
-        return torch.cat(onehots, 1), torch.cat(vectors, 2)
+        return torch.cat(flat_ids, 1), torch.cat(vectors, 2)
+
+    @staticmethod
+    def onehot(module: Module, ids: Tensor, like: Tensor) -> Tensor:
+        """``[N, T, V]`` one-hot rows of ``ids`` (zero at ``padding_idx``), in ``like``'s dtype."""
+        onehot = F.one_hot(ids, module.num_embeddings).to(like.dtype)
+        if module.padding_idx is not None:
+            onehot = onehot * (ids != module.padding_idx).to(like.dtype).unsqueeze(-1)
+        return onehot
+
+    @staticmethod
+    def diagonal(module: Module) -> bool:
+        """Whether the table's block has a diagonal row side (the size rule)."""
+        return diagonal_rows(module.num_embeddings, module.embedding_dim)
 
     def terms(
         self,
@@ -106,18 +115,37 @@ class EmbeddingKind(ModuleKind):
         """Return the weight's terms: its exact dense block, or the transposed layer's terms."""
         if "weight" not in wanted:
             return {}
-        onehot, vectors = self.positions(module, inputs, grads, layout)
+        ids, vectors = self.positions(module, inputs, grads, layout)
+        num, positions = ids.shape
+        trace = sum_of_squares(vectors) / num  # the width-side factor's: a mean over inputs
+        if self.diagonal(module):
+            kfac = None
+            if with_kfac:  # the ids' frequencies on the row side, as KFC's input factor
+                counts = self.onehot_counts(module, ids, vectors)
+                flat = vectors.flatten(end_dim=2)
+                kfac = (counts / positions, flat.T @ flat / num)
+            terms = VocabularyTerms.from_positions(
+                ids, vectors, module.num_embeddings, module.padding_idx
+            )
+            return {"weight": DiagonalLayerTerms(terms, trace, kfac)}
+        onehot = self.onehot(module, ids, vectors)
         if block_shape(module.weight.shape) is None:
             rows = torch.einsum("ntv,mntd->mnvd", onehot, vectors)
             return {"weight": row_terms(rows, module.weight.shape, with_kfac)}
         inner = weight_terms(onehot, vectors, steps=steps)  # the terms of Xᵀ ([D, V])
-        num, positions = onehot.shape[:2]
         kfac = None
         if with_kfac:  # KFC of the transposed layer, swapped: diag(count)/T ⊗ Σ g gᵀ / N
             flat = vectors.flatten(end_dim=2)
             kfac = (torch.diag(onehot.sum((0, 1)) / positions), flat.T @ flat / num)
-        trace = sum_of_squares(vectors) / num  # the width-side factor's: a mean over inputs
         return {"weight": LayerTerms(TransposedTerms(inner.terms), trace, kfac, inner.sizes, steps)}
+
+    @staticmethod
+    def onehot_counts(module: Module, ids: Tensor, like: Tensor) -> Tensor:
+        """``[V]`` how often each id occurs (``padding_idx`` not counted), in ``like``'s dtype."""
+        keep = ids.flatten()
+        if module.padding_idx is not None:
+            keep = keep[keep != module.padding_idx]
+        return torch.bincount(keep, minlength=module.num_embeddings).to(like.dtype)
 
     def jacobians(
         self,
@@ -130,7 +158,11 @@ class EmbeddingKind(ModuleKind):
         """Return the weight's Jacobian: rows, or the transposed layer's position form."""
         if "weight" not in wanted:
             return {}
-        onehot, vectors = self.positions(module, inputs, grads, layout)
+        ids, vectors = self.positions(module, inputs, grads, layout)
+        if self.diagonal(module):
+            jacobian = VocabularyJacobian(ids, vectors, module.num_embeddings, module.padding_idx)
+            return {"weight": jacobian}
+        onehot = self.onehot(module, ids, vectors)
         if block_shape(module.weight.shape) is None:
             rows = torch.einsum("ntv,cntd->cnvd", onehot, vectors)
             return {"weight": RowJacobian(rows.flatten(start_dim=2))}
