@@ -159,3 +159,70 @@ def test_no_list_length_stands_for_a_block_type():
         if pattern.search(line)
     ]
     assert not offenders
+
+
+def test_a_kept_pass_is_replayed_once_within_its_budget():
+    collect = Recorder()
+    data = DataPass(collect, batches(), PARAMS, curvature="mc")
+    seen = []
+    data.keep(1 << 20)
+    first = data.run(lambda batch, scale: seen.append(scale), "first")
+    assert data.replay(lambda batch, scale: seen.append(scale), "again") == first
+    assert len(collect.draws) == 3 and seen[:3] == seen[3:]  # no second pass over the data
+    assert data.replay(lambda batch, scale: None, "once more") is None  # replayed once
+    data.run(lambda batch, scale: None, "unkept")
+    assert data.replay(lambda batch, scale: None, "nothing kept") is None
+
+
+def test_a_pass_over_the_budget_is_not_kept():
+    class Sized(Recorder):
+        def __call__(self, X, y, *, with_kfac=False):
+            batch = super().__call__(X, y)
+            return BatchQuantities(batch.loss, len(X), {}, {"b": _dense(torch.zeros(8, 8))})
+
+    data = DataPass(Sized(), batches(), PARAMS)
+    data.keep(2 * 8 * 8 * 4)  # two of the three batches' blocks
+    data.run(lambda batch, scale: None, "first")
+    assert data.replay(lambda batch, scale: None, "again") is None
+
+
+def _dense(matrix):
+    from kfoc_backpack.collect.layer_terms import DenseTerms
+
+    return DenseTerms(DenseBlock(matrix))
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "mc"])
+@pytest.mark.parametrize("structure", ["ekfoc", "ekfac"])
+def test_the_correction_replays_the_factors_pass(monkeypatch, structure, curvature):
+    """The same ``S`` as a second pass over the data, from one pass."""
+    from laplace import Laplace
+
+    from kfoc_backpack.dataset.correction import EigenCorrection, EKFOCFactors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(48, 3)
+    )
+    X, y = torch.randn(10, 2, 6, 6), torch.randint(0, 3, (10,))
+    data = [(X[:6], y[:6]), (X[6:], y[6:])]
+    kwargs = {"backend_kwargs": {"stochastic": True}} if curvature == "mc" else {}
+
+    def fit(budget):
+        monkeypatch.setattr(EigenCorrection, "replay_memory", budget)
+        monkeypatch.setattr(EKFOCFactors, "replay_memory", property(lambda self: budget))
+        la = Laplace(model, "classification", "all", structure, **kwargs)
+        calls = []
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda x: calls.append(1) or forward(x))
+        torch.manual_seed(1)
+        la.fit(data)
+        monkeypatch.setattr(model, "forward", forward)
+        return la, len(calls)
+
+    kept, kept_calls = fit(1 << 30)
+    read, read_calls = fit(0)
+    assert read_calls > kept_calls  # the second pass over the data is gone
+    for a, b in zip(kept.H_facs.blocks, read.H_facs.blocks):
+        for name, tensor in a.tensors().items():
+            torch.testing.assert_close(tensor, b.tensors()[name], rtol=1e-12, atol=1e-12)

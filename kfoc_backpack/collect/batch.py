@@ -67,6 +67,20 @@ class BatchQuantities:
     weights: dict[str, LayerTerms]
     dense: dict[str, DenseTerms]
 
+    def nbytes(self) -> int:
+        """Bytes the batch's per-sample terms and blocks hold."""
+        total = 0
+        for weight in self.weights.values():
+            total += weight.terms.nbytes()
+            total += sum(f.numel() * f.element_size() for f in weight.kfac or ())
+        for dense in self.dense.values():
+            blocks = [dense.exact]
+            if dense.kfac is not None and dense.kfac is not dense.exact:
+                blocks.append(dense.kfac)
+            for block in blocks:
+                total += sum(t.numel() * t.element_size() for t in block.tensors().values())
+        return total
+
 
 class Collector(Protocol):
     """One batch's per-sample quantities, and the parameters' block structures."""

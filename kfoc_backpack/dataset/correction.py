@@ -29,11 +29,15 @@ from kfoc_backpack.dataset.approximation import Approximation, Fitted
 from kfoc_backpack.dataset.data_pass import DataPass
 from kfoc_backpack.dataset.kfac import KFACFactors
 from kfoc_backpack.dataset.kfoc import KFOCFactors
+from kfoc_backpack.dataset.options import DEFAULT_MAX_MEMORY
 from kfoc_backpack.enums import Aggregation, Reduction, Structure
 
 
 def corrected_blocks(data: DataPass, bases: dict[str, EigenCorrected]) -> dict[str, EigenCorrected]:
     """Return the data set's eigenvalues ``S`` in each weight's basis: one pass over ``data``.
+
+    The factors' pass's batches where ``data`` kept them (:meth:`DataPass.keep
+    <kfoc_backpack.dataset.data_pass.DataPass.keep>`), else a pass over the data.
 
     Args:
         data: The fit's passes (the same labels as the factors' passes).
@@ -60,7 +64,9 @@ def corrected_blocks(data: DataPass, bases: dict[str, EigenCorrected]) -> dict[s
             basis = bases[name]
             total.add(basis.with_diagonal(basis.diagonal_of(terms.terms)), batch.num_samples, scale)
 
-    local = data.run(add, "[eigenvalue correction]")
+    local = data.replay(add, "[eigenvalue correction]")
+    if local is None:
+        local = data.run(add, "[eigenvalue correction]")
     combined = data.combine(sums)
     num_samples = data.totals(*local)[1] if data.reduction is Reduction.MEAN else 0
     result = {}
@@ -77,7 +83,8 @@ class EigenCorrection(Approximation):
 
     Put before the approximation it corrects (``class EKFOCFactors(EigenCorrection,
     KFOCFactors)``): the approximation fits its factors, then one more pass gives each
-    weight's ``S`` in their eigenbasis (:func:`corrected_blocks`) — never farther from
+    weight's ``S`` in their eigenbasis (:func:`corrected_blocks`; from the factors' pass's
+    per-sample terms kept in memory where they fit in :attr:`replay_memory`) — never farther from
     the block in the Frobenius norm than ``L ⊗ R``, and trace-exact. Biases stay exact.
     Online, the earlier factors enter the approximation's fit as one more term, and the
     earlier ``S`` is projected onto the new basis
@@ -86,6 +93,9 @@ class EigenCorrection(Approximation):
 
     supports_damping = False
     block_kinds = ("corrected", "diagonal_corrected", "dense")
+    replay_memory: int = DEFAULT_MAX_MEMORY
+    """Byte budget of the factors' pass's per-sample terms kept for the correction, so
+    that it needs no second pass over the data (larger passes are read again)."""
 
     def dense_block(self, terms: DenseTerms) -> Block:
         """Return a bias's exact block (whatever the corrected approximation's own)."""
@@ -97,6 +107,7 @@ class EigenCorrection(Approximation):
         if earlier is not None:
             factors = {name: block.uncorrected() for name, block in earlier.blocks.items()}
             uncorrected = Fitted(earlier.loss, factors, earlier.num_samples)
+        data.keep(self.replay_memory)
         fitted = super().fit(data, uncorrected)  # type: ignore[safe-super]
         bases = {}
         for name, block in fitted.blocks.items():
@@ -130,6 +141,11 @@ class EKFOCFactors(EigenCorrection, KFOCFactors):
     """The eigenvalue-corrected K-FOC (``hessian_structure="ekfoc"``): arguments as K-FOC's."""
 
     structure = Structure.EKFOC
+
+    @property
+    def replay_memory(self) -> int:  # type: ignore[override]
+        """K-FOC's ``max_memory``: the budget of every kept per-sample term."""
+        return self.max_memory
 
 
 @dataclass

@@ -94,6 +94,8 @@ class DataPass:
         self.seed = self.reducer.shared_seed(seed) if self.curvature.stochastic else None
         self.passes = 0
         self._zero_blocks: dict[str, Block] | None = None
+        self._keep_bytes = 0
+        self._kept: list[BatchQuantities] | None = None
 
     @property
     def communication(self) -> Communication:
@@ -132,12 +134,51 @@ class DataPass:
         self.passes += 1
         loss: Tensor | float = 0.0
         num_samples = 0
+        budget, self._keep_bytes, self._kept = self._keep_bytes, 0, None
+        kept: list[BatchQuantities] | None = [] if budget > 0 else None
+        held = 0
         batches = tqdm.tqdm(self.loader, desc=description, disable=not self.progress_bar)
         with self.reducer.guard(f"{description.strip('[]')} (pass {self.passes} over the data)"):
             for index, raw in enumerate(batches):
                 X, y = self.split(raw)
                 with self._seeded(index):
                     batch = self.collect(X, y, with_kfac=with_kfac)
+                if kept is not None:
+                    held += batch.nbytes()
+                    kept = kept + [batch] if held <= budget else None
+                loss = loss + batch.loss
+                num_samples += batch.num_samples
+                visit(batch, self.reduction.batch_scale(batch.num_samples))
+        self._kept = kept
+        return loss, num_samples
+
+    def keep(self, max_bytes: int) -> None:
+        """Keep the next pass's batches for one :meth:`replay`, while they fit in ``max_bytes``.
+
+        The per-sample terms of a pass stay in memory (:meth:`BatchQuantities.nbytes
+        <kfoc_backpack.collect.batch.BatchQuantities.nbytes>` summed over its batches);
+        past the budget none are kept and a later pass reads the data again.
+        """
+        self._keep_bytes = max(int(max_bytes), 0)
+
+    def replay(self, visit: Visit, description: str) -> tuple[Tensor | float, int] | None:
+        """Visit the batches :meth:`keep` kept, instead of a pass over the data.
+
+        The same quantities under the same Monte-Carlo labels as the pass that kept
+        them: a pass over the data would give them again. Each kept pass is replayed
+        once; on each rank where it was not kept whole, ``None`` (make the pass with
+        :meth:`run`).
+
+        Returns:
+            As :meth:`run`, or ``None``.
+        """
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        loss: Tensor | float = 0.0
+        num_samples = 0
+        with self.reducer.guard(f"{description.strip('[]')} (the kept pass)"):
+            for batch in kept:
                 loss = loss + batch.loss
                 num_samples += batch.num_samples
                 visit(batch, self.reduction.batch_scale(batch.num_samples))
