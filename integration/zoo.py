@@ -4,9 +4,10 @@ Each model comes from its library's constructor (random initialisation: nothing 
 downloaded) and is fitted with ``Laplace(model, "classification", "all", structure)`` for
 ``structure`` in ``kron`` (laplace-torch's default backend, curvlinops' K-FAC) and
 ``kfoc`` (``aggregation="running"``, exact GGN), after
-:func:`kfoc_backpack.freeze_unsupported` froze the parameters neither has factors for
-(normalisation layers, embeddings, ``cls_token``/``pos_embed``, layer scales; both fit
-the same parameters):
+``kfoc_backpack.freeze_unsupported(model, exact_type=True)`` froze what ``kron`` has no
+factors for (normalisation layers, embeddings, ``cls_token``/``pos_embed``, layer
+scales; both fit the same parameters in the curvature table; the whole-model table
+below fits everything with ours):
 
 =====================  ===============================================================
 model                  built by

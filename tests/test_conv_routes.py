@@ -145,6 +145,34 @@ def test_symmetric_products_are_exact():
     assert torch.allclose(congruence_sum(coef, blocks), expected)
 
 
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_symmetric_products_survive_a_failed_eigh(monkeypatch, failure, shared):
+    """float32 ``eigh`` of a nearly rank-deficient ``W`` may not converge (or return NaN)."""
+    from kfoc_backpack.solver import symmetric
+
+    gen = torch.Generator().manual_seed(0)
+    coef = torch.randn(3, 5, 5, generator=gen)
+    coef = coef + coef.mT
+    coef = coef[0] if shared else coef
+    blocks = torch.randn(3, 5, 400, generator=gen)
+    expected = (blocks.mT @ coef @ blocks).sum(0)
+
+    def broken(matrix):
+        if failure == "raises":
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        values, vectors = torch.linalg.eigh.__wrapped__(matrix)
+        return values, torch.full_like(vectors, float("nan"))
+
+    original = torch.linalg.eigh
+    broken.__wrapped__ = original
+    monkeypatch.setattr(symmetric.torch.linalg, "eigh", broken)
+    found = congruence_sum(coef, blocks)
+    monkeypatch.setattr(symmetric.torch.linalg, "eigh", original)
+    assert torch.equal(found, found.T)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-3)
+
+
 def test_route_choice_follows_the_flop_model():
     # the issue's layers at batch 16, one column
     assert chosen_route(1, 16, 64, 256, 2304) == "gram"  # K·T = 1024 < N

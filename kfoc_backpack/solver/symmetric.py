@@ -109,10 +109,17 @@ def congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
         blocks: ``[K, T, N]`` matrices ``A_k``.
 
     Returns:
-        The symmetric ``[N, N]`` sum (module docstring).
+        The symmetric ``[N, N]`` sum (module docstring); where ``eigh`` of the ``W_k``
+        fails or is not finite (float32 on a nearly rank-deficient ``W``), the same sum
+        by general products (:func:`plain_congruence_sum`).
     """
     num, pos, n = blocks.shape
-    values, vectors = torch.linalg.eigh(coef)
+    try:
+        values, vectors = torch.linalg.eigh(coef)
+    except RuntimeError:  # torch.linalg.LinAlgError: no convergence (float32, rank-deficient)
+        return plain_congruence_sum(coef, blocks)
+    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+        return plain_congruence_sum(coef, blocks)  # LAPACK can return NaN silently
     floor = pos * torch.finfo(values.dtype).eps * values.abs().max()
     counts = torch.stack([(values < -floor).sum(-1).max(), (values > floor).sum(-1).max()])
     n_neg, n_pos = (int(c) for c in counts.tolist())
@@ -132,3 +139,27 @@ def congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
             acc.add(rows.reshape(-1, n), sign)
             del rows
     return acc.result()
+
+
+def plain_congruence_sum(coef: Tensor, blocks: Tensor) -> Tensor:
+    """``Σ_k A_kᵀ (W_k A_k)`` by general products, symmetrised: no decomposition of ``W_k``.
+
+    About twice :func:`congruence_sum`'s flops for full-rank ``W_k``, its fallback where
+    ``eigh`` fails. A chunk of samples at a time (at most :data:`CHUNK_ELEMENTS` numbers).
+
+    Args:
+        coef: ``[K, T, T]`` or ``[T, T]`` symmetric ``W_k``.
+        blocks: ``[K, T, N]`` matrices ``A_k``.
+
+    Returns:
+        The ``[N, N]`` sum, exactly symmetric.
+    """
+    num, pos, n = blocks.shape
+    out = blocks.new_zeros(n, n)
+    width = max(1, CHUNK_ELEMENTS // max(1, pos * n))
+    for lo in range(0, num, width):
+        hi = min(num, lo + width)
+        weights = coef if coef.dim() == 2 else coef[lo:hi]
+        products = weights @ blocks[lo:hi]  # [k, T, N]
+        out.addmm_(blocks[lo:hi].reshape(-1, n).T, products.reshape(-1, n))
+    return (out + out.T) / 2
