@@ -20,6 +20,12 @@ model                  built by
 ``convnext_atto``      ``timm.create_model("convnext_atto", num_classes=10)``
 ``bert_tiny``          ``transformers.BertForSequenceClassification`` (2 layers, width 128,
                        4 heads, BERT's 30,522-id vocabulary, 32 tokens, dict batches)
+``efficientnet_b0``    ``torchvision.models.efficientnet_b0(num_classes=10)``
+``regnet_y_400mf``     ``torchvision.models.regnet_y_400mf(num_classes=10)`` (grouped
+                       convolutions)
+``shufflenet_v2_x0_5`` ``torchvision.models.shufflenet_v2_x0_5(num_classes=10)``
+``deit_tiny``          ``timm.create_model("deit_tiny_patch16_224", img_size=32,
+                       num_classes=10)`` (patch 16: 4 patches and the class token)
 =====================  ===============================================================
 
 The images are 32×32 RGB (two batches of 16, random), the token sequences 32 long.
@@ -176,6 +182,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "vit_tiny": (timm_model("vit_tiny_patch16_224", img_size=32, patch_size=4), "image"),
     "convnext_atto": (timm_model("convnext_atto"), "image"),
     "bert_tiny": (bert_tiny, "tokens"),
+    "efficientnet_b0": (torchvision_model("efficientnet_b0"), "image"),
+    "regnet_y_400mf": (torchvision_model("regnet_y_400mf"), "image"),
+    "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), "image"),
+    "deit_tiny": (timm_model("deit_tiny_patch16_224", img_size=32), "image"),
 }
 """Name → (constructor, input kind)."""
 

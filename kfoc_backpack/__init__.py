@@ -71,6 +71,7 @@ from kfoc_backpack.enums import (  # noqa: E402
     DiagonalRoute,
     Reduction,
     Route,
+    Stop,
     Structure,
 )
 from kfoc_backpack.solver import KroneckerFactors, SolverOptions  # noqa: E402
@@ -92,6 +93,7 @@ __all__ = [
     "KFOCTerms",
     "Reduction",
     "Route",
+    "Stop",
     "Structure",
     "KroneckerFactors",
     "SolverOptions",

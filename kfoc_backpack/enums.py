@@ -24,6 +24,7 @@ __all__ = [
     "DiagonalRoute",
     "Reduction",
     "Route",
+    "Stop",
     "Structure",
 ]
 
@@ -152,6 +153,21 @@ class Route(Choice):
 
     OPERATOR = "operator"
     """Through the products ``X_a X_bᵀ`` of the formed matrices."""
+
+
+class Stop(Choice):
+    """When the iterative solves of a weight's optimal factors stop."""
+
+    FACTORS = "factors"
+    """Once the unit-norm left factor changes by less than ``tol`` in a step (the
+    paper's rule): the factors themselves to ``tol``, e.g. for preconditioners
+    compared across batches."""
+
+    OBJECTIVE = "objective"
+    """Also once the captured squared norm ``σ² = ⟨F, L ⊗ R⟩² / ‖L ⊗ R‖²`` (the error
+    is ``‖F‖² − σ²``) changes by less than ``tol`` relative in a step, whichever comes
+    first: the approximation's error converges about twice as fast, in digits, as the
+    factors."""
 
 
 class DiagonalRoute(Choice):

@@ -20,6 +20,7 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps, warn_unconverged
 from kfoc_backpack.collect.registry import layer_problem
+from kfoc_backpack.enums import Stop
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
 from kfoc_backpack.extensions.module_map import (
@@ -36,6 +37,7 @@ from kfoc_backpack.extensions.unsupported import (
 from kfoc_backpack.solver import (
     DEFAULT_EXACT_MAX_TERMS,
     DEFAULT_MAX_ITER,
+    DEFAULT_STOP,
     DEFAULT_TOL,
     KroneckerFactors,
     SolverOptions,
@@ -96,6 +98,8 @@ class KFOCBase(SqrtGGN):
             layer BackPACK does not know): ``'ERROR'`` (default) raises naming the
             layer, ``'WARNING'`` warns and writes nothing for it, ``'SILENT'`` skips
             it.
+        stop: What ``tol`` bounds: the left factor's change (``"factors"``) or the
+            captured norm's (``"objective"``), see :class:`~kfoc_backpack.enums.Stop`.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class KFOCBase(SqrtGGN):
         fail_mode: str = FAIL_ERROR,
         mc_samples: int = 1,
         exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
+        stop: Stop | str = DEFAULT_STOP,
     ):
         if int(mc_samples) != mc_samples or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
@@ -118,7 +123,7 @@ class KFOCBase(SqrtGGN):
             )
         self.loss_hessian_strategy = loss_hessian_strategy
         self.solver_options = SolverOptions(
-            tol=tol, max_iter=max_iter, exact_max_terms=exact_max_terms
+            tol=tol, max_iter=max_iter, exact_max_terms=exact_max_terms, stop=stop
         )
         self.fail_mode = fail_mode
         module_exts: dict[type[Module], ModuleExtension] = {
@@ -245,6 +250,8 @@ class KFOC(KFOCBase):
             K-FOC does not support (see :class:`KFOCBase`).
         exact_max_terms: Largest coefficient problem finished exactly when the power
             method is slow (see :class:`KFOCBase`); ``0`` for the plain power method.
+        stop: What ``tol`` bounds: the left factor's change (``"factors"``) or the
+            captured norm's (``"objective"``), see :class:`~kfoc_backpack.enums.Stop`.
     """
 
     SAVEFIELD = "kfoc"
@@ -256,6 +263,7 @@ class KFOC(KFOCBase):
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
         exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
+        stop: Stop | str = DEFAULT_STOP,
     ):
         super().__init__(
             LossHessianStrategy.SAMPLING,
@@ -265,6 +273,7 @@ class KFOC(KFOCBase):
             fail_mode,
             mc_samples=mc_samples,
             exact_max_terms=exact_max_terms,
+            stop=stop,
         )
 
 
@@ -284,6 +293,8 @@ class KFOCExact(KFOCBase):
             K-FOC does not support (see :class:`KFOCBase`).
         exact_max_terms: Largest coefficient problem finished exactly when the power
             method is slow (see :class:`KFOCBase`); ``0`` for the plain power method.
+        stop: What ``tol`` bounds: the left factor's change (``"factors"``) or the
+            captured norm's (``"objective"``), see :class:`~kfoc_backpack.enums.Stop`.
     """
 
     SAVEFIELD = "kfoc_exact"
@@ -294,6 +305,7 @@ class KFOCExact(KFOCBase):
         max_iter: int = DEFAULT_MAX_ITER,
         fail_mode: str = FAIL_ERROR,
         exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS,
+        stop: Stop | str = DEFAULT_STOP,
     ):
         super().__init__(
             LossHessianStrategy.EXACT,
@@ -302,4 +314,5 @@ class KFOCExact(KFOCBase):
             max_iter,
             fail_mode,
             exact_max_terms=exact_max_terms,
+            stop=stop,
         )

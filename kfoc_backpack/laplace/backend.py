@@ -35,10 +35,10 @@ from kfoc_backpack._compat import supported_kwargs
 from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.collect.registry import covered
 from kfoc_backpack.dataset.kfoc import KFOCFactors
-from kfoc_backpack.enums import Aggregation, Curvature
+from kfoc_backpack.enums import Aggregation, Curvature, Stop
 from kfoc_backpack.laplace.errors import BatchKeyError
 from kfoc_backpack.laplace.posterior import BlockKron
-from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, SolverOptions
+from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_STOP, DEFAULT_TOL, SolverOptions
 
 
 def check_supported_layers(module: Module, owner: str = "KFOCBackend") -> None:
@@ -126,6 +126,7 @@ class KFOCKronMixin:
         num_samples: int,
         tol: float,
         max_iter: int,
+        stop: Stop | str = DEFAULT_STOP,
     ) -> None:
         """Initialise laplace-torch's ``interface`` and the K-FOC collector."""
         interface.__init__(self, model, likelihood, **supported_kwargs(interface.__init__, kwargs))
@@ -135,7 +136,7 @@ class KFOCKronMixin:
         )
         self.dict_key_x, self.dict_key_y = kwargs["dict_key_x"], kwargs["dict_key_y"]
         self.curvature, self.num_samples = curvature, num_samples
-        self.solver_options = SolverOptions(tol=tol, max_iter=max_iter)
+        self.solver_options = SolverOptions(tol=tol, max_iter=max_iter, stop=stop)
         self.collector = TermCollector(
             self._model,
             self.lossfunc,
@@ -227,6 +228,8 @@ class KFOCBackend(KFOCKronMixin, GGNInterface):
         num_samples: Sampled labels per input for the Monte-Carlo Fisher.
         tol: Tolerance of the per-batch K-FOC solves.
         max_iter: Iteration cap of the per-batch K-FOC solves.
+        stop: What ``tol`` bounds: the left factor's change (``"factors"``) or the
+            captured norm's (``"objective"``), see :class:`~kfoc_backpack.enums.Stop`.
 
     Raises:
         NotImplementedError: If a layer with trainable parameters has no K-FOC
@@ -245,6 +248,7 @@ class KFOCBackend(KFOCKronMixin, GGNInterface):
         num_samples: int = 1,
         tol: float = DEFAULT_TOL,
         max_iter: int = DEFAULT_MAX_ITER,
+        stop: Stop | str = DEFAULT_STOP,
     ):
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
@@ -258,7 +262,15 @@ class KFOCBackend(KFOCKronMixin, GGNInterface):
         }
         curvature = Curvature.MC if stochastic else Curvature.GGN
         self._init_kfoc(
-            GGNInterface, model, likelihood, kwargs, curvature, int(num_samples), tol, max_iter
+            GGNInterface,
+            model,
+            likelihood,
+            kwargs,
+            curvature,
+            int(num_samples),
+            tol,
+            max_iter,
+            stop,
         )
 
 
@@ -282,6 +294,7 @@ class KFOCEFBackend(KFOCKronMixin, EFInterface):
         dict_key_y: str = "labels",
         tol: float = DEFAULT_TOL,
         max_iter: int = DEFAULT_MAX_ITER,
+        stop: Stop | str = DEFAULT_STOP,
     ):
         kwargs = {
             "last_layer": last_layer,
@@ -289,4 +302,6 @@ class KFOCEFBackend(KFOCKronMixin, EFInterface):
             "dict_key_x": dict_key_x,
             "dict_key_y": dict_key_y,
         }
-        self._init_kfoc(EFInterface, model, likelihood, kwargs, Curvature.EF, 1, tol, max_iter)
+        self._init_kfoc(
+            EFInterface, model, likelihood, kwargs, Curvature.EF, 1, tol, max_iter, stop
+        )

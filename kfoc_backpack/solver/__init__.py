@@ -41,6 +41,7 @@ features (right factor ``[N, N]``).
 from kfoc_backpack.solver._common import (
     DEFAULT_EXACT_MAX_TERMS,
     DEFAULT_MAX_ITER,
+    DEFAULT_STOP,
     DEFAULT_TOL,
     KroneckerFactors,
     SolverOptions,
@@ -68,6 +69,7 @@ __all__ = [
     "KroneckerAccumulator",
     "DEFAULT_EXACT_MAX_TERMS",
     "DEFAULT_MAX_ITER",
+    "DEFAULT_STOP",
     "DEFAULT_TOL",
     "FactoredTerms",
     "KroneckerFactors",

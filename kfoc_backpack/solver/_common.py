@@ -17,11 +17,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from kfoc_backpack.enums import Stop
+
 DEFAULT_TOL = 1e-5
 """Stopping precision ``δ`` of the paper: stop once ``‖L⁽ⁿ⁾ − L⁽ⁿ⁻¹⁾‖_F < δ``."""
 
 DEFAULT_MAX_ITER = 100
 """Maximal number of power steps ``n_max`` of the paper."""
+
+DEFAULT_STOP = Stop.FACTORS
+"""What ``tol`` bounds by default (:class:`~kfoc_backpack.enums.Stop`)."""
 
 DEFAULT_EXACT_MAX_TERMS = 512
 """Largest coefficient problem that is finished by an exact eigendecomposition."""
@@ -44,6 +49,12 @@ class SolverOptions:
             semi-definite terms the deterministic start (the sum of the left terms,
             i.e. K-FAC's left factor) is never orthogonal to the solution and
             converges to the positive semi-definite optimum.
+        stop: What ``tol`` bounds in the factor-space iterations (the power method and
+            Lanczos): the change of the left factor (``"factors"``, the paper's rule)
+            or the relative change of the captured squared norm ``σ²``
+            (``"objective"``), see :class:`~kfoc_backpack.enums.Stop`. Coefficient
+            problems (rank-one layers, sums of products) keep the factors' rule: they
+            are finished exactly when slow.
         exact_max_terms: Coefficient problems with at most this many terms (the
             Gram route of ``Linear`` layers and of ``nearest_kronecker_sum``: ``K``
             terms; the operator route of convolutions on accelerators: ``C_out²``)
@@ -63,8 +74,10 @@ class SolverOptions:
     generator: torch.Generator | None = None
     random_init: bool = False
     exact_max_terms: int = DEFAULT_EXACT_MAX_TERMS
+    stop: Stop | str = DEFAULT_STOP
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", Stop.parse(self.stop, "stop"))
         if not (self.tol > 0):
             raise ValueError(f"tol must be positive, got {self.tol!r}.")
         if int(self.max_iter) != self.max_iter or self.max_iter < 1:

@@ -302,6 +302,7 @@ def nearest_kronecker_factored(
         opts.tol,
         opts.max_iter,
         check_every(like.device),
+        opts.stop,
     )
     left, right = finalize(
         left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_factored"

@@ -188,7 +188,7 @@ def _outer_factors(
         flat_out = sqrt_out.reshape(-1, m)
         start = flat_out.T @ flat_out  # K-FAC's left factor
     left, right, iters, converged = factor_power_iteration(
-        to_right, to_left, start, opts.tol, opts.max_iter, check_every(inputs.device)
+        to_right, to_left, start, opts.tol, opts.max_iter, check_every(inputs.device), opts.stop
     )
     left, right = finalize(left, right, out_dtype, True, right_trace, "nearest_kronecker_outer")
     return KroneckerFactors(left, right, iters, converged)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kfoc_backpack.enums import Stop
 from kfoc_backpack.solver._common import unit
 
 
@@ -25,22 +26,27 @@ def factor_power_iteration(
     tol: float,
     max_iter: int,
     check_every: int = 1,
+    stop: Stop = Stop.FACTORS,
 ) -> tuple[Tensor, Tensor, int, bool]:
     """Run the power method for the top singular pair of a rearranged matrix ``A``.
 
     Only the left factor is normalised (the right one then has norm at most ``σ₁``,
-    the next left one at most ``σ₁²``), and the change of the left factor is
-    computed only at the steps where it is tested: a step costs the two half-steps
-    and three more operations.
+    the next left one at most ``σ₁²``), and the stopping test is computed only at the
+    steps where it is tested: a step costs the two half-steps and three more
+    operations.
 
     Args:
         to_right: ``L ↦ mat(Aᵀ vec L)``, an ``[M, M] → [N, N]`` map.
         to_left: ``R ↦ mat(A vec R)``, an ``[N, N] → [M, M]`` map.
         init_left: ``[M, M]`` start of the left factor.
-        tol: Stop once ``‖L⁽ⁿ⁾ − L⁽ⁿ⁻¹⁾‖_F < tol`` (normalised left factors).
+        tol: Stop once ``‖L⁽ⁿ⁾ − L⁽ⁿ⁻¹⁾‖_F < tol`` (normalised left factors); with
+            ``stop="objective"`` also once ``σ²⁽ⁿ⁾ = ‖mat(Aᵀ vec L⁽ⁿ⁾)‖²_F``, the squared
+            norm the unit ``L⁽ⁿ⁾`` captures, changes by less than ``tol·σ²⁽ⁿ⁾`` between
+            tests.
         max_iter: Maximal number of power steps.
         check_every: Evaluate the stopping criterion every this many steps (each
             evaluation synchronises a CUDA device with the host).
+        stop: Which of the two rules.
 
     Returns:
         ``(left, right, iterations, converged)`` with ``‖left‖_F = 1`` and
@@ -49,16 +55,22 @@ def factor_power_iteration(
     left = unit(init_left)
     converged = False
     iterations = 0
+    captured = None
+    objective = Stop.parse(stop, "stop") is Stop.OBJECTIVE
     for iterations in range(1, max_iter + 1):
-        new_left = unit(to_left(to_right(left)))
-        if iterations % check_every == 0 or iterations == max_iter:
-            delta = torch.linalg.matrix_norm(new_left - left)
+        right = to_right(left)
+        tested = iterations % check_every == 0 or iterations == max_iter
+        if objective and tested:  # σ² at L: L and its right factor are the result
+            value = float(torch.linalg.matrix_norm(right).square())
+            if value == 0.0 or (captured is not None and abs(value - captured) <= tol * value):
+                return left, right, iterations, True
+            captured = value
+        new_left = unit(to_left(right))
+        if tested and torch.linalg.matrix_norm(new_left - left).item() < tol:
+            converged = True  # (either rule: settled factors settle σ² too)
             left = new_left
-            if delta.item() < tol:
-                converged = True
-                break
-        else:
-            left = new_left
+            break
+        left = new_left
     return left, to_right(left), iterations, converged
 
 

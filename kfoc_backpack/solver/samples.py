@@ -82,6 +82,7 @@ def nearest_kronecker_samples(
         opts.tol,
         opts.max_iter,
         check_every(samples.device),
+        opts.stop,
     )
     left, right = finalize(
         left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_samples"

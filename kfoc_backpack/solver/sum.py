@@ -177,7 +177,9 @@ def _sum_factors(
     check = check_every(left_terms.device)
 
     def solve(start: Tensor) -> Solution:
-        return factor_power_iteration(to_right, to_left, start, opts.tol, opts.max_iter, check)
+        return factor_power_iteration(
+            to_right, to_left, start, opts.tol, opts.max_iter, check, opts.stop
+        )
 
     if opts.random_init:
         start = random_matrix(m, left_terms, opts)

@@ -272,6 +272,7 @@ def nearest_kronecker_terms(
         start.to(like.dtype),
         opts.tol,
         opts.max_iter,
+        stop=opts.stop,
     )
     left, right = finalize(left, right, like.dtype, right_trace=right_trace)
     return KroneckerFactors(left, right, iters, converged)

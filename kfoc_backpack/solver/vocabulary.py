@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kfoc_backpack.enums import Stop
 from kfoc_backpack.solver._common import KroneckerFactors, SolverOptions
 
 GRAM_CHUNK_ELEMENTS = 1 << 24
@@ -155,7 +156,8 @@ class VocabularyTerms:
 
         The power method of the module's docstring from ``R = Σ_v F_vv``, on the rows
         scaled by a power of two to unit mean square (float32 neither under- nor
-        overflows), until the unit-norm ``l`` changes by less than ``options.tol``.
+        overflows), until the unit-norm ``l`` (``stop="factors"``) or the captured
+        ``σ² = ‖R‖²`` (``stop="objective"``) changes by less than ``options.tol``.
 
         Raises:
             FloatingPointError: If the rows or the factors are not finite.
@@ -175,14 +177,23 @@ class VocabularyTerms:
         right = terms.to_right(self.rows.new_ones(self.num_rows))
         left = terms.to_left(right)
         left = left / torch.linalg.vector_norm(left)
-        converged, steps = False, 0
+        converged, steps, captured = False, 0, None
+        objective = opts.stop is Stop.OBJECTIVE
         while steps < opts.max_iter and not converged:
             right = terms.to_right(left)
+            steps += 1
+            if objective:  # σ² = ‖R‖² at the unit l
+                value = float(right.square().sum())
+                converged = captured is not None and abs(value - captured) <= opts.tol * value
+                captured = value
+                if converged:
+                    break
             new = terms.to_left(right)
             new = new / torch.linalg.vector_norm(new)
             converged = bool(torch.linalg.vector_norm(new - left) <= opts.tol)
-            left, steps = new, steps + 1
-        right = terms.to_right(left)  # l ⊗ R with ‖l‖ = 1 is the optimum: R = Σ l_v F_vv
+            left = new
+        if not (objective and converged):  # else R is the last step's, at this l
+            right = terms.to_right(left)  # l ⊗ R with ‖l‖ = 1 is the optimum: R = Σ l_v F_vv
         left = left * 2.0 ** (2 * exponent)
         return KroneckerFactors(*split_diagonal(left, right, right_trace), steps, converged)
 

@@ -172,7 +172,7 @@ def krylov_solve(
         The optimal factors; ``iterations`` counts applications of ``S``.
     """
     left, steps, converged = lanczos_top(
-        apply, start, opts.tol, opts.max_iter, check_every(start.device)
+        apply, start, opts.tol, opts.max_iter, check_every(start.device), opts.stop
     )
     if not symmetric_right:
         left, right = finalize(left, to_right(left), out_dtype, right_trace=right_trace, what=what)
