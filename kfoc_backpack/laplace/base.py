@@ -66,12 +66,15 @@ def zero_kron(params: list[Tensor], device: torch.device, dtype: torch.dtype) ->
     """laplace-torch's zero ``Kron`` of ``params`` before a fit (any weight dimension).
 
     A weight (``dim ≥ 2``) is the matrix of its first dimension against the rest, as
-    laplace-torch's ``Kron.init_from_model`` lays out linear and convolution weights.
+    laplace-torch's ``Kron.init_from_model`` lays out linear and convolution weights. The
+    zeros are one stored number each, broadcast (a fit replaces them, never writes into
+    them): a 30,522-row embedding table's ``V × V`` zero would hold 3.7 GB.
     """
+    zero = torch.zeros((), device=device, dtype=dtype)
     kfacs = []
     for p in params:
         sizes = (p.shape[0], p[0].numel()) if p.dim() >= 2 else (p.numel(),)
-        kfacs.append([torch.zeros(n, n, device=device, dtype=dtype) for n in sizes])
+        kfacs.append([zero.expand(n, n) for n in sizes])
     return Kron(kfacs)
 
 
