@@ -22,13 +22,8 @@ environment, see ``integration/zoo.py``)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
-import cli
 import stopping
 import torch
 import tqdm
@@ -110,43 +105,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
-    )
-    parser.add_argument(
-        "--models", nargs="+", choices=list(zoo.MODELS), default=list(zoo.MODELS), help="models"
-    )
-    parser.add_argument("--batch", type=cli.positive_int, default=16, help="batch size")
-    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/grouped"), help="output directory"
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = stopping.build_parser(__doc__.split("\n\n")[0], "results/grouped")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    options = SolverOptions()
     rows = []
     for name in args.models:
-        rows += layer_rows(name, args.batch, options)
-    result = {
-        "command": "python integration/grouped.py " + " ".join(argv or []),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-        },
-        "layers": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "grouped.json").write_text(json.dumps(result, indent=1))
-    (args.out / "grouped.md").write_text(table(rows) + "\n")
-    print(table(rows))
-    return result
+        rows += layer_rows(name, args.batch, SolverOptions())
+    return stopping.save(args, "grouped", argv, {"layers": rows}, table(rows))
 
 
 if __name__ == "__main__":

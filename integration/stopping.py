@@ -138,19 +138,37 @@ def table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter
-    )
+def build_parser(
+    description: str = __doc__.split("\n\n")[0], out: str = "results/stopping"
+) -> argparse.ArgumentParser:
+    """Options of this script and of ``integration/grouped.py``: zoo models, batch, threads."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter)
     parser.add_argument(
         "--models", nargs="+", choices=list(zoo.MODELS), default=list(zoo.MODELS), help="models"
     )
     parser.add_argument("--batch", type=cli.positive_int, default=16, help="batch size")
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results/stopping"), help="output directory"
-    )
+    parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
     return parser
+
+
+def save(args: argparse.Namespace, script: str, argv, results: dict, markdown: str) -> dict:
+    """Write ``<script>.json`` (with the command and machine) and ``<script>.md`` to ``--out``."""
+    result = {
+        "command": f"python integration/{script}.py " + " ".join(argv or []),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
+        **results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{script}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{script}.md").write_text(markdown + "\n")
+    print(markdown)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -160,22 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models:
         rows += model_rows(name, args.batch, RULES)
     summaries = summary(rows, RULES)
-    result = {
-        "command": "python integration/stopping.py " + " ".join(argv or []),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-        },
-        "summary": summaries,
-        "layers": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stopping.json").write_text(json.dumps(result, indent=1))
-    (args.out / "stopping.md").write_text(table(summaries) + "\n")
-    print(table(summaries))
-    return result
+    return save(args, "stopping", argv, {"summary": summaries, "layers": rows}, table(summaries))
 
 
 if __name__ == "__main__":

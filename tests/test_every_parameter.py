@@ -26,7 +26,7 @@ from laplace.curvature import CurvlinopsEF
 from laplace_helpers import DTYPE, dense_blocks, fit_seed, mc_draws, single_thread  # noqa: F401
 from torch import nn
 from torch.func import functional_call, jacrev
-from whole_models import TOKENS, WIDTH, LayerNorm2d, whole_data
+from whole_models import TOKENS, VOCABULARY, WIDTH, LayerNorm2d, whole_data
 
 import kfoc_backpack  # noqa: F401 (registers the structures)
 from kfoc_backpack.blocks import DenseBlock, EigenCorrected, KroneckerBlock
@@ -227,13 +227,18 @@ def dense_covariance(la, model, X):
     return torch.einsum("ncp,pq,ndq->ncd", J, covariance, J)
 
 
-@pytest.mark.parametrize("limit", ["default", "small"])
+@pytest.mark.parametrize("limit", ["default", "small", "diagonal"])
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("arch", ["norm_cnn", "tiny_vit"])
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_predictive_of_the_whole_model(monkeypatch, structure, arch, likelihood, limit):
+    """``small``: the embedding and ``pos_embed`` get factors; ``diagonal``: ``diag(l) ⊗ R``."""
     if limit == "small":
         monkeypatch.setattr(parameters, "DENSE_LIMIT", 16)
+    elif limit == "diagonal":
+        if arch != "tiny_vit":
+            pytest.skip("no embedding table")
+        monkeypatch.setattr(parameters, "VOCABULARY_LIMIT", VOCABULARY - 1)
     model, X, y = whole_data(arch, likelihood)
     la = fit(structure, model, likelihood, batches(X, y), prior_precision=0.7)
     f_mu, f_var = la._glm_predictive_distribution(X[:4])
@@ -244,6 +249,9 @@ def test_predictive_of_the_whole_model(monkeypatch, structure, arch, likelihood,
     if likelihood == "classification":
         probs = la(X[:4], pred_type="glm", link_approx="probit")
         torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=DTYPE))
+    else:  # the covariance between the inputs too
+        _, joint = la(X[:4], pred_type="glm", joint=True)
+        torch.testing.assert_close(joint, la.functional_covariance(Js), rtol=1e-9, atol=1e-12)
 
 
 class SameLayerNorm(nn.LayerNorm):

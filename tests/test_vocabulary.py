@@ -17,7 +17,7 @@ import pytest
 import torch
 from laplace import Laplace
 from laplace_helpers import DTYPE, single_thread  # noqa: F401
-from test_every_parameter import batches, dense_covariance, fit, named_blocks, reference
+from test_every_parameter import batches, fit, named_blocks, reference
 from torch import nn
 from whole_models import TOKENS, VOCABULARY, WIDTH, whole_data
 
@@ -161,25 +161,6 @@ def test_the_corrected_table_is_the_blocks_diagonal_in_its_basis(diagonal_table,
     torch.testing.assert_close(block.diagonal.sum(), dense.trace())
     basis = block.basis()
     torch.testing.assert_close(block.diagonal.flatten(), torch.diagonal(basis.T @ dense @ basis))
-
-
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
-@pytest.mark.parametrize("structure", STRUCTURES)
-def test_predictive_with_a_diagonal_table(diagonal_table, structure, likelihood):
-    model, X, y = whole_data("tiny_vit", likelihood)
-    la = fit(structure, model, likelihood, batches(X, y), prior_precision=0.7)
-    f_mu, f_var = la._glm_predictive_distribution(X[:4])
-    torch.testing.assert_close(f_var, dense_covariance(la, model, X[:4]), rtol=1e-9, atol=1e-12)
-    Js, f_theirs = la.backend.jacobians(X[:4])  # laplace-torch's Jacobian route
-    torch.testing.assert_close(f_var, la.functional_variance(Js), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(f_mu, f_theirs)
-    if likelihood == "regression":
-        _, joint = la(X[:4], pred_type="glm", joint=True)
-        torch.testing.assert_close(joint, la.functional_covariance(Js), rtol=1e-9, atol=1e-12)
-    else:
-        probs = la(X[:4], pred_type="glm", link_approx="probit")
-        torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=DTYPE))
-    assert math.isfinite(la.log_marginal_likelihood().item())
 
 
 def test_state_dict_online_fit_and_ranks_keep_the_table(diagonal_table):

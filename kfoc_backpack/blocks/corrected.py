@@ -12,7 +12,8 @@ Index conventions: ``M``/``N`` the sizes of the left/right bases, ``R`` rows mul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,9 +23,102 @@ from kfoc_backpack.blocks.kronecker import KroneckerBlock, TwoSided
 from kfoc_backpack.enums import Aggregation
 from kfoc_backpack.solver.correction import RotatableTerms, basis_diagonal, eigenbases
 
+C = TypeVar("C", bound="CorrectedSpectrum")
+
+
+class CorrectedSpectrum:
+    """What every eigenvalue-corrected block shares: ``S`` is its spectrum, in its basis.
+
+    For frozen dataclass blocks with the fields ``diagonal`` (``S``) and ``factors``
+    (the factors whose basis it is, or ``None``): the block is its own eigenform, adds
+    exactly (:class:`DiagonalSum`), scales ``S``, and refuses laplace-torch's
+    ``damping`` (it has no factor eigenvalues).
+    """
+
+    diagonal: Tensor
+    factors: Block | None
+
+    def with_diagonal(self: C, diagonal: Tensor) -> C:
+        """Return the same basis (and factors) with eigenvalues ``diagonal``."""
+        return replace(self, diagonal=diagonal)  # type: ignore[type-var]
+
+    @property
+    def kfacs(self) -> list[Tensor]:
+        """The factors' ``kfacs`` (laplace-torch's ``Kron`` view of the fit)."""
+        if self.factors is None:
+            raise ValueError("This eigenvalue-corrected block does not keep its factors.")
+        return self.factors.kfacs
+
+    def from_kfacs(self, kfacs: object, what: str = "the block") -> Block:
+        """Refused: a list of matrices does not say the eigenvalues.
+
+        Raises:
+            TypeError: Always.
+        """
+        raise TypeError(f"{what}: an eigenvalue-corrected block is not made from factors.")
+
+    def scaled(self: C, factor: Tensor | float, even: bool = False) -> C:
+        """``factor · S`` (the factors scaled alike)."""
+        factors = None if self.factors is None else self.factors.scaled(factor, even)
+        return replace(self, diagonal=self.diagonal * factor, factors=factors)  # type: ignore[type-var]
+
+    def corrected_basis(self: C, what: str = "the block") -> C:
+        """Return this basis (and factors) with ``S = 0``, to be corrected again."""
+        return self.with_diagonal(torch.zeros_like(self.diagonal))
+
+    def decompose(self: C, what: str = "the block") -> C:
+        """Return the block itself: it is its own eigenform."""
+        return self
+
+    def uncorrected(self) -> Block:
+        """Return the factors the correction started from.
+
+        Raises:
+            ValueError: If the block does not keep them.
+        """
+        if self.factors is None:
+            raise ValueError("This eigenvalue-corrected block does not keep its factors.")
+        return self.factors
+
+    def new_sum(self, aggregation: Aggregation) -> DiagonalSum:
+        """Return an empty exact sum of ``S`` in this basis (whatever the aggregation)."""
+        return DiagonalSum(self)
+
+    def trace(self) -> Tensor:
+        """``tr = Σ S``."""
+        return self.diagonal.sum()
+
+    @property
+    def eigenvalues(self) -> list[Tensor]:
+        """``[S]``."""
+        return [self.diagonal]
+
+    def check_damping(self, damping: bool) -> None:
+        """Refuse ``damping=True``: the corrected block has no factor eigenvalues.
+
+        Raises:
+            ValueError: For ``damping=True``.
+        """
+        if damping:
+            raise ValueError(
+                "damping=True adds √δ to each Kronecker factor's eigenvalues, which "
+                "eigenvalue-corrected blocks do not have; use damping=False (the prior "
+                "precision is added to every eigenvalue)."
+            )
+
+    def spectrum(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
+        """``(S + δ)^exponent``.
+
+        Raises:
+            ValueError: For ``damping=True``.
+        """
+        self.check_damping(damping)
+        values = self.diagonal + delta
+        return values if exponent == 1 else values.pow(exponent)
+
 
 @dataclass(frozen=True)
-class EigenCorrected(TwoSided, Block):
+class EigenCorrected(CorrectedSpectrum, TwoSided, Block):
     """A weight block ``(U_L ⊗ U_R) diag(vec S) (U_L ⊗ U_R)ᵀ``.
 
     Attributes:
@@ -70,10 +164,6 @@ class EigenCorrected(TwoSided, Block):
         """``[M, N]`` diagonal of ``terms``' block in this basis."""
         return basis_diagonal(terms, self.left_basis, self.right_basis).to(self.diagonal.dtype)
 
-    def with_diagonal(self, diagonal: Tensor) -> EigenCorrected:
-        """Return the same basis (and factors) with eigenvalues ``diagonal``."""
-        return EigenCorrected(self.left_basis, self.right_basis, diagonal, self.factors)
-
     def projected(self, other: EigenCorrected) -> Tensor:
         r"""Return this block's diagonal in ``other``'s basis, ``S' = C_L S C_Rᵀ``.
 
@@ -90,13 +180,6 @@ class EigenCorrected(TwoSided, Block):
 
     # -- as a block ----------------------------------------------------------------------
 
-    @property
-    def kfacs(self) -> list[Tensor]:
-        """The factors' ``[L, R]`` (laplace-torch's ``Kron`` view of the fit)."""
-        if self.factors is None:
-            raise ValueError("This eigenvalue-corrected block does not keep its factors.")
-        return self.factors.kfacs
-
     def tensors(self) -> dict[str, Tensor]:
         """Bases and ``S``, and the factors where kept."""
         tensors = {
@@ -108,14 +191,6 @@ class EigenCorrected(TwoSided, Block):
             tensors.update(factor_left=self.factors.left, factor_right=self.factors.right)
         return tensors
 
-    def from_kfacs(self, kfacs: object, what: str = "the block") -> Block:
-        """Refused: a list of matrices does not say the eigenvalues.
-
-        Raises:
-            TypeError: Always.
-        """
-        raise TypeError(f"{what}: an eigenvalue-corrected block is not made from factors.")
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> EigenCorrected:
         """Return the block from :meth:`tensors`' output."""
@@ -124,71 +199,10 @@ class EigenCorrected(TwoSided, Block):
             factors = KroneckerBlock(tensors["factor_left"], tensors["factor_right"])
         return cls(tensors["left_basis"], tensors["right_basis"], tensors["diagonal"], factors)
 
-    def scaled(self, factor: Tensor | float, even: bool = False) -> EigenCorrected:
-        """``factor · S`` (the factors scaled alike)."""
-        factors = None if self.factors is None else self.factors.scaled(factor, even)
-        return EigenCorrected(self.left_basis, self.right_basis, self.diagonal * factor, factors)
-
-    def corrected_basis(self, what: str = "the block") -> EigenCorrected:
-        """Return this basis (and factors) with ``S = 0``, to be corrected again."""
-        return self.with_diagonal(torch.zeros_like(self.diagonal))
-
-    def decompose(self, what: str = "the block") -> EigenCorrected:
-        """Return the block itself: it is its own eigenform."""
-        return self
-
-    def uncorrected(self) -> Block:
-        """Return the factors the correction started from.
-
-        Raises:
-            ValueError: If the block does not keep them.
-        """
-        if self.factors is None:
-            raise ValueError("This eigenvalue-corrected block does not keep its factors.")
-        return self.factors
-
-    def new_sum(self, aggregation: Aggregation) -> DiagonalSum:
-        """Return an empty exact sum of ``S`` in this basis (whatever the aggregation)."""
-        return DiagonalSum(self)
-
     def dense(self) -> Tensor:
         """``(U_L ⊗ U_R) diag(vec S) (U_L ⊗ U_R)ᵀ``, ``[M·N, M·N]``."""
         basis = self.basis()
         return (basis * self.diagonal.reshape(1, -1)) @ basis.T
-
-    def trace(self) -> Tensor:
-        """``tr = Σ S``."""
-        return self.diagonal.sum()
-
-    # -- as an eigenform -----------------------------------------------------------------
-
-    @property
-    def eigenvalues(self) -> list[Tensor]:
-        """``[S]``."""
-        return [self.diagonal]
-
-    def check_damping(self, damping: bool) -> None:
-        """Refuse ``damping=True``: the corrected block has no factor eigenvalues.
-
-        Raises:
-            ValueError: For ``damping=True``.
-        """
-        if damping:
-            raise ValueError(
-                "damping=True adds √δ to each Kronecker factor's eigenvalues, which "
-                "eigenvalue-corrected blocks do not have; use damping=False (the prior "
-                "precision is added to every eigenvalue)."
-            )
-
-    def spectrum(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
-        """``(S + δ)^exponent``.
-
-        Raises:
-            ValueError: For ``damping=True``.
-        """
-        self.check_damping(damping)
-        values = self.diagonal + delta
-        return values if exponent == 1 else values.pow(exponent)
 
 
 class DiagonalSum(BlockSum):

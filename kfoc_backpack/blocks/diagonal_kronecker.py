@@ -22,8 +22,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from kfoc_backpack.blocks.base import Block, BlockSum, Decomposed
-from kfoc_backpack.blocks.corrected import DiagonalSum
+from kfoc_backpack.blocks.base import Block, Decomposed
+from kfoc_backpack.blocks.corrected import CorrectedSpectrum
+from kfoc_backpack.blocks.kronecker import FactorPair, FactorPairSum, ProductSpectrum
 from kfoc_backpack.enums import Aggregation
 from kfoc_backpack.solver.eigen import stable_eigh, symeig
 from kfoc_backpack.solver.vocabulary import VocabularyTerms, nearest_diagonal_sum
@@ -95,8 +96,8 @@ class RowSided(Decomposed):
 
 
 @dataclass(frozen=True)
-class DiagonalKroneckerBlock(Block):
-    """``diag(l) ⊗ R`` of a table.
+class DiagonalKroneckerBlock(FactorPair, Block):
+    """``diag(l) ⊗ R`` of a table (``kfacs`` ``[l, R]``: the row side as its diagonal).
 
     Attributes:
         left: ``[V]`` the row-side factor's diagonal, non-negative.
@@ -111,36 +112,6 @@ class DiagonalKroneckerBlock(Block):
     def zeros(cls, num_rows: int, width: int, like: Tensor) -> DiagonalKroneckerBlock:
         """``diag(0) ⊗ 0`` on ``like``'s device and dtype."""
         return cls(like.new_zeros(num_rows), like.new_zeros(width, width))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(V, D)``."""
-        return self.left.shape[-1], self.right.shape[-1]
-
-    @property
-    def size(self) -> int:
-        """``V·D``."""
-        return self.left.shape[-1] * self.right.shape[-1]
-
-    @property
-    def kfacs(self) -> list[Tensor]:
-        """``[l, R]``: the row side as its diagonal."""
-        return [self.left, self.right]
-
-    def tensors(self) -> dict[str, Tensor]:
-        """``{"left": l, "right": R}``."""
-        return {"left": self.left, "right": self.right}
-
-    def scaled(self, factor: Tensor | float, even: bool = False) -> DiagonalKroneckerBlock:
-        """``factor · diag(l) ⊗ R``: on ``l`` (K-FAC's split kept), or ``√factor`` on each."""
-        if even:
-            root = pow(factor, 1 / 2)
-            return DiagonalKroneckerBlock(root * self.left, root * self.right)
-        return DiagonalKroneckerBlock(self.left * factor, self.right)
-
-    def input_scaled(self, ratio: float) -> DiagonalKroneckerBlock:
-        """``diag(l) ⊗ (ratio · R)``."""
-        return DiagonalKroneckerBlock(self.left, self.right * ratio)
 
     def decompose(self, what: str = "the block") -> DecomposedDiagonalKronecker:
         """``R``'s ``symeig``; the row side is its own eigenform."""
@@ -165,8 +136,8 @@ class DiagonalKroneckerBlock(Block):
 
 
 @dataclass(frozen=True)
-class DecomposedDiagonalKronecker(RowSided):
-    """``(I ⊗ Q_R) diag(l ⊗ λ_R) (I ⊗ Q_R)ᵀ``.
+class DecomposedDiagonalKronecker(ProductSpectrum, RowSided):
+    """``(I ⊗ Q_R) diag(l ⊗ λ_R) (I ⊗ Q_R)ᵀ`` (the row side's eigenvalues are ``l``).
 
     Attributes:
         left_values: ``[V]`` ``l``.
@@ -181,30 +152,9 @@ class DecomposedDiagonalKronecker(RowSided):
         """``V``."""
         return self.left_values.shape[-1]
 
-    @property
-    def eigenvalues(self) -> list[Tensor]:
-        """``[l, λ_R]``."""
-        return [self.left_values, self.right_values]
-
-    def spectrum(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
-        """``(l λ_Rᵀ + δ)^exponent``; with ``damping``, ``((l + √δ)(λ_R + √δ)ᵀ)^exponent``."""
-        if damping:
-            root = torch.sqrt(delta)
-            values = torch.outer(self.left_values + root, self.right_values + root)
-        else:
-            values = torch.outer(self.left_values, self.right_values) + delta
-        return values if exponent == 1 else torch.pow(values, exponent)
-
-    def scaled(self, factor: Tensor | float) -> DecomposedDiagonalKronecker:
-        """``√factor`` on each side's eigenvalues (laplace-torch's convention)."""
-        root = pow(factor, 1 / 2)
-        return DecomposedDiagonalKronecker(
-            self.right_basis, root * self.left_values, root * self.right_values
-        )
-
 
 @dataclass(frozen=True)
-class DiagonalCorrected(RowSided, Block):
+class DiagonalCorrected(CorrectedSpectrum, RowSided, Block):
     """A table's eigenvalue-corrected block ``(I ⊗ U_R) diag(vec S) (I ⊗ U_R)ᵀ``.
 
     Attributes:
@@ -243,24 +193,11 @@ class DiagonalCorrected(RowSided, Block):
         """``[V, D]`` diagonal of ``terms``' block in this basis."""
         return terms.rotated(self.right_basis).diagonal().to(self.diagonal.dtype)
 
-    def with_diagonal(self, diagonal: Tensor) -> DiagonalCorrected:
-        """Return the same basis (and factors) with eigenvalues ``diagonal``."""
-        return DiagonalCorrected(self.right_basis, diagonal, self.factors)
-
     def projected(self, other: DiagonalCorrected) -> Tensor:
         """Return this block's diagonal in ``other``'s basis: ``S Cᵀ``, ``C = (U'ᵀ U)^{∘2}``."""
         target = other.right_basis
         right = (target.mT @ self.right_basis.to(target)).square()
         return self.diagonal.to(target) @ right.mT
-
-    # -- as a block ----------------------------------------------------------------------
-
-    @property
-    def kfacs(self) -> list[Tensor]:
-        """The factors' ``[l, R]``."""
-        if self.factors is None:
-            raise ValueError("This eigenvalue-corrected block does not keep its factors.")
-        return self.factors.kfacs
 
     def tensors(self) -> dict[str, Tensor]:
         """Basis and ``S``, and the factors where kept."""
@@ -268,14 +205,6 @@ class DiagonalCorrected(RowSided, Block):
         if self.factors is not None:
             tensors.update(factor_left=self.factors.left, factor_right=self.factors.right)
         return tensors
-
-    def from_kfacs(self, kfacs: object, what: str = "the block") -> Block:
-        """Refused: a list of matrices does not say the eigenvalues.
-
-        Raises:
-            TypeError: Always.
-        """
-        raise TypeError(f"{what}: an eigenvalue-corrected block is not made from factors.")
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> DiagonalCorrected:
@@ -285,74 +214,13 @@ class DiagonalCorrected(RowSided, Block):
             factors = DiagonalKroneckerBlock(tensors["factor_left"], tensors["factor_right"])
         return cls(tensors["right_basis"], tensors["diagonal"], factors)
 
-    def scaled(self, factor: Tensor | float, even: bool = False) -> DiagonalCorrected:
-        """``factor · S`` (the factors scaled alike)."""
-        factors = None if self.factors is None else self.factors.scaled(factor, even)
-        return DiagonalCorrected(self.right_basis, self.diagonal * factor, factors)
-
-    def corrected_basis(self, what: str = "the block") -> DiagonalCorrected:
-        """Return this basis (and factors) with ``S = 0``, to be corrected again."""
-        return self.with_diagonal(torch.zeros_like(self.diagonal))
-
-    def decompose(self, what: str = "the block") -> DiagonalCorrected:
-        """Return the block itself: it is its own eigenform."""
-        return self
-
-    def uncorrected(self) -> Block:
-        """Return the factors the correction started from.
-
-        Raises:
-            ValueError: If the block does not keep them.
-        """
-        if self.factors is None:
-            raise ValueError("This eigenvalue-corrected block does not keep its factors.")
-        return self.factors
-
-    def new_sum(self, aggregation: Aggregation) -> DiagonalSum:
-        """Return an empty exact sum of ``S`` in this basis (whatever the aggregation)."""
-        return DiagonalSum(self)  # type: ignore[arg-type]
-
     def dense(self) -> Tensor:
         """``(I ⊗ U_R) diag(vec S) (I ⊗ U_R)ᵀ`` (small tables and tests)."""
         basis = self.basis()
         return (basis * self.diagonal.reshape(1, -1)) @ basis.T
 
-    def trace(self) -> Tensor:
-        """``tr = Σ S``."""
-        return self.diagonal.sum()
 
-    # -- as an eigenform -----------------------------------------------------------------
-
-    @property
-    def eigenvalues(self) -> list[Tensor]:
-        """``[S]``."""
-        return [self.diagonal]
-
-    def check_damping(self, damping: bool) -> None:
-        """Refuse ``damping=True``: the corrected block has no factor eigenvalues.
-
-        Raises:
-            ValueError: For ``damping=True``.
-        """
-        if damping:
-            raise ValueError(
-                "damping=True adds √δ to each Kronecker factor's eigenvalues, which "
-                "eigenvalue-corrected blocks do not have; use damping=False (the prior "
-                "precision is added to every eigenvalue)."
-            )
-
-    def spectrum(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
-        """``(S + δ)^exponent``.
-
-        Raises:
-            ValueError: For ``damping=True``.
-        """
-        self.check_damping(damping)
-        values = self.diagonal + delta
-        return values if exponent == 1 else values.pow(exponent)
-
-
-class DiagonalKroneckerSum(BlockSum):
+class DiagonalKroneckerSum(FactorPairSum):
     """``Σ_p s_p diag(l_p) ⊗ R_p`` aggregated as ``approx`` or ``running``.
 
     As :class:`~kfoc_backpack.blocks.kronecker.KroneckerSum`: ``approx`` sums ``s l`` and
@@ -363,17 +231,19 @@ class DiagonalKroneckerSum(BlockSum):
     """
 
     def __init__(self, zero: DiagonalKroneckerBlock, aggregation: Aggregation):
-        super().__init__(zero)
-        self.aggregation = Aggregation.parse(
+        super().__init__(
+            zero,
             aggregation,
-            "aggregation",
             " The data-set optimum of a table with a diagonal row side is not supported: "
             "use 'running' or 'approx'.",
-            members=Aggregation.of_factors(),
         )
         self._left: Tensor | None = None
         self._right: Tensor | None = None
         self._trace: Tensor | None = None
+
+    @staticmethod
+    def _merge(lefts: Tensor, rights: Tensor, trace: Tensor | None) -> tuple[Tensor, Tensor]:
+        return nearest_diagonal_sum(lefts, rights, trace)
 
     def _add(self, block: Block, num_samples: int, scale: float) -> None:
         left, right = block.left * scale, block.right  # type: ignore[attr-defined]
@@ -387,8 +257,8 @@ class DiagonalKroneckerSum(BlockSum):
             self._left = self._left + left
             self._right = self._right + right * num_samples
             return
-        self._left, self._right = nearest_diagonal_sum(
-            torch.stack([self._left, left]), torch.stack([self._right, right])
+        self._left, self._right = self._merge(
+            torch.stack([self._left, left]), torch.stack([self._right, right]), None
         )
 
     @property
@@ -404,37 +274,4 @@ class DiagonalKroneckerSum(BlockSum):
         if self.aggregation is Aggregation.APPROX:
             return DiagonalKroneckerBlock(self._left, self._right / total)
         trace = self._trace / total
-        left, right = nearest_diagonal_sum(self._left[None], self._right[None], trace)
-        return DiagonalKroneckerBlock(left, right)
-
-    def summed(self) -> list[Tensor]:
-        """``approx``: ``[Σ s l, Σ n R]``; ``running``: nothing."""
-        if self.aggregation is not Aggregation.APPROX:
-            return []
-        block = self.result()
-        return [block.left, block.right * float(self.num_samples)]
-
-    def gathered(self) -> list[Tensor]:
-        """Return ``running``: ``[l, R]`` of this rank's aggregate; ``approx``: nothing."""
-        if self.aggregation is Aggregation.APPROX:
-            return []
-        block = self.result()
-        return [block.left, block.right]
-
-    def combine(
-        self, summed: list[Tensor], gathered: list[list[Tensor]], counts: Tensor
-    ) -> DiagonalKroneckerBlock:
-        """``approx``: ``Σ l ⊗ (Σ n R / Σ n)``; ``running``: the optimum of the ranks' sum."""
-        total = float(counts.sum())
-        if self.aggregation is Aggregation.APPROX:
-            left, right_sum = summed
-            return DiagonalKroneckerBlock(left, right_sum / total if total > 0 else right_sum)
-        ranks = [r for r in range(len(counts)) if counts[r] > 0]
-        lefts = torch.stack([gathered[r][0] for r in ranks])
-        rights = torch.stack([gathered[r][1] for r in ranks])
-        if len(ranks) == 1:
-            return DiagonalKroneckerBlock(lefts[0], rights[0])
-        weights = counts[ranks].to(rights)
-        trace = (weights * torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)).sum() / weights.sum()
-        left, right = nearest_diagonal_sum(lefts, rights, trace)
-        return DiagonalKroneckerBlock(left, right)
+        return DiagonalKroneckerBlock(*self._merge(self._left[None], self._right[None], trace))

@@ -15,7 +15,9 @@ multiplied, ``W`` ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import abstractmethod
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -25,9 +27,57 @@ from kfoc_backpack.enums import Aggregation
 from kfoc_backpack.solver import KroneckerAccumulator, nearest_kronecker_sum
 from kfoc_backpack.solver.eigen import symeig
 
+P = TypeVar("P", bound="FactorPair")
+
+
+class FactorPair:
+    """The algebra of a block ``left ⊗ right``, whatever the structure of each factor.
+
+    For frozen dataclass blocks with the fields ``left`` (output side) and ``right``
+    (input side): laplace-torch's ``kfacs`` view, the state, and scaling — by default on
+    ``left``, keeping K-FAC's split (``tr right`` the data's), or evenly.
+    """
+
+    left: Tensor
+    right: Tensor
+
+    def __iter__(self):
+        """``L, R = block``: the two factors (BackPACK's ``[L_out, R_in]`` layout)."""
+        return iter((self.left, self.right))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(M, N)``: the sizes of the output and input sides (a diagonal's length)."""
+        return self.left.shape[-1], self.right.shape[-1]
+
+    @property
+    def size(self) -> int:
+        """``M·N``: the parameter's entries."""
+        return self.left.shape[-1] * self.right.shape[-1]
+
+    @property
+    def kfacs(self) -> list[Tensor]:
+        """``[L, R]``."""
+        return [self.left, self.right]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """``{"left": L, "right": R}``."""
+        return {"left": self.left, "right": self.right}
+
+    def scaled(self: P, factor: Tensor | float, even: bool = False) -> P:
+        """``factor · L ⊗ R``: on ``L`` (K-FAC's split kept), or ``√factor`` on each."""
+        if even:
+            root = pow(factor, 1 / 2)
+            return replace(self, left=root * self.left, right=root * self.right)  # type: ignore[type-var]
+        return replace(self, left=self.left * factor)  # type: ignore[type-var]
+
+    def input_scaled(self: P, ratio: float) -> P:
+        """``L ⊗ (ratio · R)``."""
+        return replace(self, right=self.right * ratio)  # type: ignore[type-var]
+
 
 @dataclass(frozen=True)
-class KroneckerBlock(Block):
+class KroneckerBlock(FactorPair, Block):
     """``L ⊗ R`` of a weight.
 
     Attributes:
@@ -44,40 +94,6 @@ class KroneckerBlock(Block):
         """``0 ⊗ 0`` with factors ``[M, M]``, ``[N, N]`` on ``like``'s device and dtype."""
         zeros = like.new_zeros
         return cls(zeros(out_features, out_features), zeros(in_features, in_features))
-
-    def __iter__(self):
-        """``L, R = block``: the two factors (BackPACK's ``[L_out, R_in]`` layout)."""
-        return iter((self.left, self.right))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(M, N)``."""
-        return self.left.shape[-1], self.right.shape[-1]
-
-    @property
-    def size(self) -> int:
-        """``M·N``."""
-        return self.left.shape[-1] * self.right.shape[-1]
-
-    @property
-    def kfacs(self) -> list[Tensor]:
-        """``[L, R]``."""
-        return [self.left, self.right]
-
-    def tensors(self) -> dict[str, Tensor]:
-        """``{"left": L, "right": R}``."""
-        return {"left": self.left, "right": self.right}
-
-    def scaled(self, factor: Tensor | float, even: bool = False) -> KroneckerBlock:
-        """``factor · L ⊗ R``: on ``L`` (K-FAC's split kept), or ``√factor`` on each."""
-        if even:
-            root = pow(factor, 1 / 2)
-            return KroneckerBlock(root * self.left, root * self.right)
-        return KroneckerBlock(self.left * factor, self.right)
-
-    def input_scaled(self, ratio: float) -> KroneckerBlock:
-        """``L ⊗ (ratio · R)``."""
-        return KroneckerBlock(self.left, self.right * ratio)
 
     def decompose(self, what: str = "the block") -> DecomposedKronecker:
         """Each factor's ``symeig``, as laplace-torch's ``Kron.decompose``."""
@@ -158,13 +174,14 @@ class TwoSided(Decomposed):
         return (self.left_basis.square() @ spectrum @ self.right_basis.square().T).flatten()
 
 
-@dataclass(frozen=True)
-class DecomposedKronecker(TwoSided):
-    """``(Q_L ⊗ Q_R) diag(λ_L ⊗ λ_R) (Q_L ⊗ Q_R)ᵀ``.
+S = TypeVar("S", bound="ProductSpectrum")
 
-    Attributes:
-        left_values: ``[M]`` eigenvalues ``λ_L`` of ``L``.
-        right_values: ``[N]`` eigenvalues ``λ_R`` of ``R``.
+
+class ProductSpectrum:
+    """The spectrum ``λ_L λ_Rᵀ`` of a product's eigenform, with a prior precision ``δ``.
+
+    For frozen dataclass eigenforms with the fields ``left_values`` and ``right_values``
+    (each factor's eigenvalues).
     """
 
     left_values: Tensor
@@ -184,32 +201,98 @@ class DecomposedKronecker(TwoSided):
             values = torch.outer(self.left_values, self.right_values) + delta
         return values if exponent == 1 else torch.pow(values, exponent)
 
-    def scaled(self, factor: Tensor | float) -> DecomposedKronecker:
+    def scaled(self: S, factor: Tensor | float) -> S:
         """``√factor`` on each factor's eigenvalues (laplace-torch's convention)."""
         root = pow(factor, 1 / 2)
-        return DecomposedKronecker(
-            self.left_basis, self.right_basis, root * self.left_values, root * self.right_values
+        return replace(  # type: ignore[type-var]
+            self, left_values=root * self.left_values, right_values=root * self.right_values
         )
 
 
-class KroneckerSum(BlockSum):
+@dataclass(frozen=True)
+class DecomposedKronecker(ProductSpectrum, TwoSided):
+    """``(Q_L ⊗ Q_R) diag(λ_L ⊗ λ_R) (Q_L ⊗ Q_R)ᵀ``.
+
+    Attributes:
+        left_values: ``[M]`` eigenvalues ``λ_L`` of ``L``.
+        right_values: ``[N]`` eigenvalues ``λ_R`` of ``R``.
+    """
+
+    left_values: Tensor
+    right_values: Tensor
+
+
+class FactorPairSum(BlockSum):
+    """Sums of ``left ⊗ right`` blocks over batches and ranks, ``approx`` or ``running``.
+
+    What :class:`KroneckerSum` and the diagonal-row-side sum share: over ranks,
+    ``approx`` sums ``Σ left`` and ``Σ n·right`` (one all-reduce), ``running`` gathers every
+    rank's product and takes the nearest product of their sum (:meth:`_merge`), ``tr
+    right`` the sample-weighted mean of the ranks'.
+    """
+
+    def __init__(self, zero: Block, aggregation: Aggregation, hint: str):
+        super().__init__(zero)
+        self.aggregation = Aggregation.parse(
+            aggregation, "aggregation", hint, members=Aggregation.of_factors()
+        )
+
+    @staticmethod
+    @abstractmethod
+    def _merge(lefts: Tensor, rights: Tensor, trace: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the nearest product to ``Σ_k lefts[k] ⊗ rights[k]``, ``tr right = trace``."""
+
+    def summed(self) -> list[Tensor]:
+        """``approx``: ``[Σ s L, Σ n R]``; ``running``: nothing."""
+        if self.aggregation is not Aggregation.APPROX:
+            return []
+        block = self.result()
+        return [block.left, block.right * float(self.num_samples)]  # type: ignore[attr-defined]
+
+    def gathered(self) -> list[Tensor]:
+        """Return ``running``: ``[L, R]`` of this rank's aggregate; ``approx``: nothing."""
+        if self.aggregation is Aggregation.APPROX:
+            return []
+        block = self.result()
+        return [block.left, block.right]  # type: ignore[attr-defined]
+
+    def combine(self, summed: list[Tensor], gathered: list[list[Tensor]], counts: Tensor) -> Block:
+        """``approx``: ``Σ L ⊗ (Σ n R / Σ n)``; ``running``: the optimum of ``Σ_r L_r ⊗ R_r``."""
+        make = type(self.zero)
+        total = float(counts.sum())
+        if self.aggregation is Aggregation.APPROX:
+            left, right_sum = summed
+            return make(left, right_sum / total if total > 0 else right_sum)
+        ranks = [r for r in range(len(counts)) if counts[r] > 0]
+        lefts = torch.stack([gathered[r][0] for r in ranks])
+        rights = torch.stack([gathered[r][1] for r in ranks])
+        if len(ranks) == 1:
+            return make(lefts[0], rights[0])
+        weights = counts[ranks].to(rights)
+        trace = (weights * torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)).sum() / weights.sum()
+        return make(*self._merge(lefts, rights, trace))
+
+
+class KroneckerSum(FactorPairSum):
     """``Σ_p s_p L_p ⊗ R_p`` aggregated as ``approx`` or ``running`` (docs/conventions.md §4).
 
     :class:`~kfoc_backpack.solver.KroneckerAccumulator` with sample-count weights, so the
-    input-side factor keeps K-FAC's split over all inputs seen. Over ranks, ``approx``
-    sums ``Σ L`` and ``Σ n R``; ``running`` gathers every rank's product and takes the
-    optimal Kronecker product of their sum.
+    input-side factor keeps K-FAC's split over all inputs seen; over ranks as
+    :class:`FactorPairSum`.
     """
 
     def __init__(self, zero: KroneckerBlock, aggregation: Aggregation):
-        super().__init__(zero)
-        self.aggregation = Aggregation.parse(
+        super().__init__(
+            zero,
             aggregation,
-            "aggregation",
             " The data-set optimum needs the per-sample terms: use optimal_factors().",
-            members=Aggregation.of_factors(),
         )
         self._accumulator: KroneckerAccumulator | None = None
+
+    @staticmethod
+    def _merge(lefts: Tensor, rights: Tensor, trace: Tensor) -> tuple[Tensor, Tensor]:
+        merged = nearest_kronecker_sum(lefts, rights, right_trace=trace)
+        return merged.left, merged.right
 
     def _add(self, block: Block, num_samples: int, scale: float) -> None:
         if self._accumulator is None:
@@ -226,35 +309,3 @@ class KroneckerSum(BlockSum):
         if self._accumulator is None:
             return self.zero  # type: ignore[return-value]
         return KroneckerBlock(*self._accumulator.factors(normalize=False))
-
-    def summed(self) -> list[Tensor]:
-        """``approx``: ``[Σ s L, Σ n R]``; ``running``: nothing."""
-        if self.aggregation is not Aggregation.APPROX:
-            return []
-        block = self.result()
-        return [block.left, block.right * float(self.num_samples)]
-
-    def gathered(self) -> list[Tensor]:
-        """Return ``running``: ``[L, R]`` of this rank's aggregate; ``approx``: nothing."""
-        if self.aggregation is Aggregation.APPROX:
-            return []
-        block = self.result()
-        return [block.left, block.right]
-
-    def combine(
-        self, summed: list[Tensor], gathered: list[list[Tensor]], counts: Tensor
-    ) -> KroneckerBlock:
-        """``approx``: ``Σ L ⊗ (Σ n R / Σ n)``; ``running``: the optimum of ``Σ_r L_r ⊗ R_r``."""
-        total = float(counts.sum())
-        if self.aggregation is Aggregation.APPROX:
-            left, right_sum = summed
-            return KroneckerBlock(left, right_sum / total if total > 0 else right_sum)
-        ranks = [r for r in range(len(counts)) if counts[r] > 0]
-        lefts = torch.stack([gathered[r][0] for r in ranks])
-        rights = torch.stack([gathered[r][1] for r in ranks])
-        if len(ranks) == 1:
-            return KroneckerBlock(lefts[0], rights[0])
-        weights = counts[ranks].to(rights)
-        trace = (weights * torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)).sum() / weights.sum()
-        merged = nearest_kronecker_sum(lefts, rights, right_trace=trace)
-        return KroneckerBlock(merged.left, merged.right)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -63,6 +64,9 @@ class WeightSteps:
         steps = lanczos_steps(terms, factors)
         if steps is not None:
             self.last = steps
+
+
+T = TypeVar("T", bound="LayerTerms")
 
 
 @dataclass(frozen=True)
@@ -155,11 +159,11 @@ class LayerTerms:
             raise ValueError("K-FAC's factors were not collected (with_kfac=False).")
         return KroneckerBlock(*self.kfac)
 
-    def detach(self) -> LayerTerms:
+    def detach(self: T) -> T:
         """Return the same quantities, detached from any autograd graph."""
         kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
-        return LayerTerms(
-            self.terms.detach(), self.input_trace.detach(), kfac, self.sizes, self.steps
+        return replace(
+            self, terms=self.terms.detach(), input_trace=self.input_trace.detach(), kfac=kfac
         )
 
 
@@ -197,11 +201,6 @@ class DiagonalLayerTerms(LayerTerms):
         if self.kfac is None:
             raise ValueError("K-FAC's factors were not collected (with_kfac=False).")
         return DiagonalKroneckerBlock(*self.kfac)
-
-    def detach(self) -> DiagonalLayerTerms:
-        """Return the same quantities, detached from any autograd graph."""
-        kfac = None if self.kfac is None else tuple(f.detach() for f in self.kfac)
-        return DiagonalLayerTerms(self.terms.detach(), self.input_trace.detach(), kfac)
 
 
 @dataclass(frozen=True)
