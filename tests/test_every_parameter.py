@@ -250,7 +250,8 @@ def test_predictive_of_the_whole_model(monkeypatch, structure, arch, likelihood,
         probs = la(X[:4], pred_type="glm", link_approx="probit")
         torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=DTYPE))
     else:  # the covariance between the inputs too
-        _, joint = la(X[:4], pred_type="glm", joint=True)
+        mean, joint = la(X[:4], pred_type="glm", joint=True)
+        torch.testing.assert_close(mean, f_theirs.flatten())
         torch.testing.assert_close(joint, la.functional_covariance(Js), rtol=1e-9, atol=1e-12)
 
 

@@ -94,6 +94,7 @@ def test_output_covariance_is_dense_and_laplace_torchs(structure, arch, likeliho
         torch.testing.assert_close(probs, torch.softmax(kappa * f_mu, -1))
     else:
         mean, var = la(X[:5], pred_type="glm", joint=True)
+        torch.testing.assert_close(mean, f_theirs.flatten())  # laplace-torch's joint layout
         torch.testing.assert_close(var, la.functional_covariance(Js), rtol=1e-9, atol=1e-12)
         _, marginal = la(X[:5], pred_type="glm", diagonal_output=True)
         torch.testing.assert_close(marginal, dense.diagonal(dim1=-2, dim2=-1))

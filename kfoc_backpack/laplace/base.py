@@ -328,7 +328,9 @@ class BlockLaplace(BlockState, KronLaplace):
         if self.enable_backprop:
             return super()._glm_predictive_distribution(X, joint, diagonal_output)
         f_mu, f_var = glm_predictive(self, X, joint)
-        if diagonal_output and not joint:
+        if joint:
+            f_mu = f_mu.flatten()  # laplace-torch's joint layout: (batch·outputs,)
+        elif diagonal_output:
             f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
         return f_mu, f_var
 

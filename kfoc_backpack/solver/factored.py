@@ -44,8 +44,11 @@ from kfoc_backpack.solver.rescale import mean_squares_summary
 from kfoc_backpack.solver.scale import finalize
 from kfoc_backpack.solver.shared.route import LayerSizes
 
-DIAGONAL_CHUNK = 1 << 24
-"""Numbers of per-sample matrices :meth:`FactoredTerms.diagonal` forms at once."""
+DIAGONAL_CHUNK = 1 << 20
+"""Numbers of per-sample matrices :meth:`FactoredTerms.diagonal` forms at once (at least
+one sample's): 4 MiB in float32, so that the squares are summed while the products are
+still in cache — about twice as fast as 64 MiB chunks on one CPU core (ViT-tiny's
+``mlp.fc1``: ``J·M·N`` = 9·768·192 per sample)."""
 
 DIAGONAL_ROUTES = tuple(DiagonalRoute)
 """How :meth:`FactoredTerms.diagonal` sums ``X ⊙ X``: ``formed`` and ``pairs``."""
@@ -232,7 +235,7 @@ class FactoredTerms:
                 self.grads[:, start : start + step],
                 self.inputs[start : start + step],
             )
-            total += block.square().sum((0, 1))
+            total += block.square_().sum((0, 1))
         return total
 
     def _diagonal_by_pairs(self) -> Tensor:
