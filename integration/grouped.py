@@ -50,8 +50,10 @@ def per_group(samples: torch.Tensor, groups: int, options: SolverOptions) -> tup
     return norms, captured
 
 
-def layer_rows(name: str, batch: int, options: SolverOptions) -> list[dict]:
-    case = zoo.make(name, batch, 1)
+def layer_rows(
+    name: str, batch: int, options: SolverOptions, image_size: int = zoo.IMAGE_SIZE
+) -> list[dict]:
+    case = zoo.make(name, batch, 1, image_size=image_size)
     low = stopping.collect(case, torch.float32)
     high = stopping.collect(case, torch.float64)
     rows = []
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        rows += layer_rows(name, args.batch, SolverOptions())
+        rows += layer_rows(name, args.batch, SolverOptions(), args.image_size)
     return stopping.save(args, "grouped", argv, {"layers": rows}, table(rows))
 
 

@@ -67,8 +67,8 @@ def relative_error(terms, left, right) -> float:
     return float(terms.error(left.double(), right.double()))
 
 
-def model_rows(name: str, batch: int, rules) -> list[dict]:
-    case = zoo.make(name, batch, 1)
+def model_rows(name: str, batch: int, rules, image_size: int = zoo.IMAGE_SIZE) -> list[dict]:
+    case = zoo.make(name, batch, 1, image_size=image_size)
     low = collect(case, torch.float32)
     high = collect(case, torch.float64)
     rows = []
@@ -147,6 +147,9 @@ def build_parser(
         "--models", nargs="+", choices=list(zoo.MODELS), default=list(zoo.MODELS), help="models"
     )
     parser.add_argument("--batch", type=cli.positive_int, default=16, help="batch size")
+    parser.add_argument(
+        "--image-size", type=cli.positive_int, default=zoo.IMAGE_SIZE, help="side of the images"
+    )
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
     return parser
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        rows += model_rows(name, args.batch, RULES)
+        rows += model_rows(name, args.batch, RULES, args.image_size)
     summaries = summary(rows, RULES)
     return save(args, "stopping", argv, {"summary": summaries, "layers": rows}, table(summaries))
 

@@ -28,7 +28,9 @@ model                  built by
                        num_classes=10)`` (patch 16: 4 patches and the class token)
 =====================  ===============================================================
 
-The images are 32×32 RGB (two batches of 16, random), the token sequences 32 long.
+The images are 32×32 RGB (two batches of 16, random; ``--image-size 224`` for the
+resolution the ImageNet models are built for, ViT/DeiT then with their own 16-pixel
+patches), the token sequences 32 long.
 
 **Whole models** (the first table): each model with *nothing frozen* is fitted with
 ``kfoc``, ``ekfoc`` and ``ekfac`` — normalisation layers, embeddings, ``cls_token``,
@@ -90,7 +92,9 @@ METHODS = ("kron", "kfoc")
 WHOLE_METHODS = ("kron", "kfoc", "ekfoc", "ekfac")
 """``kron`` fits what laplace-torch can (the rest frozen); the others fit every parameter."""
 CLASSES = 10
-IMAGE = (3, 32, 32)
+IMAGE_SIZE = 32
+"""Side of the random RGB images (``--image-size``; 224 is the resolution the
+ImageNet models are built for)."""
 TOKENS = 32
 
 
@@ -111,10 +115,10 @@ def _missing(package: str) -> ImportError:
     )
 
 
-def torchvision_model(name: str) -> Callable[[], nn.Module]:
-    """Return a constructor of ``torchvision.models.<name>(num_classes=10)``."""
+def torchvision_model(name: str) -> Callable[..., nn.Module]:
+    """Return a constructor of ``torchvision.models.<name>(num_classes=10)`` (any image size)."""
 
-    def build() -> nn.Module:
+    def build(image_size: int = IMAGE_SIZE) -> nn.Module:
         try:
             import torchvision
         except (ImportError, RuntimeError) as error:  # RuntimeError: a CPU torch mismatch
@@ -124,14 +128,20 @@ def torchvision_model(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-def timm_model(name: str, **kwargs) -> Callable[[], nn.Module]:
-    """Return a constructor of ``timm.create_model(name, pretrained=False, **kwargs)``."""
+def timm_model(name: str, **small) -> Callable[..., nn.Module]:
+    """Return a constructor of ``timm.create_model(name, pretrained=False, ...)``.
 
-    def build() -> nn.Module:
+    ``small``: the keywords that adapt the model to 32-pixel images (``img_size``,
+    ``patch_size``); at any other size the model is built for that ``img_size`` with its
+    own patches (convolutional models take any size).
+    """
+
+    def build(image_size: int = IMAGE_SIZE) -> nn.Module:
         try:
             import timm
         except (ImportError, RuntimeError) as error:
             raise _missing("timm") from error
+        kwargs = small if image_size == 32 else {"img_size": image_size} if small else {}
         return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
 
     return build
@@ -157,7 +167,7 @@ VOCABULARY = 30522
 """BERT's WordPiece vocabulary: the word embeddings get ``diag(l) ⊗ R`` when trainable."""
 
 
-def bert_tiny() -> nn.Module:
+def bert_tiny(image_size: int = IMAGE_SIZE) -> nn.Module:
     """``BertForSequenceClassification`` of BERT-tiny's sizes (2 layers, width 128)."""
     try:
         from transformers import BertConfig, BertForSequenceClassification
@@ -207,21 +217,28 @@ class DictDataset(Dataset):
         }
 
 
-def make(name: str, batch: int, batches: int, seed: int = 0) -> Case:
+def make(name: str, batch: int, batches: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> Case:
     """Build the model (eval mode, what ``kron`` cannot fit frozen) and its random data."""
     build, kind = MODELS[name]
     torch.manual_seed(seed)
-    model = build().eval()
+    model = build(image_size).eval()
     frozen = kfoc_backpack.freeze_unsupported(model, exact_type=True)  # kron's layers
-    return make_data(model, kind, batch, batches, frozen)
+    return make_data(model, kind, batch, batches, frozen, image_size)
 
 
-def make_data(model: nn.Module, kind: str, batch: int, batches: int, frozen: list[str]) -> Case:
+def make_data(
+    model: nn.Module,
+    kind: str,
+    batch: int,
+    batches: int,
+    frozen: list[str],
+    image_size: int = IMAGE_SIZE,
+) -> Case:
     """Return the model with random data of input ``kind`` (the global generator's next draws)."""
     num = batch * batches
     labels = torch.randint(0, CLASSES, (num,))
     if kind == "image":
-        data = TensorDataset(torch.randn(num, *IMAGE), labels)
+        data = TensorDataset(torch.randn(num, 3, image_size, image_size), labels)
         return Case(model, DataLoader(data, batch_size=batch), frozen)
     ids = torch.randint(0, VOCABULARY, (num, TOKENS))
     mask = torch.ones(num, TOKENS, dtype=torch.long)
@@ -313,9 +330,11 @@ def layer_solves(case: Case) -> list[dict[str, object]]:
     return rows
 
 
-def time_model(name: str, batch: int, batches: int, repeats: int) -> dict[str, object]:
+def time_model(
+    name: str, batch: int, batches: int, repeats: int, image_size: int = IMAGE_SIZE
+) -> dict[str, object]:
     """Medians of curvature and fit time per method, interleaved, or the error raised."""
-    case = make(name, batch, batches)
+    case = make(name, batch, batches, image_size=image_size)
     curvature: dict[str, list[float]] = defaultdict(list)
     fits: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, str] = {}
@@ -397,7 +416,9 @@ def layer_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def whole_once(name: str, method: str, batch: int, batches: int, inputs: int) -> dict:
+def whole_once(
+    name: str, method: str, batch: int, batches: int, inputs: int, image_size: int = IMAGE_SIZE
+) -> dict:
     """Fit ``method`` on the whole model and predict ``inputs`` inputs, in this process.
 
     ``kron`` gets the model with what laplace-torch's ``kron`` cannot fit frozen; the
@@ -405,9 +426,9 @@ def whole_once(name: str, method: str, batch: int, batches: int, inputs: int) ->
     """
     build, kind = MODELS[name]
     torch.manual_seed(0)
-    model = build().eval()
+    model = build(image_size).eval()
     frozen = kfoc_backpack.freeze_unsupported(model, exact_type=True) if method == "kron" else []
-    case = make_data(model, kind, batch, batches, frozen)
+    case = make_data(model, kind, batch, batches, frozen, image_size)
     if kind == "image":
         test = next(iter(DataLoader(case.loader.dataset, batch_size=inputs)))[0]
     else:
@@ -449,7 +470,7 @@ def whole_model(name: str, args: argparse.Namespace) -> dict[str, object]:
         command = [
             sys.executable, __file__, "--whole-one", name, method, "--batch", str(args.batch),
             "--batches", str(args.batches), "--threads", str(args.threads),
-            "--test-inputs", str(inputs),
+            "--test-inputs", str(inputs), "--image-size", str(args.image_size),
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -497,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed fits per method")
     parser.add_argument("--batch", type=cli.positive_int, default=16, help="batch size")
     parser.add_argument("--batches", type=cli.positive_int, default=2, help="batches per fit")
+    parser.add_argument(
+        "--image-size",
+        type=cli.positive_int,
+        default=IMAGE_SIZE,
+        help="side of the images (32: ViT-tiny with 4-pixel patches; 224: the models' own)",
+    )
     parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("results/zoo"), help="output directory")
     parser.add_argument(
@@ -527,7 +554,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     if args.whole_one:
         name, method = args.whole_one
-        record = whole_once(name, method, args.batch, args.batches, args.test_inputs)
+        record = whole_once(
+            name, method, args.batch, args.batches, args.test_inputs, args.image_size
+        )
         print(json.dumps(record))
         return record
     whole = []
@@ -536,13 +565,14 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     if "curvature" in args.sections:
         records = [
-            time_model(name, args.batch, args.batches, args.repeats)
+            time_model(name, args.batch, args.batches, args.repeats, args.image_size)
             for name in tqdm(args.models, desc="models")
         ]
     result = {
         "torch": torch.__version__,
         "threads": args.threads,
         "repeats": args.repeats,
+        "image_size": args.image_size,
         "command": "python integration/zoo.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",

@@ -16,13 +16,14 @@ from ground_truth import optimal_relative_error, sum_of_outer
 from torch import nn
 
 
-def small_cnn() -> nn.Module:
+def small_cnn(image_size: int = 32) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 6, 3, stride=4),
         nn.ReLU(),
         nn.Conv2d(6, 6, 3, padding=1, groups=3),
+        nn.AdaptiveAvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(6 * 8 * 8, zoo.CLASSES),
+        nn.Linear(6 * 2 * 2, zoo.CLASSES),
     )
 
 
@@ -35,7 +36,7 @@ def test_every_rule_is_measured_against_the_optimum(tmp_path, monkeypatch):
         torch.set_num_threads(threads)  # the script sets its own
     saved = json.loads((tmp_path / "stopping.json").read_text())
     assert saved["summary"] == result["summary"]
-    assert {row["weight"] for row in saved["layers"]} == {"0.weight", "2.weight", "4.weight"}
+    assert {row["weight"] for row in saved["layers"]} == {"0.weight", "2.weight", "5.weight"}
     for row in saved["layers"]:
         assert set(row["rules"]) == {f"{stop}:{tol:g}" for stop, tol in stopping.RULES}
         for rule in row["rules"].values():
@@ -52,11 +53,14 @@ def test_grouped_layers_are_measured_three_ways(tmp_path, monkeypatch):
     monkeypatch.setitem(zoo.MODELS, "small_cnn", (small_cnn, "image"))
     threads = torch.get_num_threads()
     try:
-        grouped.main(["--models", "small_cnn", "--batch", "4", "--out", str(tmp_path)])
+        grouped.main(
+            ["--models", "small_cnn", "--batch", "4", "--image-size", "20", "--out", str(tmp_path)]
+        )
     finally:
         torch.set_num_threads(threads)
     (row,) = json.loads((tmp_path / "grouped.json").read_text())["layers"]
     assert row["weight"] == "2.weight" and row["sizes"][-1] == 3
+    assert row["sizes"][2] == 25  # 20-pixel images: 5 × 5 positions after the stride-4 stem
     for key in ("coupled_error", "per_group_error", "kfac_error"):
         assert 0 <= row[key] <= 1.5
 
