@@ -145,7 +145,10 @@ class DataPass:
                     batch = self.collect(X, y, with_kfac=with_kfac)
                 if kept is not None:
                     held += batch.nbytes()
-                    kept = kept + [batch] if held <= budget else None
+                    if held <= budget:
+                        kept.append(batch)
+                    else:
+                        kept = None
                 loss = loss + batch.loss
                 num_samples += batch.num_samples
                 visit(batch, self.reduction.batch_scale(batch.num_samples))

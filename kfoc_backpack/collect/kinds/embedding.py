@@ -118,25 +118,23 @@ class EmbeddingKind(ModuleKind):
         ids, vectors = self.positions(module, inputs, grads, layout)
         num, positions = ids.shape
         trace = sum_of_squares(vectors) / num  # the width-side factor's: a mean over inputs
+        frequencies = width = None
+        if with_kfac:  # KFC of the transposed layer, swapped: diag(count)/T ⊗ Σ g gᵀ / N
+            flat = vectors.flatten(end_dim=2)
+            frequencies = self.onehot_counts(module, ids, vectors) / positions
+            width = flat.T @ flat / num
         if self.diagonal(module):
-            kfac = None
-            if with_kfac:  # the ids' frequencies on the row side, as KFC's input factor
-                counts = self.onehot_counts(module, ids, vectors)
-                flat = vectors.flatten(end_dim=2)
-                kfac = (counts / positions, flat.T @ flat / num)
             terms = VocabularyTerms.from_positions(
                 ids, vectors, module.num_embeddings, module.padding_idx
             )
+            kfac = None if frequencies is None else (frequencies, width)
             return {"weight": DiagonalLayerTerms(terms, trace, kfac)}
         onehot = self.onehot(module, ids, vectors)
         if block_shape(module.weight.shape) is None:
             rows = torch.einsum("ntv,mntd->mnvd", onehot, vectors)
             return {"weight": row_terms(rows, module.weight.shape, with_kfac)}
         inner = weight_terms(onehot, vectors, steps=steps)  # the terms of Xᵀ ([D, V])
-        kfac = None
-        if with_kfac:  # KFC of the transposed layer, swapped: diag(count)/T ⊗ Σ g gᵀ / N
-            flat = vectors.flatten(end_dim=2)
-            kfac = (torch.diag(onehot.sum((0, 1)) / positions), flat.T @ flat / num)
+        kfac = None if frequencies is None else (torch.diag(frequencies), width)
         return {"weight": LayerTerms(TransposedTerms(inner.terms), trace, kfac, inner.sizes, steps)}
 
     @staticmethod
