@@ -9,7 +9,8 @@ Layers (dependencies point down the list only):
    :mod:`kfoc_backpack.extensions` — BackPACK extensions ``KFOC``, ``KFOCExact``;
 3. :mod:`kfoc_backpack.dataset` — the approximations, fitted by passes over a data set
    and over ``torch.distributed`` ranks (``KFOCAccumulator``, ``optimal_factors``);
-4. :mod:`kfoc_backpack.laplace` — laplace-torch backends and Laplace classes.
+4. :mod:`kfoc_backpack.laplace` — laplace-torch backends and Laplace classes;
+   :mod:`kfoc_backpack.influence` — influence scores with any of these curvatures.
 
 ``import kfoc_backpack`` checks the library versions and registers
 ``hessian_structure="kfoc"`` (and its siblings) with laplace-torch. Options are the
@@ -49,6 +50,7 @@ if not _MISSING:
         optimal_factors,
     )
     from kfoc_backpack.extensions import EKFOC, KFOC, EKFOCExact, KFOCExact, KFOCTerms
+    from kfoc_backpack.influence import Influence, Preconditioner
     from kfoc_backpack.laplace import KFOCBackend, KFOCEFBackend
     from kfoc_backpack.laplace.classes import *  # noqa: F403 - every registered Laplace class
     from kfoc_backpack.laplace.classes import __all__ as _LAPLACE_CLASSES
@@ -68,7 +70,9 @@ else:
 from kfoc_backpack.enums import (  # noqa: E402
     Aggregation,
     Curvature,
+    Damping,
     DiagonalRoute,
+    Measurement,
     Reduction,
     Route,
     Stop,
@@ -83,6 +87,7 @@ __all__ = [
     "KFOC",
     "Aggregation",
     "Curvature",
+    "Damping",
     "DiagonalRoute",
     "EKFOCExact",
     "DistributedFitError",
@@ -91,6 +96,9 @@ __all__ = [
     "KFOCEFBackend",
     "KFOCExact",
     "KFOCTerms",
+    "Influence",
+    "Measurement",
+    "Preconditioner",
     "Reduction",
     "Route",
     "Stop",

@@ -21,7 +21,9 @@ __all__ = [
     "Aggregation",
     "Choice",
     "Curvature",
+    "Damping",
     "DiagonalRoute",
+    "Measurement",
     "Reduction",
     "Route",
     "Stop",
@@ -194,3 +196,25 @@ class Structure(Choice):
 
     EKFAC = "ekfac"
     """The eigenbasis of K-FAC's factors with the data set's own eigenvalues (EK-FAC)."""
+
+
+class Measurement(Choice):
+    """What an influence score measures on a test input (:mod:`kfoc_backpack.influence`)."""
+
+    LOSS = "loss"
+    """The loss of one input, ``ℓ(f(x), y)`` as the training loss (summed, not averaged)."""
+
+    MARGIN = "margin"
+    """The classification margin ``f_y(x) − log Σ_{c≠y} exp f_c(x)`` (cross-entropy
+    models; the measurement of the TRAK and kronfluence studies)."""
+
+
+class Damping(Choice):
+    """How the damping ``λ`` added to each curvature block is chosen (influence functions)."""
+
+    MEAN_EIGENVALUE = "mean_eigenvalue"
+    """``λ = damping × the block's mean eigenvalue``, per block (kronfluence's heuristic
+    with ``damping = 0.1``): scores that do not change with the curvature's scale."""
+
+    ABSOLUTE = "absolute"
+    """``λ = damping`` for every block."""

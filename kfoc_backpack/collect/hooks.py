@@ -199,7 +199,9 @@ class TermCollector:
     def _wanted(module: Module) -> set[str]:
         return {pname for pname, p in module.named_parameters(recurse=False) if p.requires_grad}
 
-    def output_jacobians(self, X: object) -> OutputJacobians:
+    def output_jacobians(
+        self, X: object, vectors: Callable[[Tensor], Tensor] | None = None
+    ) -> OutputJacobians:
         """Return the model output on ``X`` and each trainable parameter's Jacobian of it.
 
         The forward of :meth:`__call__` and one backward pass per output unit (one
@@ -207,8 +209,17 @@ class TermCollector:
         give its weight's :class:`~kfoc_backpack.collect.jacobians.PositionJacobian` and
         its bias's rows; nothing of size ``N × C × parameters`` is formed.
 
+        Args:
+            X: The batch's model input.
+            vectors: ``vectors(output) -> [K, N, C]``: output-side vectors to pull back
+                instead of the ``C`` unit vectors, e.g. each input's loss gradient
+                ``∂ℓ(f_n, y_n)/∂f_n`` (``K = 1``), whose "Jacobian" is then the
+                per-sample loss gradient (:mod:`kfoc_backpack.influence`). Rows are then
+                indexed by ``K`` where they are by ``C`` otherwise.
+
         Raises:
-            ValueError: For a model output that is not ``[N, C]``.
+            ValueError: For a model output that is not ``[N, C]``, or vectors of
+                another shape than ``[K, N, C]``.
             FloatingPointError, NotImplementedError: As :meth:`__call__`.
         """
         with torch.enable_grad():
@@ -223,10 +234,18 @@ class TermCollector:
             # model predicts single inputs, fitted on pairs): probed for these inputs
             outs = {name: record.outputs for name, record in calls.items() if record.outputs}
             layouts = probe_layouts(self.layers, outs, output, num, self.owner)
-            eye = torch.eye(outputs, dtype=output.dtype, device=output.device)
-            grads, standin_grads = self._backward(
-                calls, output, eye.unsqueeze(1).expand(-1, num, -1)
-            )
+            if vectors is None:
+                eye = torch.eye(outputs, dtype=output.dtype, device=output.device)
+                units = eye.unsqueeze(1).expand(-1, num, -1)
+            else:
+                units = vectors(output.detach())
+                if units.dim() != 3 or tuple(units.shape[1:]) != (num, outputs):
+                    raise ValueError(
+                        f"{self.owner}: output-side vectors must be [K, {num}, {outputs}] "
+                        f"for a model output {tuple(output.shape)}, got {tuple(units.shape)}."
+                    )
+                units = units.to(output.dtype)
+            grads, standin_grads = self._backward(calls, output, units)
         parameters: dict[str, Jacobian] = {}
         for name, module in self.layers.items():
             if not calls[name].inputs:
@@ -236,7 +255,6 @@ class TermCollector:
             )
             for pname, jacobian in found.items():
                 parameters[self.param_names[id(getattr(module, pname))]] = jacobian
-        units = eye.unsqueeze(1).expand(-1, num, -1)
         for name, rows in (self.loose.rows(X, units) | standin_grads).items():
             parameters[name] = RowJacobian(rows.flatten(start_dim=2))
         return OutputJacobians(output.detach(), parameters)

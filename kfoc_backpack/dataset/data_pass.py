@@ -131,29 +131,44 @@ class DataPass:
             This rank's summed loss and number of inputs of the pass (all ranks':
             :meth:`totals`).
         """
-        self.passes += 1
         loss: Tensor | float = 0.0
         num_samples = 0
         budget, self._keep_bytes, self._kept = self._keep_bytes, 0, None
         kept: list[BatchQuantities] | None = [] if budget > 0 else None
         held = 0
+
+        def collect(X: object, y: Tensor) -> None:
+            nonlocal loss, num_samples, kept, held
+            batch = self.collect(X, y, with_kfac=with_kfac)
+            if kept is not None:
+                held += batch.nbytes()
+                if held <= budget:
+                    kept.append(batch)
+                else:
+                    kept = None
+            loss = loss + batch.loss
+            num_samples += batch.num_samples
+            visit(batch, self.reduction.batch_scale(batch.num_samples))
+
+        self.each(collect, description)
+        self._kept = kept
+        return loss, num_samples
+
+    def each(self, visit: Callable[[object, Tensor], None], description: str) -> None:
+        """One pass over the loader: ``visit(X, y)`` per batch, under the batch's seed.
+
+        The loop every pass makes (:meth:`run`'s, and passes that need the batches
+        themselves, e.g. the per-sample gradients of :mod:`kfoc_backpack.influence`):
+        the batch split into input and targets, the progress bar, the Monte-Carlo seed,
+        a failure on any rank raised on every rank once the pass ends.
+        """
+        self.passes += 1
         batches = tqdm.tqdm(self.loader, desc=description, disable=not self.progress_bar)
         with self.reducer.guard(f"{description.strip('[]')} (pass {self.passes} over the data)"):
             for index, raw in enumerate(batches):
                 X, y = self.split(raw)
                 with self._seeded(index):
-                    batch = self.collect(X, y, with_kfac=with_kfac)
-                if kept is not None:
-                    held += batch.nbytes()
-                    if held <= budget:
-                        kept.append(batch)
-                    else:
-                        kept = None
-                loss = loss + batch.loss
-                num_samples += batch.num_samples
-                visit(batch, self.reduction.batch_scale(batch.num_samples))
-        self._kept = kept
-        return loss, num_samples
+                    visit(X, y)
 
     def keep(self, max_bytes: int) -> None:
         """Keep the next pass's batches for one :meth:`replay`, while they fit in ``max_bytes``.
