@@ -23,6 +23,7 @@ PUBLIC = {
     "kfoc_backpack.dataset",
     "kfoc_backpack.enums",
     "kfoc_backpack.extensions",
+    "kfoc_backpack.influence",
     "kfoc_backpack.laplace",
     "kfoc_backpack.solver",
 }

@@ -19,6 +19,13 @@ linear datamodeling score.
 
 from kfoc_backpack.enums import Damping, Measurement
 from kfoc_backpack.influence.preconditioner import Group, Preconditioner
-from kfoc_backpack.influence.scores import Influence
+from kfoc_backpack.influence.scores import Influence, exact_curvature
 
-__all__ = ["Damping", "Group", "Influence", "Measurement", "Preconditioner"]
+__all__ = [
+    "Damping",
+    "Group",
+    "Influence",
+    "Measurement",
+    "Preconditioner",
+    "exact_curvature",
+]

@@ -342,6 +342,22 @@ class Preconditioner:
             parts.append(rows.reshape(num, size).to(group.delta.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def scores(self, test: Mapping[str, Tensor], train: Mapping[str, Tensor]) -> Tensor:
+        """``[N_test, N_train]``: ``g_testᵀ (B + λ)⁻¹ g_train`` from stored gradients.
+
+        Args:
+            test: Per parameter, ``[N_test, P_i]`` per-sample gradients (absent: zero).
+            train: Per parameter, ``[N_train, P_i]``.
+        """
+        num_test = next(iter(test.values())).shape[0]
+        num_train = next(iter(train.values())).shape[0]
+        total = None
+        for group in self.groups:
+            query = group.precondition(self.rows(group, test, num_test))
+            share = query @ self.rows(group, train, num_train).T
+            total = share if total is None else total + share
+        return total  # type: ignore[return-value]
+
     def check_covers(self, names: Iterable[str]) -> None:
         """Refuse gradients of parameters that no group covers, naming them.
 

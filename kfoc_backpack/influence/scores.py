@@ -173,61 +173,16 @@ class Influence:
         rule: Damping | str = Damping.MEAN_EIGENVALUE,
         **kwargs: Any,
     ) -> Influence:
-        """Scores under the exact dense curvature of a small model (cross-layer terms kept).
-
-        One pass over ``loader``: the mean over its inputs of ``Σ_m r_{m,n} r_{m,n}ᵀ``,
-        ``r`` the per-sample rows of the target
-        (:class:`~kfoc_backpack.enums.Curvature`: exact GGN, Monte-Carlo or empirical
-        Fisher) over all trainable parameters.
+        """Scores under the exact dense curvature of a small model (:func:`exact_curvature`).
 
         Raises:
             ValueError: For a model with more than
                 :data:`~kfoc_backpack.influence.preconditioner.DENSE_LIMIT` parameters.
         """
-        curvature = Curvature.parse(curvature, "curvature")
-        names = trainable_names(model)
-        params = params_of(model)
-        sizes = [params[name].numel() for name in names]
-        total = sum(sizes)
-        like = params[names[0]].detach()
-        if total > DENSE_LIMIT:
-            raise ValueError(
-                f"influence: the exact dense curvature of {total} parameters does not fit "
-                f"(limit {DENSE_LIMIT}); use a Kronecker-factored curvature."
-            )
-        collector = TermCollector(model, lossfunc, owner="influence")
-        matrix = torch.zeros(total, total, dtype=torch.float64, device=like.device)
-        count = 0
-        loss = summed(lossfunc)
-
-        def visit(X: Any, y: Tensor) -> None:
-            nonlocal matrix, count
-
-            def vectors(output: Tensor) -> Tensor:
-                return output_vectors(loss, output, y.to(output.device), curvature)
-
-            jacobians = collector.output_jacobians(X, vectors)
-            rows = [
-                jacobians.parameters[name].rows() if name in jacobians.parameters else None
-                for name in names
-            ]
-            shape = next(r.shape[:2] for r in rows if r is not None)
-            flat = torch.cat(
-                [
-                    (r if r is not None else like.new_zeros(*shape, s)).reshape(-1, s).double()
-                    for r, s in zip(rows, sizes)
-                ],
-                dim=1,
-            )
-            matrix += flat.T @ flat
-            count += int(shape[1])
-
-        split = kwargs.get("split")
-        data = DataPass(collector, loader, params, split=split, curvature=curvature)
-        data.each(visit, "[influence: exact curvature]")
-        preconditioner = Preconditioner.dense(
-            names, sizes, (matrix / max(count, 1)).to(like.dtype), damping, rule
+        names, sizes, matrix = exact_curvature(
+            model, lossfunc, loader, curvature, split=kwargs.get("split")
         )
+        preconditioner = Preconditioner.dense(names, sizes, matrix, damping, rule)
         return cls(model, lossfunc, preconditioner, **kwargs)
 
     # ----------------------------------------------------------------------------------
@@ -247,6 +202,32 @@ class Influence:
         self.preconditioner.check_covers(found)
         num = next(iter(found.values())).num_inputs if found else 0
         return found, num
+
+    def gradients(
+        self, loader: Iterable, measurement: Measurement | str | None = None
+    ) -> dict[str, Tensor]:
+        """Per trainable parameter, ``[N, P]``: every input's gradient, stored.
+
+        For studies that score one set of gradients under many curvatures
+        (:meth:`Preconditioner.scores`); :meth:`pairwise` streams the training set instead.
+
+        Args:
+            loader: The inputs and their targets.
+            measurement: :class:`~kfoc_backpack.enums.Measurement` (default: the loss).
+        """
+        measurement = Measurement.parse(measurement or Measurement.LOSS, "measurement")
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.params}
+
+        def visit(X: Any, y: Tensor) -> None:
+            found, num = self._gradients(X, y, measurement)
+            for name in parts:
+                if name in found:
+                    parts[name].append(found[name].rows()[0].reshape(num, -1))
+                else:
+                    parts[name].append(self.params[name].new_zeros(num, self.params[name].numel()))
+
+        self._pass(loader).each(visit, "[influence: gradients]")
+        return {name: torch.cat(values) for name, values in parts.items() if values}
 
     def preconditioned_gradients(self, loader: Iterable) -> dict[str, Tensor]:
         """Per trainable parameter, ``[N, P]``: the test gradients times ``(B + λ)⁻¹``.
@@ -314,3 +295,64 @@ class Influence:
 def params_of(model: Module) -> Mapping[str, torch.nn.Parameter]:
     """Return the model's trainable parameters by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def exact_curvature(
+    model: Module,
+    lossfunc: Module,
+    loader: Iterable,
+    curvature: Curvature | str = Curvature.GGN,
+    split: Split | None = None,
+) -> tuple[list[str], list[int], Tensor]:
+    """Return the dense curvature per input over all trainable parameters (cross-layer terms).
+
+    One pass over ``loader``: the mean over its inputs of ``Σ_m r_{m,n} r_{m,n}ᵀ``, ``r``
+    the per-sample rows of the target (:class:`~kfoc_backpack.enums.Curvature`: exact
+    GGN, Monte-Carlo or empirical Fisher), accumulated in float64.
+
+    Returns:
+        The parameters' names and sizes (in ``named_parameters`` order) and the
+        ``[P, P]`` matrix in the parameters' dtype.
+
+    Raises:
+        ValueError: For a model with more than
+            :data:`~kfoc_backpack.influence.preconditioner.DENSE_LIMIT` parameters.
+    """
+    curvature = Curvature.parse(curvature, "curvature")
+    names = trainable_names(model)
+    params = params_of(model)
+    sizes = [params[name].numel() for name in names]
+    total = sum(sizes)
+    like = params[names[0]].detach()
+    if total > DENSE_LIMIT:
+        raise ValueError(
+            f"influence: the exact dense curvature of {total} parameters does not fit "
+            f"(limit {DENSE_LIMIT}); use a Kronecker-factored curvature."
+        )
+    collector = TermCollector(model, lossfunc, owner="influence")
+    matrix = torch.zeros(total, total, dtype=torch.float64, device=like.device)
+    count = 0
+    loss = summed(lossfunc)
+
+    def visit(X: Any, y: Tensor) -> None:
+        nonlocal matrix, count
+
+        def vectors(output: Tensor) -> Tensor:
+            return output_vectors(loss, output, y.to(output.device), curvature)
+
+        jacobians = collector.output_jacobians(X, vectors).parameters
+        rows = [jacobians[name].rows() if name in jacobians else None for name in names]
+        shape = next(r.shape[:2] for r in rows if r is not None)
+        flat = torch.cat(
+            [
+                (r if r is not None else like.new_zeros(*shape, s)).reshape(-1, s).double()
+                for r, s in zip(rows, sizes)
+            ],
+            dim=1,
+        )
+        matrix += flat.T @ flat
+        count += int(shape[1])
+
+    data = DataPass(collector, loader, params, split=split, curvature=curvature)
+    data.each(visit, "[influence: exact curvature]")
+    return names, sizes, (matrix / max(count, 1)).to(like.dtype)
