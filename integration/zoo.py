@@ -247,24 +247,48 @@ def make_data(
     return Case(model, loader, frozen, {"dict_key_x": "input_ids", "dict_key_y": "labels"})
 
 
+def _kron_classes() -> list[type]:
+    """``Kron`` and every subclass that defines its own ``decompose`` (this package's too)."""
+    found, todo = [], [Kron]
+    while todo:
+        cls = todo.pop()
+        if "decompose" in cls.__dict__:
+            found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
 @contextlib.contextmanager
 def decompose_timer() -> Iterator[list[float]]:
-    """Accumulate the seconds spent in ``Kron.decompose`` while active."""
+    """Accumulate the seconds spent in any ``Kron`` class's ``decompose`` while active.
+
+    laplace-torch's ``Kron.decompose`` and its subclasses' (this package's ``H_facs`` is
+    one, with its own ``decompose``), the outermost call only.
+    """
     spent: list[float] = []
-    original = Kron.decompose
+    depth = [0]
+    originals = {cls: cls.__dict__["decompose"] for cls in _kron_classes()}
 
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - start)
+    def wrap(original):
+        def timed(self, *args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent.append(time.perf_counter() - start)
 
-    Kron.decompose = timed
+        return timed
+
+    for cls, original in originals.items():
+        cls.decompose = wrap(original)
     try:
         yield spent
     finally:
-        Kron.decompose = original
+        for cls, original in originals.items():
+            cls.decompose = original
 
 
 def fit_once(case: Case, method: str) -> tuple[float, float]:

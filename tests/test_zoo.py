@@ -11,6 +11,7 @@ import json
 import sys
 
 import pytest
+import torch
 import zoo
 
 from kfoc_backpack.enums import Route
@@ -65,3 +66,22 @@ def test_missing_library_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
     with pytest.raises(ImportError, match=r"\.\[zoo\]"):
         zoo.make("vit_tiny", batch=2, batches=1)
+
+
+@pytest.mark.parametrize("structure", ["kron", "kfoc", "ekfoc"])
+def test_the_decomposition_timer_sees_every_structure(structure):
+    """The curvature time excludes each structure's eigendecomposition, this package's too."""
+    from laplace import Laplace
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = TensorDataset(torch.randn(12, 4), torch.randint(3, (12,)))
+    la = Laplace(model, "classification", "all", structure)
+    with zoo.decompose_timer() as spent:
+        la.fit(DataLoader(data, batch_size=6))
+    assert len(spent) == 1 and spent[0] > 0
+    assert "decompose" not in type(la.H_facs).__dict__ or all(
+        getattr(cls.decompose, "__name__", "") != "timed" for cls in zoo._kron_classes()
+    )
