@@ -237,3 +237,29 @@ def test_kronfluence_covariances_refuse_a_bias(tmp_path):
     analyzer.fit_covariance_matrices("f", train, per_device_batch_size=6, factor_args=args)
     with pytest.raises(ValueError, match="folds the bias"):
         use_kfoc_covariances(analyzer, "f", blocks)
+
+
+def test_speed_script_runs_every_method(tmp_path):
+    import influence_speed
+
+    threads = torch.get_num_threads()
+    try:
+        result = influence_speed.main(
+            [
+                "--train",
+                "40",
+                "--test",
+                "8",
+                "--batch",
+                "16",
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["method"] for row in result["rows"]] == list(influence_speed.METHODS)
+    assert all(row["total_s"] > 0 for row in result["rows"])
+    assert (tmp_path / "influence_speed.json").exists()

@@ -1,0 +1,185 @@
+"""Pairwise influence scores on LeNet-5: this package's EK-FAC and EK-FOC against kronfluence's.
+
+The same model (LeNet-5, the MNIST subset), ``--train`` training × ``--test`` test inputs,
+the same curvature (the Monte-Carlo Fisher, one label drawn per input: kronfluence's
+default), the same damping heuristic and batch size. Timed from the model to the
+``[test, train]`` score matrix, in two phases — the curvature (kronfluence's
+``fit_all_factors``; this package's ``Laplace.fit``) and the scores (its
+``compute_pairwise_scores``; :meth:`kfoc_backpack.Influence.pairwise`) — the methods
+interleaved, median over ``--repeats``. kronfluence writes its factors and scores to a
+temporary directory, as it does in use. Needs kronfluence (and so torchvision): the
+zoo's environment.
+
+Usage::
+
+    python integration/influence_speed.py            # 1000 × 100, 3 repeats
+    python integration/influence_speed.py --repeats 5 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import cli
+import torch
+from data import load_dataset
+from laplace import Laplace
+from models import lenet5
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import kfoc_backpack  # noqa: F401 - registers the structures
+from kfoc_backpack import Influence
+
+METHODS = ("kronfluence_ekfac", "ekfac", "ekfoc")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--train", type=cli.positive_int, default=1000, help="training inputs")
+    parser.add_argument("--test", type=cli.positive_int, default=100, help="test inputs")
+    parser.add_argument("--batch", type=cli.positive_int, default=64, help="batch size")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, default=Path("results/influence_speed"))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def ours(model: nn.Module, train, test, structure: str, batch: int) -> tuple[float, float]:
+    """``(curvature seconds, scores seconds)`` of this package's pipeline."""
+    train_loader = DataLoader(train, batch_size=batch)
+    start = time.perf_counter()
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=structure,
+        backend_kwargs={"stochastic": True},
+    )
+    la.fit(train_loader)
+    influence = Influence.from_laplace(la)
+    middle = time.perf_counter()
+    influence.pairwise(train_loader, DataLoader(test, batch_size=batch))
+    return middle - start, time.perf_counter() - middle
+
+
+def kronfluence_pipeline(model: nn.Module, train, test, batch: int) -> tuple[float, float]:
+    """``(factors seconds, scores seconds)`` of kronfluence 1.0.1's EK-FAC, its defaults."""
+    import copy
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            X, y = batch
+            output = model(X)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(output, -1), 1).squeeze(-1)
+            return nn.functional.cross_entropy(output, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            X, y = batch
+            return nn.functional.cross_entropy(model(X), y, reduction="sum")
+
+    task = Classification()
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        tracked = prepare_model(copy.deepcopy(model), task)
+        analyzer = Analyzer(
+            "speed", tracked, task, cpu=True, disable_tqdm=True, output_dir=directory
+        )
+        analyzer.fit_all_factors(
+            "ekfac", train, per_device_batch_size=batch, factor_args=FactorArguments()
+        )
+        middle = time.perf_counter()
+        analyzer.compute_pairwise_scores(
+            "scores",
+            "ekfac",
+            query_dataset=test,
+            train_dataset=train,
+            per_device_query_batch_size=batch,
+            per_device_train_batch_size=batch,
+        )
+        analyzer.load_pairwise_scores("scores")
+        return middle - start, time.perf_counter() - middle
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cli.quiet_library_warnings()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_dataset("mnist")
+    torch.manual_seed(0)
+    model = lenet5().eval()
+    X, y = data.inputs, data.targets
+    train = TensorDataset(X[: args.train], y[: args.train])
+    test = TensorDataset(
+        X[args.train : args.train + args.test], y[args.train : args.train + args.test]
+    )
+    times: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for _ in range(args.repeats):
+        for method in METHODS:
+            if method == "kronfluence_ekfac":
+                times[method].append(kronfluence_pipeline(model, train, test, args.batch))
+            else:
+                times[method].append(ours(model, train, test, method, args.batch))
+    rows = []
+    for method in METHODS:
+        curvature = statistics.median(t[0] for t in times[method])
+        scores = statistics.median(t[1] for t in times[method])
+        total = statistics.median(sum(t) for t in times[method])
+        rows.append(
+            {
+                "method": method,
+                "curvature_s": curvature,
+                "scores_s": scores,
+                "total_s": total,
+                "runs": [list(t) for t in times[method]],
+            }
+        )
+    reference = rows[0]["total_s"]
+    for row in rows:
+        row["total_ratio"] = row["total_s"] / reference
+    lines = [
+        f"Pairwise scores, LeNet-5, {args.train} train × {args.test} test, batch {args.batch}, "
+        f"{args.threads} thread(s), median of {args.repeats}",
+        "",
+        "| method | curvature s | scores s | total s | total / kronfluence |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['curvature_s']:.2f} | {row['scores_s']:.2f} "
+            f"| {row['total_s']:.2f} | {row['total_ratio']:.2f}× |"
+        )
+    result = {
+        "command": ("python integration/influence_speed.py " + " ".join(argv or [])).strip(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
+        "settings": {k: getattr(args, k) for k in ("train", "test", "batch", "repeats")},
+        "rows": rows,
+    }
+    cli.write_report(args.out, "influence_speed", result, "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
