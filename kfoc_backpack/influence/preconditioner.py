@@ -184,7 +184,9 @@ def damping_of(decomposed: Decomposed, damping: float, rule: Damping | str, what
     if not smallest > 0 or not torch.isfinite(spectrum).all():
         raise ValueError(
             f"influence: the damped curvature of {what} is not positive definite (its "
-            f"smallest eigenvalue plus λ is {smallest:.3g}); use a positive damping."
+            f"smallest eigenvalue plus λ is {smallest:.3g}); damp it with a positive "
+            "damping (rule='absolute' where the block is all zero: a parameter the data "
+            "does not reach)."
         )
     return delta
 
