@@ -117,8 +117,8 @@ FIRST_SQUARINGS = 5
 Power steps from K-FAC's start reach the paper's tolerance within a few tens of steps
 on most layers of ``integration/benchmark.py``, and need far more where the top two
 singular values are close (``python integration/convergence.py`` prints the rates and
-steps); each test costs a host transfer and each squaring one matrix product, so the first test comes
-after 33 steps. Problems unsettled there are finished by :func:`exact_coefficients`
+steps); each test costs a host transfer and each squaring one matrix product, so the
+first test comes after 33 steps. Problems unsettled there are finished by :func:`exact_coefficients`
 when small enough (``SolverOptions.exact_max_terms``)."""
 
 FIRST_TEST_STEPS = 2**FIRST_SQUARINGS + 1
