@@ -365,7 +365,8 @@ def _env_purge_doc(app, env, docname):
 
 def setup(app):
     """Register the configuration value, the snippet writer and the ``refvalue`` role."""
-    app.add_config_value("kfoc_reference_dir", str(ROOT / "integration" / "reference"), "env")
+    # "" : a changed directory rereads only the pages whose snippets or values changed
+    app.add_config_value("kfoc_reference_dir", str(ROOT / "integration" / "reference"), "")
     app.connect("builder-inited", _builder_inited)
     app.connect("env-get-outdated", _env_get_outdated)
     app.connect("env-purge-doc", _env_purge_doc)
