@@ -161,6 +161,29 @@ def posterior_nll(ref: Path) -> str:
     return "\n".join(lines)
 
 
+def _drop_empty_columns(markdown: str, empty: str = "–") -> str:
+    """Remove the columns of a Markdown table whose every body cell is ``empty``."""
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines()]
+    body = rows[2:]
+    keep = [i for i in range(len(rows[0])) if any(r[i].strip() != empty for r in body)]
+    return "\n".join("| " + " | ".join(r[i].strip() for i in keep) + " |" for r in rows)
+
+
+def _route_summary(record: dict) -> str:
+    """Summarise the solve routes and Lanczos steps of a record's shared-weight layers."""
+    routes = {k: v for k, v in record.get("routes", {}).items() if v}
+    steps = record.get("iterations_per_layer", {})
+    if not routes:
+        return "–"
+    if len(routes) == 1:
+        ((layer, route),) = routes.items()
+        return f"{route}, {steps.get(layer, float('nan')):g}"
+    counts: dict[str, int] = {}
+    for route in routes.values():
+        counts[route] = counts.get(route, 0) + 1
+    return ", ".join(f"{route} ×{n}" for route, n in counts.items())
+
+
 def benchmark_table(file: str) -> Callable[[Path], str]:
     def render(ref: Path) -> str:
         import benchmark
@@ -169,7 +192,15 @@ def benchmark_table(file: str) -> Callable[[Path], str]:
         for record in records:  # older records (the GPU run) predate the operation counts
             record.setdefault("ops", None)
             record.setdefault("ops_accelerator_routes", None)
-        return benchmark.summary(records)
+        lines = benchmark.summary(records).splitlines()
+        by_key = {(r["model"], r["batch_size"], r["method"]): r for r in records}
+        if any(r.get("routes") for r in records):
+            lines[0] += " KFOC route, steps | KFOCExact route, steps |"
+            lines[1] += "---|---|"
+            for i, key in enumerate(dict.fromkeys((r["model"], r["batch_size"]) for r in records)):
+                kfoc, exact = by_key[(*key, "KFOC")], by_key[(*key, "KFOCExact")]
+                lines[i + 2] += f" {_route_summary(kfoc)} | {_route_summary(exact)} |"
+        return _drop_empty_columns("\n".join(lines))
 
     return render
 
