@@ -134,9 +134,26 @@ def _missing_reference(app, env, node, contnode):
         if not path.startswith(PACKAGE):
             continue
         obj = _import(path)
-        if obj is None:
-            continue
         owner, _, attr = path.rpartition(".")
+        if obj is None:
+            # a dataclass or NamedTuple field: documented in its class's entry ("Attributes:")
+            holder = _import(owner)
+            fields = {}
+            for base in getattr(holder, "__mro__", ()):
+                fields.update(getattr(base, "__annotations__", {}))
+            if inspect.isclass(holder) and attr in fields:
+                for name in _candidates(holder, exports):
+                    entry = _documented(domain, name)
+                    if entry is not None:
+                        return make_refnode(
+                            app.builder,
+                            node["refdoc"],
+                            entry.docname,
+                            entry.node_id,
+                            contnode,
+                            name,
+                        )
+            continue
         names = _candidates(obj, exports)
         holder = _import(owner)
         if inspect.isclass(holder):  # a method or attribute: under its defining class
