@@ -1,7 +1,7 @@
 r"""What a collection route hands the data-set level per batch, and what a collector is.
 
 Both collection routes — the hook route (:class:`~kfoc_backpack.collect.hooks.TermCollector`)
-and BackPACK's (:class:`~kfoc_backpack.dataset.backpack.BackPACKCollector`) — are
+and BackPACK's (:class:`~kfoc_backpack.extensions.collector.BackPACKCollector`) — are
 :class:`Collector`\\ s: called on a batch they return its :class:`BatchQuantities`, and they
 know every trainable parameter's block structure (:meth:`Collector.zero_blocks`) before
 any batch is seen, so that a parameter no batch used still has its (zero) block.

@@ -136,7 +136,7 @@ class TermCollector:
         self._layouts: dict[str, BatchLayout] = {}
         self.weight_steps: defaultdict[str, WeightSteps] = defaultdict(WeightSteps)
         """Lanczos steps of each layer's last weight solve, by the names of
-        :attr:`layers`: each batch's route choice counts them
+        ``layers``: each batch's route choice counts them
         (:class:`~kfoc_backpack.collect.layer_terms.WeightSteps`)."""
         self._clone: set[str] = set()
         self._broadcast: set[str] = set()

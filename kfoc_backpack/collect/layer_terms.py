@@ -146,7 +146,7 @@ class LayerTerms:
     def kfac_block(self) -> KroneckerBlock:
         """K-FAC's ``L_out ⊗ R_in`` of the same samples, in laplace-torch's split.
 
-        :attr:`kfac` as it is: for weights shared over ``T`` positions the KFC split of
+        ``kfac`` as it is: for weights shared over ``T`` positions the KFC split of
         laplace-torch's ``kron`` (curvlinops' ``"expand"``), ``L = Σ_{k,t} ds dsᵀ`` and
         ``R = (1/(N·T)) Σ_{n,t} â âᵀ`` — ``T`` times larger on the left than
         :meth:`solve`'s split, the same product. Damping (``√δ`` per factor) then acts
@@ -215,8 +215,8 @@ class DenseTerms:
             bias ``Σ_t g_{m,n,t}``): the exact block.
         kfac: K-FAC's block of the same samples: for a bias the KFC block, the
             positions counted as samples, ``Σ_{m,n,t} g gᵀ`` (laplace-torch's ``kron``
-            bias block; equal to :attr:`exact` for a single position); for other
-            parameters :attr:`exact`. ``None`` unless collected.
+            bias block; equal to ``exact`` for a single position); for other
+            parameters ``exact``. ``None`` unless collected.
     """
 
     exact: DenseBlock

@@ -76,7 +76,7 @@ class Approximation(ABC):
     """Whether the passes collect K-FAC's factors of the samples."""
 
     block_kinds: ClassVar[tuple[str, ...]] = ("kronecker", "diagonal_kronecker", "dense")
-    """The kinds of block (:attr:`~kfoc_backpack.blocks.Block.kind`) the fit produces."""
+    """The kinds of block (``Block.kind``) the fit produces."""
 
     @property
     def aggregation(self) -> Aggregation:
@@ -95,7 +95,7 @@ class Approximation(ABC):
         """Return the block of a parameter with dense terms: its exact block (default).
 
         Biases, normalisation layers' scales and the other parameters of
-        :attr:`~kfoc_backpack.collect.batch.BatchQuantities.dense`.
+        ``BatchQuantities.dense``.
         """
         return terms.exact
 

@@ -17,7 +17,7 @@ class EKFOCBase(KFOCBase):
     """What :class:`EKFOC` and :class:`EKFOCExact` add: the eigenvalue-corrected result.
 
     The weight's savefield holds an
-    :class:`~kfoc_backpack.solver.correction.EigenCorrected` block: ``left_basis``
+    :class:`~kfoc_backpack.blocks.EigenCorrected` block: ``left_basis``
     ``U_L`` and ``right_basis`` ``U_R`` (the eigenvectors of the batch's K-FOC factors)
     and ``diagonal`` ``S`` (``[C_out, C_in·Πkernel]``), the batch block's exact
     diagonal in ``U_L ⊗ U_R`` — the Frobenius-nearest matrix with that eigenbasis, never

@@ -214,7 +214,7 @@ class KFOCBase(SqrtGGN):
         self._routes[id(module)] = route
 
     def log_solve(self, module: Module, factors: KroneckerFactors) -> None:
-        """Record one weight solve in :attr:`solve_log` (with the noted route, if any)."""
+        """Record one weight solve in ``solve_log`` (with the noted route, if any)."""
         self.solve_log.append(
             SolveRecord(
                 module.__class__.__name__,

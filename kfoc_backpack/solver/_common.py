@@ -62,9 +62,8 @@ class SolverOptions:
             its first test (after 33 steps, or ``max_iter`` if fewer): the limit
             the power method would converge to is computed from two symmetric
             eigendecompositions of ``K × K`` matrices, in float64 on the host
-            (one takes 0.13 ms at ``K = 32``, 4.6 ms at ``K = 256`` and 23 ms at
-            ``K = 512`` on two CPU cores: ``integration/convergence.py``). Such
-            solves count as converged and
+            (their cost grows as ``K³``; ``python integration/convergence.py``
+            measures it). Such solves count as converged and
             report the power steps taken before. ``0`` keeps the plain power
             method of the paper, whatever the number of steps it needs.
     """

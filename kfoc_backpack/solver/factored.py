@@ -75,9 +75,8 @@ def choose_diagonal_route(sizes: LayerSizes) -> DiagonalRoute:
     """Return the diagonal's route with fewer multiply-adds (``pairs`` where ``T + 1 ≲ 2·J``).
 
     Where the counts are close ``pairs`` is faster still: its one product is bound by
-    arithmetic, ``formed`` by writing the ``J·K·M·N`` products: 0.20 s against 1.57 s for
-    16 samples of a ``Conv2d(512, 512, 3)`` at 4 × 4 positions with 9 columns, one CPU
-    thread (``python integration/diagonal_routes.py``).
+    arithmetic, ``formed`` by writing the ``J·K·M·N`` products (both routes timed on
+    ResNet-18's stages: ``python integration/diagonal_routes.py``).
     """
     flops = diagonal_flops(sizes)
     if flops[DiagonalRoute.PAIRS] <= flops[DiagonalRoute.FORMED]:

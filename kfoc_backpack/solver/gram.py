@@ -114,11 +114,11 @@ def top_eigvec_2x2(mat: Tensor) -> Tensor:
 FIRST_SQUARINGS = 5
 """Squarings before the first stopping test: ``2⁵ = 32`` power steps.
 
-Power steps from K-FAC's start reach the paper's tolerance in 2–20 steps on most
-layers of ``integration/benchmark.py`` (the MLP's first layer needs about 75 at batch
-128 and 190 at batch 32, where the top two singular values differ by 3 %); each test
-costs a host transfer and each squaring one matrix product, so the first test comes
-after 33 steps. Problems unsettled there are finished by :func:`exact_coefficients`
+Power steps from K-FAC's start reach the paper's tolerance within a few tens of steps
+on most layers of ``integration/benchmark.py``, and need far more where the top two
+singular values are close (``python integration/convergence.py`` prints the rates and
+steps); each test costs a host transfer and each squaring one matrix product, so the
+first test comes after 33 steps. Problems unsettled there are finished by :func:`exact_coefficients`
 when small enough (``SolverOptions.exact_max_terms``)."""
 
 FIRST_TEST_STEPS = 2**FIRST_SQUARINGS + 1

@@ -66,7 +66,7 @@ class RouteTerms:
     """Base of the routes of the table: a terms class that declares its own costs.
 
     A route derives from this class and from the solver's terms type it extends, sets
-    :attr:`route` and :attr:`ops_per_step`, and overrides :meth:`flops`,
+    :attr:`route` and ``ops_per_step``, and overrides :meth:`flops`,
     :meth:`working_bytes` and :meth:`from_positions` (and, where they differ from the
     defaults, :meth:`supports`, :meth:`takes_precedence`, :meth:`defers_to` and
     :meth:`runs_lanczos`). Listed in :data:`~kfoc_backpack.solver.shared.table.ROUTE_TABLE`,
@@ -121,7 +121,7 @@ class RouteTerms:
         raise NotImplementedError(f"{cls.__name__} cannot be built from positions.")
 
     def runs_lanczos(self) -> bool:
-        """Whether :meth:`solve` of these terms runs :func:`krylov_solve` (default: yes)."""
+        """Whether ``solve`` of these terms runs :func:`krylov_solve` (default: yes)."""
         return True
 
 

@@ -21,7 +21,7 @@ operator   ``J·K·T·M·N + (J·K·M)²·N``      ``2·(J·K)²·M³``         
 
 K-FAC's factors of the same layer cost ``K·T·N² + J·K·T·M²``
 (:func:`~kfoc_backpack.solver.shared.route.kfac_cost`). On accelerators every step also
-costs its kernel launches, :attr:`~kfoc_backpack.solver.shared.route.RouteTerms.ops_per_step`
+costs its kernel launches, ``RouteTerms.ops_per_step``
 of them at :data:`LAUNCH_FLOPS` multiply-adds each.
 
 :func:`choose_route` iterates :data:`ROUTE_TABLE` and knows no route by name: the routes
@@ -127,7 +127,7 @@ def choose_route(
     The candidates are the routes of the table that support ``sizes``
     (:meth:`~RouteTerms.supports`), in table order. The first that
     :meth:`~RouteTerms.takes_precedence` is taken. Else each candidate's cost is its
-    :meth:`~RouteTerms.flops` plus :attr:`~RouteTerms.ops_per_step` launches per step
+    :meth:`~RouteTerms.flops` plus ``ops_per_step`` launches per step
     at :data:`LAUNCH_FLOPS`, for ``steps`` Lanczos steps — the steps the same weight's
     previous solve took where the caller knows them
     (:class:`~kfoc_backpack.collect.layer_terms.WeightSteps`), else
