@@ -251,3 +251,14 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="damping_rule"):
         Preconditioner.from_blocks({"0.bias": DenseBlock(torch.eye(3))}, rule="median")
     assert Measurement("margin") is Measurement.MARGIN
+
+
+def test_stored_gradients_give_the_streamed_scores():
+    model, train, test = make("tokens", "classification", seed=7)
+    la = fitted(model, train, "classification", "ekfoc")
+    influence = Influence.from_laplace(la, measurement="margin")
+    streamed = influence.pairwise(loader(train, 7), loader(test, 4))
+    stored = influence.preconditioner.scores(
+        influence.gradients(loader(test, 5), "margin"), influence.gradients(loader(train, 20))
+    )
+    assert torch.allclose(stored, streamed, rtol=1e-10, atol=1e-12)
