@@ -118,6 +118,25 @@ def kronfluence_pipeline(model: nn.Module, train, test, batch: int) -> tuple[flo
         return middle - start, time.perf_counter() - middle
 
 
+def table(result: dict) -> str:
+    """Return the markdown table of a run's result."""
+    settings = result["settings"]
+    lines = [
+        f"Pairwise scores, LeNet-5, {settings['train']} train × {settings['test']} test, "
+        f"batch {settings['batch']}, {result['machine']['threads']} thread(s), "
+        f"median of {settings['repeats']}",
+        "",
+        "| method | curvature s | scores s | total s | total / kronfluence |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['method']} | {row['curvature_s']:.2f} | {row['scores_s']:.2f} "
+            f"| {row['total_s']:.2f} | {row['total_ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     cli.quiet_library_warnings()
     args = parse_args(argv)
@@ -154,18 +173,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reference = rows[0]["total_s"]
     for row in rows:
         row["total_ratio"] = row["total_s"] / reference
-    lines = [
-        f"Pairwise scores, LeNet-5, {args.train} train × {args.test} test, batch {args.batch}, "
-        f"{args.threads} thread(s), median of {args.repeats}",
-        "",
-        "| method | curvature s | scores s | total s | total / kronfluence |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['curvature_s']:.2f} | {row['scores_s']:.2f} "
-            f"| {row['total_s']:.2f} | {row['total_ratio']:.2f}× |"
-        )
     result = {
         "command": ("python integration/influence_speed.py " + " ".join(argv or [])).strip(),
         "machine": {
@@ -177,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "settings": {k: getattr(args, k) for k in ("train", "test", "batch", "repeats")},
         "rows": rows,
     }
-    cli.write_report(args.out, "influence_speed", result, "\n".join(lines))
+    cli.write_report(args.out, "influence_speed", result, table(result))
     return result
 
 

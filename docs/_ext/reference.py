@@ -280,6 +280,22 @@ def diagonal_routes(ref: Path) -> str:
     return _provenance(data, "diagonal_routes.py") + "\n\n" + script.table(data["layers"])
 
 
+def influence(ref: Path) -> str:
+    from influence_study import report
+
+    data = _load(ref, "influence_cpu.json")
+    settings = ", ".join(f"{k} {v}" for k, v in data["settings"].items())
+    text = report.markdown(data["summary"], data["paired"])
+    return _provenance(data, "influence.py") + f" Settings: {settings}.\n\n" + text
+
+
+def influence_speed(ref: Path) -> str:
+    import influence_speed as script
+
+    data = _load(ref, "influence_speed_cpu.json")
+    return _provenance(data, "influence_speed.py") + "\n\n" + script.table(data)
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "paper_tables": paper_tables,
     "posterior_nll": posterior_nll,
@@ -296,6 +312,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "grouped": grouped,
     "stopping": stopping,
     "diagonal_routes": diagonal_routes,
+    "influence": influence,
+    "influence_speed": influence_speed,
 }
 
 

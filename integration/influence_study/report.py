@@ -157,20 +157,21 @@ def plot(summary: list[dict], out: Path, damping: float = DEFAULT_DAMPING) -> Pa
     axes[0].set_xticks(range(len(problems)), problems)
     axes[0].set_ylabel("LDS (Spearman)")
     axes[0].set_title(f"Linear datamodeling score, damping {damping:g} × mean eigenvalue")
-    axes[0].legend(fontsize=8, ncol=2)
+    axes[0].legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     for method in methods:
         if method == "kronfluence_ekfac":
             continue
-        ys = [
-            statistics.fmean(at[p, method, d]["lds_mean"] for p in problems if (p, method, d) in at)
-            for d in dampings
-            if any((p, method, d) in at for p in problems)
-        ]
-        if len(ys) == len(dampings):
-            axes[1].plot(dampings, ys, marker="o", label=LABELS[method])
+        covered = [p for p in problems if all((p, method, d) in at for d in dampings)]
+        if not covered:
+            continue
+        ys = [statistics.fmean(at[p, method, d]["lds_mean"] for p in covered) for d in dampings]
+        label = LABELS[method]
+        if len(covered) < len(problems):
+            label += f" ({', '.join(covered)} only)"
+        axes[1].plot(dampings, ys, marker="o", label=label)
     axes[1].set_xscale("log")
     axes[1].set_xlabel("damping (× each block's mean eigenvalue)")
-    axes[1].set_ylabel("LDS, mean over data sets")
+    axes[1].set_ylabel("LDS, mean over the data sets")
     axes[1].set_title("Damping sensitivity")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
