@@ -67,16 +67,11 @@ def make(kind: str):
     return model, TensorDataset(X[:30].to(DTYPE), y[:30]), TensorDataset(X[30:].to(DTYPE), y[30:])
 
 
-def kronfluence_scores(model, train, test, strategy, tmp_path):
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+def factor_arguments(strategy: str = "ekfac"):
+    """kronfluence's factor arguments of these tests: the empirical Fisher, float64."""
+    from kronfluence.arguments import FactorArguments
 
-    task = Classification()
-    model = prepare_model(copy.deepcopy(model), task)
-    analyzer = Analyzer(
-        "parity", model, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path)
-    )
-    factor_args = FactorArguments(
+    return FactorArguments(
         strategy=strategy,
         use_empirical_fisher=True,
         activation_covariance_dtype=DTYPE,
@@ -85,13 +80,21 @@ def kronfluence_scores(model, train, test, strategy, tmp_path):
         per_sample_gradient_dtype=DTYPE,
         lambda_dtype=DTYPE,
     )
-    analyzer.fit_all_factors(
-        "factors",
-        train,
-        per_device_batch_size=8,
-        factor_args=factor_args,
-        overwrite_output_dir=True,
-    )
+
+
+def analyzer_of(model, name: str, tmp_path):
+    """A kronfluence ``Analyzer`` on a tracked copy of ``model``."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+
+    task = Classification()
+    tracked = prepare_model(copy.deepcopy(model), task)
+    return Analyzer(name, tracked, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path))
+
+
+def pairwise(analyzer, factors_name: str, train, test):
+    """kronfluence's pairwise scores with its heuristic damping, in float64."""
+    from kronfluence.arguments import ScoreArguments
+
     score_args = ScoreArguments(
         damping_factor=None,
         per_sample_gradient_dtype=DTYPE,
@@ -100,7 +103,7 @@ def kronfluence_scores(model, train, test, strategy, tmp_path):
     )
     analyzer.compute_pairwise_scores(
         "scores",
-        "factors",
+        factors_name,
         query_dataset=test,
         train_dataset=train,
         per_device_query_batch_size=5,
@@ -109,6 +112,18 @@ def kronfluence_scores(model, train, test, strategy, tmp_path):
         overwrite_output_dir=True,
     )
     return analyzer.load_pairwise_scores("scores")["all_modules"]
+
+
+def kronfluence_scores(model, train, test, strategy, tmp_path):
+    analyzer = analyzer_of(model, "parity", tmp_path)
+    analyzer.fit_all_factors(
+        "factors",
+        train,
+        per_device_batch_size=8,
+        factor_args=factor_arguments(strategy),
+        overwrite_output_dir=True,
+    )
+    return pairwise(analyzer, "factors", train, test)
 
 
 def package_scores(model, train, test, structure, scales=None):
@@ -156,9 +171,6 @@ def test_kfac_equals_kronfluence(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_kronfluence_pipeline_on_kfoc_factors_gives_ekfoc(kind, tmp_path):
     """kronfluence's eigendecomposition and correction of K-FOC's factors: this package's EK-FOC."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-
     from kfoc_backpack.influence.kronfluence import use_kfoc_covariances
 
     model, train, test = make(kind)
@@ -173,40 +185,13 @@ def test_kronfluence_pipeline_on_kfoc_factors_gives_ekfoc(kind, tmp_path):
     names = [name for name, _ in model.named_parameters()]
     blocks = dict(zip(names, la.H_facs.blocks))
 
-    task = Classification()
-    tracked = prepare_model(copy.deepcopy(model), task)
-    analyzer = Analyzer(
-        "kfoc", tracked, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path)
-    )
-    args = FactorArguments(
-        strategy="ekfac",
-        use_empirical_fisher=True,
-        activation_covariance_dtype=DTYPE,
-        gradient_covariance_dtype=DTYPE,
-        eigendecomposition_dtype=DTYPE,
-        per_sample_gradient_dtype=DTYPE,
-        lambda_dtype=DTYPE,
-    )
+    analyzer = analyzer_of(model, "kfoc", tmp_path)
+    args = factor_arguments("ekfac")
     analyzer.fit_covariance_matrices("kfoc", train, per_device_batch_size=8, factor_args=args)
     use_kfoc_covariances(analyzer, "kfoc", blocks)
     analyzer.perform_eigendecomposition("kfoc", factor_args=args)
     analyzer.fit_lambda_matrices("kfoc", train, per_device_batch_size=8, factor_args=args)
-    score_args = ScoreArguments(
-        damping_factor=None,
-        per_sample_gradient_dtype=DTYPE,
-        precondition_dtype=DTYPE,
-        score_dtype=DTYPE,
-    )
-    analyzer.compute_pairwise_scores(
-        "scores",
-        "kfoc",
-        query_dataset=test,
-        train_dataset=train,
-        per_device_query_batch_size=5,
-        per_device_train_batch_size=8,
-        score_args=score_args,
-    )
-    theirs = analyzer.load_pairwise_scores("scores")["all_modules"]
+    theirs = pairwise(analyzer, "kfoc", train, test)
     ours = package_scores(model, train, test, "ekfoc")
     assert rel(ours, theirs) < 1e-4
     assert rel(package_scores(model, train, test, "ekfac"), theirs) > 1e-3  # another basis
