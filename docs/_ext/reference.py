@@ -269,8 +269,11 @@ def grouped(ref: Path) -> str:
 def stopping(ref: Path) -> str:
     import stopping as script
 
-    data = _load(ref, "stopping_cpu.json")
-    return _provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"])
+    parts = []
+    for name in ("stopping_cpu.json", "stopping_resnet18_cpu.json"):
+        data = _load(ref, name)
+        parts.append(_provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"]))
+    return "\n\n".join(parts)
 
 
 def diagonal_routes(ref: Path) -> str:
