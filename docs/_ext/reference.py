@@ -218,11 +218,14 @@ def laplace_flops(ref: Path) -> str:
     return script.flops_table(_load(ref, "laplace_speed_cpu.json")["flops"])
 
 
-def zoo_curvature(ref: Path) -> str:
-    import zoo
+def zoo_curvature_of(file: str) -> Callable[[Path], str]:
+    def render(ref: Path) -> str:
+        import zoo
 
-    data = _load(ref, "zoo_cpu.json")
-    return _provenance(data, "zoo.py") + "\n\n" + zoo.table(data["models"])
+        data = _load(ref, file)
+        return _provenance(data, "zoo.py") + "\n\n" + zoo.table(data["models"])
+
+    return render
 
 
 def zoo_whole(ref: Path) -> str:
@@ -308,7 +311,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "benchmark_h200": benchmark_table("benchmark_h200.json"),
     "laplace_speed": laplace_speed,
     "laplace_flops": laplace_flops,
-    "zoo_curvature": zoo_curvature,
+    "zoo_curvature": zoo_curvature_of("zoo_cpu.json"),
+    "zoo_curvature_224": zoo_curvature_of("zoo_224_cpu.json"),
     "zoo_whole": zoo_whole,
     "correction_cost": correction_cost,
     "distributed": distributed,
