@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,9 +29,11 @@ from pathlib import Path
 import cli
 import torch
 from data import load_dataset
+from influence_study.ensembles import per_example_loss
+from influence_study.lds import kronfluence_ekfac
 from laplace import Laplace
 from models import lenet5
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import kfoc_backpack  # noqa: F401 - registers the structures
@@ -76,46 +77,12 @@ def ours(model: nn.Module, train, test, structure: str, batch: int) -> tuple[flo
 
 def kronfluence_pipeline(model: nn.Module, train, test, batch: int) -> tuple[float, float]:
     """``(factors seconds, scores seconds)`` of kronfluence 1.0.1's EK-FAC, its defaults."""
-    import copy
 
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments
-    from kronfluence.task import Task
+    def loss(output: Tensor, y: Tensor) -> Tensor:
+        return per_example_loss("classification", output, y)
 
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            X, y = batch
-            output = model(X)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(output, -1), 1).squeeze(-1)
-            return nn.functional.cross_entropy(output, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            X, y = batch
-            return nn.functional.cross_entropy(model(X), y, reduction="sum")
-
-    task = Classification()
-    with tempfile.TemporaryDirectory() as directory:
-        start = time.perf_counter()
-        tracked = prepare_model(copy.deepcopy(model), task)
-        analyzer = Analyzer(
-            "speed", tracked, task, cpu=True, disable_tqdm=True, output_dir=directory
-        )
-        analyzer.fit_all_factors(
-            "ekfac", train, per_device_batch_size=batch, factor_args=FactorArguments()
-        )
-        middle = time.perf_counter()
-        analyzer.compute_pairwise_scores(
-            "scores",
-            "ekfac",
-            query_dataset=test,
-            train_dataset=train,
-            per_device_query_batch_size=batch,
-            per_device_train_batch_size=batch,
-        )
-        analyzer.load_pairwise_scores("scores")
-        return middle - start, time.perf_counter() - middle
+    _, factors, scores = kronfluence_ekfac(model, "classification", loss, train, test, batch)
+    return factors, scores
 
 
 def table(result: dict) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -97,17 +97,36 @@ def train_full(problem: Problem, seed: int) -> nn.Module:
     return ensemble.model(0, problem.make).eval()
 
 
-def kronfluence_scores(problem: Problem, model: nn.Module, batch: int) -> Tensor | None:
-    """Return kronfluence 1.0.1's EK-FAC scores (its defaults), or ``None`` without it."""
-    try:
-        from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments
-        from kronfluence.task import Task
-    except ImportError:
-        return None
+def kronfluence_ekfac(
+    model: nn.Module,
+    task_name: str,
+    measure: Callable[[Tensor, Tensor], Tensor],
+    train: TensorDataset,
+    test: TensorDataset,
+    batch: int,
+) -> tuple[Tensor, float, float]:
+    """Kronfluence 1.0.1's EK-FAC with its defaults: scores, factor and score seconds.
+
+    Its default curvature (one label drawn from the model per input), its heuristic
+    damping, its files in a temporary directory; the factor seconds include wrapping the
+    model (``prepare_model``).
+
+    Args:
+        model: The trained model (copied).
+        task_name: ``"regression"`` or ``"classification"``: the training loss, summed.
+        measure: ``measure(output, y) -> [N]``, the test measurement.
+        train: Training inputs and targets.
+        test: Test inputs and targets.
+        batch: Batch size of every pass.
+
+    Raises:
+        ImportError: Where kronfluence is not installed.
+    """
     import tempfile
 
-    task_name = problem.task
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
 
     class StudyTask(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -123,28 +142,44 @@ def kronfluence_scores(problem: Problem, model: nn.Module, batch: int) -> Tensor
 
         def compute_measurement(self, batch, model):
             X, y = batch
-            return measurement(task_name, model(X), y).sum()
+            return measure(model(X), y).sum()
 
     task = StudyTask()
-    tracked = prepare_model(copy.deepcopy(model), task)
     with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        tracked = prepare_model(copy.deepcopy(model), task)
         analyzer = Analyzer("lds", tracked, task, cpu=True, disable_tqdm=True, output_dir=directory)
-        train = TensorDataset(*problem.train)
         analyzer.fit_all_factors(
             "ekfac",
             train,
             per_device_batch_size=batch,
             factor_args=FactorArguments(strategy="ekfac"),
         )
+        middle = time.perf_counter()
         analyzer.compute_pairwise_scores(
             "scores",
             "ekfac",
-            query_dataset=TensorDataset(*problem.test),
+            query_dataset=test,
             train_dataset=train,
             per_device_query_batch_size=batch,
             per_device_train_batch_size=batch,
         )
-        return analyzer.load_pairwise_scores("scores")["all_modules"]
+        scores = analyzer.load_pairwise_scores("scores")["all_modules"]
+        return scores, middle - start, time.perf_counter() - middle
+
+
+def kronfluence_scores(problem: Problem, model: nn.Module, batch: int) -> Tensor | None:
+    """Return kronfluence 1.0.1's EK-FAC scores (its defaults), or ``None`` without it."""
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        return None
+
+    def measure(output: Tensor, y: Tensor) -> Tensor:
+        return measurement(problem.task, output, y)
+
+    train, test = TensorDataset(*problem.train), TensorDataset(*problem.test)
+    return kronfluence_ekfac(model, problem.task, measure, train, test, batch)[0]
 
 
 def method_scores(

@@ -84,27 +84,26 @@ def markdown(summary: list[dict], pairs: list[dict], damping: float = DEFAULT_DA
     problems = sorted({r["problem"] for r in summary})
     methods = [m for m in METHODS if any(r["method"] == m for r in summary)]
     at = {(r["problem"], r["method"], r["damping"]): r for r in summary}
+
+    def by_method(cell) -> list[str]:
+        """Return a data set × method table at ``damping``, ``cell(row)`` per summary row."""
+        table = ["| data set | " + " | ".join(LABELS[m] for m in methods) + " |"]
+        table.append("|---|" + "---|" * len(methods))
+        for problem in problems:
+            rows = [at.get((problem, method, damping)) for method in methods]
+            cells = ["–" if row is None else cell(row) for row in rows]
+            table.append(f"| {problem} | " + " | ".join(cells) + " |")
+        return table
+
     lines = [
         f"LDS (mean ± SE over repeats), damping {damping} × each block's mean eigenvalue",
         "",
-        "| data set | " + " | ".join(LABELS[m] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
+        *by_method(lambda row: f"{row['lds_mean']:.3f} ± {row['lds_se']:.3f}"),
+        "",
+        "Seconds per method (median over repeats: curvature fit and scores)",
+        "",
+        *by_method(lambda row: f"{row['seconds_median']:.2f}"),
     ]
-    for problem in problems:
-        cells = []
-        for method in methods:
-            row = at.get((problem, method, damping))
-            cells.append("–" if row is None else f"{row['lds_mean']:.3f} ± {row['lds_se']:.3f}")
-        lines.append(f"| {problem} | " + " | ".join(cells) + " |")
-    lines += ["", "Seconds per method (median over repeats: curvature fit and scores)", ""]
-    lines += ["| data set | " + " | ".join(LABELS[m] for m in methods) + " |"]
-    lines += ["|---|" + "---|" * len(methods)]
-    for problem in problems:
-        cells = []
-        for method in methods:
-            row = at.get((problem, method, damping))
-            cells.append("–" if row is None else f"{row['seconds_median']:.2f}")
-        lines.append(f"| {problem} | " + " | ".join(cells) + " |")
     dampings = sorted({r["damping"] for r in summary})
     if len(dampings) > 1:
         lines += ["", "Damping sensitivity (LDS mean over repeats)", ""]

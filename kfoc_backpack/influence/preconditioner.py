@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import Module
+from torch.nn import Module, Parameter
 
 from kfoc_backpack.blocks import Block, DenseBlock
 from kfoc_backpack.blocks.base import Decomposed, Jacobian
@@ -126,6 +126,43 @@ class Group:
     def split(self, rows: Tensor) -> dict[str, Tensor]:
         """``[R, P]`` rows cut into each parameter's ``[R, P_i]``."""
         return dict(zip(self.names, rows.split(list(self.sizes), dim=1)))
+
+    def rows(self, gradients: Mapping[str, Jacobian | Tensor], num: int) -> Tensor:
+        """``[R, P]``: the group's per-sample rows concatenated, in ``delta``'s dtype.
+
+        Args:
+            gradients: Per parameter, a Jacobian (its ``rows()``) or the rows themselves.
+            num: ``R``, the rows of each parameter (zero rows where one is absent).
+        """
+        return concatenate(self.names, self.sizes, gradients, num, self.delta)
+
+
+def concatenate(
+    names: Sequence[str],
+    sizes: Sequence[int],
+    gradients: Mapping[str, Jacobian | Tensor],
+    num: int,
+    like: Tensor,
+) -> Tensor:
+    """``[R, Σ sizes]``: each parameter's ``R`` rows side by side (zero where absent).
+
+    Args:
+        names: The parameters, in order.
+        sizes: Their numbers of entries.
+        gradients: Per parameter, a Jacobian (its ``rows()``, ``[K, N, P_i]`` with
+            ``K·N = R``) or the ``[R, P_i]`` rows themselves.
+        num: ``R``.
+        like: A tensor of the result's dtype and device.
+    """
+    parts = []
+    for name, size in zip(names, sizes):
+        value = gradients.get(name)
+        if value is None:
+            parts.append(like.new_zeros(num, size))
+            continue
+        rows = value if isinstance(value, Tensor) else value.rows()
+        parts.append(rows.reshape(num, size).to(like.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _cast(decomposed: Decomposed, dtype: torch.dtype) -> Decomposed:
@@ -270,14 +307,12 @@ class Preconditioner:
                 "influence: last-layer Laplace approximations are not supported; fit "
                 "subset_of_weights='all'."
             )
-        names = trainable_names(la.model)  # type: ignore[attr-defined]
+        names = list(params_of(la.model))  # type: ignore[attr-defined]
         values = getattr(facs, "blocks", None)
         if values is None:  # laplace-torch's own Kron: lists of factors
             from kfoc_backpack.collect.hooks import TermCollector
 
-            loss = torch.nn.CrossEntropyLoss(reduction="sum")
-            if la.likelihood != "classification":  # type: ignore[attr-defined]
-                loss = torch.nn.MSELoss(reduction="sum")
+            loss = la.backend.lossfunc  # type: ignore[attr-defined]
             templates = TermCollector(la.model, loss, owner="influence").zero_blocks()  # type: ignore[attr-defined]
             values = list(typed(dict(zip(names, kfacs)), templates).values())
         if len(values) != len(names):
@@ -292,12 +327,11 @@ class Preconditioner:
     def identity(cls, model: Module, damping: float = 0.0) -> Preconditioner:
         """``(I + λ)⁻¹`` per parameter: plain gradient products (divided by ``1 + λ``)."""
         groups = []
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                like = param.detach()
-                delta = torch.tensor(float(damping), dtype=like.dtype, device=like.device)
-                block = Identity(param.numel(), like)
-                groups.append(Group((name,), (param.numel(),), block, delta))
+        for name, param in params_of(model).items():
+            like = param.detach()
+            delta = torch.tensor(float(damping), dtype=like.dtype, device=like.device)
+            block = Identity(param.numel(), like)
+            groups.append(Group((name,), (param.numel(),), block, delta))
         return cls(tuple(groups))
 
     @classmethod
@@ -325,25 +359,6 @@ class Preconditioner:
         delta = damping_of(decomposed, damping, rule, "the dense curvature").to(matrix.dtype)
         return cls((Group(tuple(names), tuple(sizes), decomposed, delta),))
 
-    def rows(self, group: Group, gradients: Mapping[str, Jacobian | Tensor], num: int) -> Tensor:
-        """``[N, P]``: the group's per-sample gradients concatenated (zero where unused).
-
-        Args:
-            group: One of :attr:`groups`.
-            gradients: Per parameter, a Jacobian with ``rows()`` ``[1, N, P_i]`` or the
-                ``[N, P_i]`` rows.
-            num: ``N``.
-        """
-        parts = []
-        for name, size in zip(group.names, group.sizes):
-            value = gradients.get(name)
-            if value is None:
-                parts.append(group.delta.new_zeros(num, size))
-                continue
-            rows = value if isinstance(value, Tensor) else value.rows()[0]
-            parts.append(rows.reshape(num, size).to(group.delta.dtype))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
     def scores(self, test: Mapping[str, Tensor], train: Mapping[str, Tensor]) -> Tensor:
         """``[N_test, N_train]``: ``g_testᵀ (B + λ)⁻¹ g_train`` from stored gradients.
 
@@ -355,8 +370,8 @@ class Preconditioner:
         num_train = next(iter(train.values())).shape[0]
         total = None
         for group in self.groups:
-            query = group.precondition(self.rows(group, test, num_test))
-            share = query @ self.rows(group, train, num_train).T
+            query = group.precondition(group.rows(test, num_test))
+            share = query @ group.rows(train, num_train).T
             total = share if total is None else total + share
         return total  # type: ignore[return-value]
 
@@ -375,6 +390,6 @@ class Preconditioner:
             )
 
 
-def trainable_names(model: Module) -> list[str]:
-    """Return the model's trainable parameters' names, in ``named_parameters`` order."""
-    return [name for name, param in model.named_parameters() if param.requires_grad]
+def params_of(model: Module) -> dict[str, Parameter]:
+    """Return the model's trainable parameters by name, in ``named_parameters`` order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -41,7 +41,8 @@ from kfoc_backpack.influence.measure import gradients, summed
 from kfoc_backpack.influence.preconditioner import (
     DENSE_LIMIT,
     Preconditioner,
-    trainable_names,
+    concatenate,
+    params_of,
     typed,
 )
 
@@ -107,7 +108,8 @@ class Influence:
         """Scores under a fitted all-weights Laplace approximation's curvature.
 
         The curvature per input (:meth:`Preconditioner.from_laplace`), the loss of its
-        likelihood (cross-entropy, or squared error for regression), summed per input.
+        likelihood as its backend takes it (``la.backend.lossfunc``: cross-entropy, or
+        squared error for regression), each input's own.
 
         Args:
             la: A fitted Laplace approximation (``kfoc``, ``ekfoc``, ``ekfac``, ``kfac``
@@ -116,13 +118,8 @@ class Influence:
             rule: :class:`~kfoc_backpack.enums.Damping`.
             **kwargs: :class:`Influence`'s keyword arguments.
         """
-        lossfunc = (
-            torch.nn.CrossEntropyLoss(reduction="sum")
-            if la.likelihood == "classification"
-            else torch.nn.MSELoss(reduction="sum")
-        )
         preconditioner = Preconditioner.from_laplace(la, damping, rule)
-        return cls(la.model, lossfunc, preconditioner, **kwargs)
+        return cls(la.model, la.backend.lossfunc, preconditioner, **kwargs)
 
     @classmethod
     def from_factors(
@@ -241,7 +238,7 @@ class Influence:
             found, num = self._gradients(X, y, self.measurement)
             with torch.no_grad():
                 for group in self.preconditioner.groups:
-                    rows = self.preconditioner.rows(group, found, num)
+                    rows = group.rows(found, num)
                     for name, part in group.split(group.precondition(rows)).items():
                         parts[name].append(part)
 
@@ -284,17 +281,12 @@ class Influence:
             with torch.no_grad():
                 total = None
                 for group in self.preconditioner.groups:
-                    share = group.square_form(self.preconditioner.rows(group, found, num))
+                    share = group.square_form(group.rows(found, num))
                     total = share if total is None else total + share
             values.append(total)
 
         self._pass(train_loader).each(visit, "[influence: self-influence]")
         return torch.cat(values)
-
-
-def params_of(model: Module) -> Mapping[str, torch.nn.Parameter]:
-    """Return the model's trainable parameters by name."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def exact_curvature(
@@ -319,8 +311,8 @@ def exact_curvature(
             :data:`~kfoc_backpack.influence.preconditioner.DENSE_LIMIT` parameters.
     """
     curvature = Curvature.parse(curvature, "curvature")
-    names = trainable_names(model)
     params = params_of(model)
+    names = list(params)
     sizes = [params[name].numel() for name in names]
     total = sum(sizes)
     like = params[names[0]].detach()
@@ -336,22 +328,17 @@ def exact_curvature(
 
     def visit(X: Any, y: Tensor) -> None:
         nonlocal matrix, count
+        shape: list[int] = []
 
         def vectors(output: Tensor) -> Tensor:
-            return output_vectors(loss, output, y.to(output.device), curvature)
+            units = output_vectors(loss, output, y.to(output.device), curvature)
+            shape.extend(units.shape[:2])  # [K vectors per input, N inputs]
+            return units
 
         jacobians = collector.output_jacobians(X, vectors).parameters
-        rows = [jacobians[name].rows() if name in jacobians else None for name in names]
-        shape = next(r.shape[:2] for r in rows if r is not None)
-        flat = torch.cat(
-            [
-                (r if r is not None else like.new_zeros(*shape, s)).reshape(-1, s).double()
-                for r, s in zip(rows, sizes)
-            ],
-            dim=1,
-        )
+        flat = concatenate(names, sizes, jacobians, shape[0] * shape[1], matrix)
         matrix += flat.T @ flat
-        count += int(shape[1])
+        count += shape[1]
 
     data = DataPass(collector, loader, params, split=split, curvature=curvature)
     data.each(visit, "[influence: exact curvature]")
