@@ -41,7 +41,10 @@ predictive forms the ``inputs × classes × parameters`` Jacobian) on
 ``--kron-test-inputs`` (8). Each fit runs in a process of its own, so that its peak
 memory (``ru_maxrss``) is its own: the table gives the fit time, the peak after the
 fit, the predictive's time per input and what it added to the peak, the log marginal
-likelihood (finite) and whether every probit row sums to one.
+likelihood (finite) and whether every probit row sums to one. The fit-time *ratio* to
+``kfoc`` comes from one more process that fits ``kfoc``, ``ekfoc`` and ``ekfac`` in
+turns (one warm-up round, then ``--repeats`` rounds; medians): an A/B in one run, where
+the single fits above each pay their own process's first-call costs.
 
 **Curvature on the same parameters** (the second table): per model it prints the
 *curvature time* — ``la.fit`` less the eigendecompositions of the
@@ -91,6 +94,8 @@ from kfoc_backpack.solver import LayerSizes, route_flops
 METHODS = ("kron", "kfoc")
 WHOLE_METHODS = ("kron", "kfoc", "ekfoc", "ekfac")
 """``kron`` fits what laplace-torch can (the rest frozen); the others fit every parameter."""
+AB_METHODS = ("kfoc", "ekfoc", "ekfac")
+"""The whole-model fits timed A/B in one process (their ratio to ``kfoc`` is the table's)."""
 CLASSES = 10
 IMAGE_SIZE = 32
 """Side of the random RGB images (``--image-size``; 224 is the resolution the
@@ -486,42 +491,90 @@ def whole_once(
     }
 
 
+def whole_fit_ab(
+    name: str, batch: int, batches: int, repeats: int, image_size: int = IMAGE_SIZE
+) -> dict[str, object]:
+    """Fit seconds of ``kfoc``, ``ekfoc`` and ``ekfac`` on the whole model, A/B in one process.
+
+    One model and data set; after one warm-up fit of each method, ``repeats`` rounds in
+    which the methods take turns (so that load on the machine reaches each alike).
+
+    Returns:
+        ``{"fit_s": {method: median seconds}, "fit_s_all": {method: [seconds per round]}}``.
+    """
+    build, kind = MODELS[name]
+    torch.manual_seed(0)
+    model = build(image_size).eval()
+    case = make_data(model, kind, batch, batches, [], image_size)
+    seconds: dict[str, list[float]] = {method: [] for method in AB_METHODS}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for method in AB_METHODS:
+            la = Laplace(model, "classification", "all", method, **case.laplace_kwargs)
+            start = time.perf_counter()
+            la.fit(case.loader)
+            if round_ > 0:
+                seconds[method].append(time.perf_counter() - start)
+    return {
+        "fit_s": {method: statistics.median(times) for method, times in seconds.items()},
+        "fit_s_all": seconds,
+    }
+
+
+def _run_self(options: list[str]) -> tuple[dict | None, str]:
+    """Run this script with ``options`` in a new process: its JSON line, or the error."""
+    done = subprocess.run(
+        [sys.executable, __file__, *options], capture_output=True, text=True, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return None, (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return json.loads(lines[-1]), ""
+
+
 def whole_model(name: str, args: argparse.Namespace) -> dict[str, object]:
-    """Every method of :data:`WHOLE_METHODS` on the model, each in a process of its own."""
+    """Every method of :data:`WHOLE_METHODS` on the model, each in a process of its own.
+
+    Then, in one more process, the A/B fit times of :data:`AB_METHODS`
+    (:func:`whole_fit_ab`, ``args.repeats`` rounds).
+    """
     record: dict[str, object] = {"model": name, "errors": {}}
+    common = [
+        "--batch", str(args.batch), "--batches", str(args.batches),
+        "--threads", str(args.threads), "--image-size", str(args.image_size),
+    ]  # fmt: skip
     for method in WHOLE_METHODS:
         inputs = args.kron_test_inputs if method == "kron" else args.test_inputs
-        command = [
-            sys.executable, __file__, "--whole-one", name, method, "--batch", str(args.batch),
-            "--batches", str(args.batches), "--threads", str(args.threads),
-            "--test-inputs", str(inputs), "--image-size", str(args.image_size),
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            record["errors"][method] = error[:200]  # type: ignore[index]
+        options = ["--whole-one", name, method, *common, "--test-inputs", str(inputs)]
+        found, error = _run_self(options)
+        if found is None:
+            record["errors"][method] = error  # type: ignore[index]
             continue
-        record[method] = json.loads(lines[-1])
+        record[method] = found
+    found, error = _run_self(["--whole-ab", name, *common, "--repeats", str(args.repeats)])
+    if found is None:
+        record["errors"]["ab"] = error  # type: ignore[index]
+    else:
+        record["ab"] = found
     return record
 
 
 def whole_table(records: list[dict]) -> str:
     """Markdown table of the whole-model fits and predictives."""
     lines = [
-        "| model | method | trainable | fit s | fit / kfoc fit | peak after fit MB "
+        "| model | method | trainable | fit s | fit / kfoc fit (A/B) | peak after fit MB "
         "| predictive s/input | predictive added MB | inputs | log marglik "
         "| probit rows sum to 1 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for rec in records:
+        medians = rec.get("ab", {}).get("fit_s", {})
         for method in WHOLE_METHODS:
             if method in rec["errors"]:
                 lines.append(f"| {rec['model']} | {method} | {rec['errors'][method]} ||||||||")
                 continue
             r = rec[method]
-            base = rec.get("kfoc", {}).get("fit_s")
-            ratio = f"{r['fit_s'] / base:.2f}×" if base else "–"
+            base = medians.get("kfoc")
+            ratio = f"{medians[method] / base:.2f}×" if base and method in medians else "–"
             lines.append(
                 f"| {rec['model']} | {method} | {r['trainable']} | {r['fit_s']:.1f} | {ratio} "
                 f"| {r['peak_after_fit_mb']:.0f} | {r['predict_s_per_input']:.3f} "
@@ -569,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--whole-one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS
     )  # one whole-model fit in this process (what the whole section runs per method)
+    parser.add_argument(
+        "--whole-ab", metavar="MODEL", help=argparse.SUPPRESS
+    )  # the whole section's A/B fit times of one model, in this process
     return parser
 
 
@@ -580,6 +636,12 @@ def main(argv: list[str] | None = None) -> dict:
         name, method = args.whole_one
         record = whole_once(
             name, method, args.batch, args.batches, args.test_inputs, args.image_size
+        )
+        print(json.dumps(record))
+        return record
+    if args.whole_ab:
+        record = whole_fit_ab(
+            args.whole_ab, args.batch, args.batches, args.repeats, args.image_size
         )
         print(json.dumps(record))
         return record

@@ -8,6 +8,7 @@ load beside the CPU torch wheel CI installs.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -60,6 +61,30 @@ def test_whole_bert_tiny_fits_and_predicts(method):
         ]
     )
     assert "| bert_tiny | kron | boom |" in table and "| bert_tiny | ekfoc |" in table
+
+
+def test_whole_fit_ab_times_every_method_in_turns():
+    """The whole table's fit ratio: each method's median over rounds after a warm-up."""
+    found = zoo.whole_fit_ab("bert_tiny", batch=2, batches=1, repeats=2)
+    assert set(found["fit_s"]) == set(zoo.AB_METHODS)
+    for method, times in found["fit_s_all"].items():
+        assert len(times) == 2 and found["fit_s"][method] == statistics.median(times)
+    record = {"model": "bert_tiny", "errors": {"kron": "boom"}, "ab": found}
+    record.update({m: {**_WHOLE_ROW, "fit_s": 9.0} for m in zoo.AB_METHODS})
+    table = zoo.whole_table([record])
+    ratio = found["fit_s"]["ekfoc"] / found["fit_s"]["kfoc"]
+    assert f"| bert_tiny | ekfoc | 1 | 9.0 | {ratio:.2f}× |" in table
+
+
+_WHOLE_ROW = {
+    "trainable": 1,
+    "peak_after_fit_mb": 1.0,
+    "predict_s_per_input": 0.1,
+    "predict_added_peak_mb": 0.0,
+    "test_inputs": 3,
+    "log_marginal_likelihood": -1.0,
+    "rows_sum_to_one": True,
+}
 
 
 def test_missing_library_names_the_extra(monkeypatch):
