@@ -4,17 +4,20 @@ A grouped convolution's weight (``C_out × C_in/groups·Πkernel``) has rows tha
 their group's inputs. Three structures of its block ``F``, measured on every grouped
 layer of the zoo's models (first batch, exact GGN):
 
-* **coupled**: today's K-FOC, one ``L ⊗ R`` over all rows (a dense ``C_out × C_out``
-  output-side factor, one input-side factor shared by the groups);
-* **per group**: the block-diagonal of one optimal ``L_g ⊗ R_g`` per group (each group's
-  rows with its own inputs); for depthwise layers (one row per group) this is each
-  channel's exact ``Πkernel × Πkernel`` block. Its error is ``‖F‖² − Σ_g σ_g²`` (the
-  cross-group blocks dropped, ``σ_g²`` what group ``g``'s product captures);
+* **coupled** (``grouped="coupled"``, the default): one ``L ⊗ R`` over all rows (a
+  dense ``C_out × C_out`` output-side factor, one input-side factor shared by the
+  groups);
+* **per group** (``grouped="per-group"``): the block-diagonal of one optimal
+  ``L_g ⊗ R_g`` per group (each group's rows with its own inputs); for depthwise layers
+  (one row per group) each channel's exact ``Πkernel × Πkernel`` block. Its squared
+  error is ``‖F‖² − Σ_g ‖F_gg‖² + Σ_g ‖F_gg − L_g ⊗ R_g‖²`` (the cross-group blocks
+  dropped);
 * **K-FAC**: laplace-torch's ``kron`` (the input factor averaged over the groups).
 
 Errors are relative Frobenius errors in float64 from the per-sample matrices (``F`` is
-never formed); solve times in float32 (what users run), one thread, the per-group solves
-one after the other (the depthwise blocks in one product). Usage (the zoo's
+never formed); solve times in float32 (what users run), one thread, of the package's
+own solves of each structure (``GroupedLayerTerms``: per group one after the other, the
+depthwise blocks in one product). Usage (the zoo's
 environment, see ``integration/zoo.py``)::
 
     python integration/grouped.py --models regnet_y_400mf efficientnet_b0 --out results/grouped
@@ -29,66 +32,67 @@ import torch
 import tqdm
 import zoo
 
+from kfoc_backpack import Grouped
+from kfoc_backpack.collect import GroupedLayerTerms
 from kfoc_backpack.solver import SampleTerms, SolverOptions
 
 
-def per_group(samples: torch.Tensor, groups: int, options: SolverOptions) -> tuple[float, float]:
-    """Return ``(Σ_g ‖F_gg‖², Σ_g σ_g²)`` of the per-group optima of ``[K, C_out, I]`` samples."""
-    num, rows, cols = samples.shape
-    split = samples.reshape(num, groups, rows // groups, cols)
-    if rows == groups:  # depthwise: each channel's exact block, σ_g² = ‖F_gg‖²
-        blocks = torch.einsum("kgi,kgj->gij", split[:, :, 0], split[:, :, 0])
-        total = float(blocks.square().sum())
-        return total, total
-    norms, captured = 0.0, 0.0
-    for group in range(groups):
-        terms = SampleTerms(split[:, group].contiguous())
-        factors = terms.solve(options)
-        norm_sq = float(terms.norm_sq())
-        error = float(terms.error(factors.left, factors.right, relative=False))
-        norms, captured = norms + norm_sq, captured + norm_sq - error**2
-    return norms, captured
+def per_group_error(terms: GroupedLayerTerms, block) -> float:
+    """``‖F − blockdiag_g(L_g ⊗ R_g)‖ / ‖F‖``: the groups' errors and the dropped blocks."""
+    norm_sq = float(SampleTerms(terms.terms.coupled()).norm_sq())
+    error_sq = norm_sq
+    for g in range(terms.terms.groups):
+        group = terms.terms.group(g)
+        error = float(group.error(block.left[g], block.right[g], relative=False))
+        error_sq += error**2 - float(group.norm_sq())
+    return max(error_sq, 0.0) ** 0.5 / norm_sq**0.5
+
+
+def timed(solve) -> float:
+    """Milliseconds of ``solve()`` (after one warm-up call)."""
+    solve()
+    start = time.perf_counter()
+    solve()
+    return 1e3 * (time.perf_counter() - start)
 
 
 def layer_rows(
     name: str, batch: int, options: SolverOptions, image_size: int = zoo.IMAGE_SIZE
 ) -> list[dict]:
     case = zoo.make(name, batch, 1, image_size=image_size)
-    low = stopping.collect(case, torch.float32)
-    high = stopping.collect(case, torch.float64)
+    low = grouped_terms(case, torch.float32)
+    high = grouped_terms(case, torch.float64)
     rows = []
     for weight, value in tqdm.tqdm(low.items(), desc=name):
-        if value.sizes is None or value.sizes.groups == 1:
-            continue
-        groups = value.sizes.groups
-        out_features, in_features = value.sizes.out_features, value.sizes.in_features
         exact = high[weight]
-        samples = exact.terms.samples  # the formed route's [K, C_out, I]
-        norm_sq = float(exact.terms.norm_sq())
-        coupled = exact.solve(options)
-        _, captured = per_group(samples, groups, options)
-        start = time.perf_counter()
-        value.solve(options)
-        coupled_ms = 1e3 * (time.perf_counter() - start)
-        start = time.perf_counter()
-        per_group(value.terms.samples, groups, options)
-        group_ms = 1e3 * (time.perf_counter() - start)
+        coupled = exact.with_structure(Grouped.COUPLED)
+        factors = coupled.solve(options)
+        sizes = value.sizes
+        groups, out_features, in_features = sizes.groups, sizes.out_features, sizes.in_features
         rows.append(
             {
                 "model": name,
                 "weight": weight,
-                "sizes": list(value.sizes),
-                "coupled_error": float(exact.terms.error(coupled.left, coupled.right)),
-                "per_group_error": max(norm_sq - captured, 0.0) ** 0.5 / norm_sq**0.5,
-                "kfac_error": stopping.relative_error(exact.terms, *exact.kfac),
-                "coupled_ms": coupled_ms,
-                "per_group_ms": group_ms,
+                "sizes": list(sizes),
+                "coupled_error": float(coupled.terms.error(factors.left, factors.right)),
+                "per_group_error": per_group_error(exact, exact.kfoc_block(options)),
+                "kfac_error": stopping.relative_error(coupled.terms, *exact.kfac),
+                "coupled_ms": timed(
+                    lambda v=value: v.with_structure(Grouped.COUPLED).solve(options)
+                ),
+                "per_group_ms": timed(lambda v=value: v.kfoc_block(options)),
                 "coupled_factor_entries": out_features**2 + in_features**2,
                 "per_group_factor_entries": groups
                 * ((out_features // groups) ** 2 + in_features**2),
             }
         )
     return rows
+
+
+def grouped_terms(case: zoo.Case, dtype: torch.dtype) -> dict[str, GroupedLayerTerms]:
+    """Return the first batch's terms of every grouped weight, in ``dtype`` (K-FAC's too)."""
+    weights = stopping.collect(case, dtype, Grouped.PER_GROUP)
+    return {n: t for n, t in weights.items() if isinstance(t, GroupedLayerTerms)}
 
 
 def table(rows: list[dict]) -> str:

@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 import tqdm
 import zoo
 
-from kfoc_backpack import KFOCBackend
+from kfoc_backpack import Grouped, KFOCBackend
 from kfoc_backpack.solver import SolverOptions
 
 RULES = (
@@ -50,8 +51,13 @@ def first_batch(case: zoo.Case):
     return batch
 
 
-def collect(case: zoo.Case, dtype: torch.dtype) -> dict:
-    """Return the first batch's per-sample terms of every weight in ``dtype`` (and K-FAC's)."""
+def collect(case: zoo.Case, dtype: torch.dtype, grouped: Grouped = Grouped.COUPLED) -> dict:
+    """Return the first batch's per-sample terms of every weight in ``dtype`` (and K-FAC's).
+
+    A grouped convolution's in the structure ``grouped`` (default: coupled over all rows,
+    the default structure; ``PER_GROUP``: its
+    :class:`~kfoc_backpack.collect.grouped.GroupedLayerTerms`).
+    """
     model = copy.deepcopy(case.model).to(dtype)
     backend = KFOCBackend(model, "classification", **case.laplace_kwargs)
     x, y = first_batch(case)
@@ -60,7 +66,8 @@ def collect(case: zoo.Case, dtype: torch.dtype) -> dict:
             x = dict(x)  # ids stay integers
         else:
             x = x.to(dtype)
-    return backend.collector(x, y, with_kfac=True).weights
+    weights = backend.collector(x, y, with_kfac=True).weights
+    return {name: terms.with_structure(grouped) for name, terms in weights.items()}
 
 
 def relative_error(terms, left, right) -> float:
@@ -158,7 +165,8 @@ def build_parser(
 def save(args: argparse.Namespace, script: str, argv, results: dict, markdown: str) -> dict:
     """Write ``<script>.json`` (with the command and machine) and ``<script>.md`` to ``--out``."""
     result = {
-        "command": f"python integration/{script}.py " + " ".join(argv or []),
+        "command": f"python integration/{script}.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

@@ -23,6 +23,7 @@ __all__ = [
     "Curvature",
     "Damping",
     "DiagonalRoute",
+    "Grouped",
     "Measurement",
     "Reduction",
     "Route",
@@ -155,6 +156,21 @@ class Route(Choice):
 
     OPERATOR = "operator"
     """Through the products ``X_a X_bᵀ`` of the formed matrices."""
+
+
+class Grouped(Choice):
+    """The block of a grouped convolution's weight (``groups > 1``, docs/conventions.md §11)."""
+
+    COUPLED = "coupled"
+    """One product over all rows: a dense ``C_out × C_out`` output-side factor and one
+    input-side factor shared by the groups (:class:`~kfoc_backpack.blocks.KroneckerBlock`,
+    laplace-torch's ``kron`` layout). The closer structure on the measured library
+    layers at 224 × 224 (docs/conventions.md §11)."""
+
+    PER_GROUP = "per-group"
+    """One Kronecker product per group, the blocks between groups dropped
+    (:class:`~kfoc_backpack.blocks.GroupedKroneckerBlock`): ``G`` solves of one group's
+    size, 2–100× cheaper; a depthwise layer's channels get their exact blocks."""
 
 
 class Stop(Choice):

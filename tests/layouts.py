@@ -11,11 +11,16 @@ from torch import Tensor
 
 from kfoc_backpack.collect.handover import weight_terms
 from kfoc_backpack.collect.layer_terms import LayerTerms
+from kfoc_backpack.enums import Grouped
 
 
 def conv_terms(unfolded: Tensor, sqrt: Tensor, *args, **kwargs) -> LayerTerms:
-    """:func:`weight_terms` of a convolution (``unfolded [N, I, T]``, ``sqrt [M, N, O, T]``)."""
-    return weight_terms(unfolded.transpose(1, 2), sqrt.transpose(2, 3), *args, **kwargs)
+    """:func:`weight_terms` of a convolution (``unfolded [N, I, T]``, ``sqrt [M, N, O, T]``).
+
+    A grouped convolution's coupled over all its rows (the default structure).
+    """
+    terms = weight_terms(unfolded.transpose(1, 2), sqrt.transpose(2, 3), *args, **kwargs)
+    return terms.with_structure(Grouped.COUPLED)
 
 
 def linear_terms(inputs: Tensor, sqrt: Tensor, *args, **kwargs) -> LayerTerms:

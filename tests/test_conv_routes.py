@@ -12,7 +12,7 @@ import torch
 from ground_truth import optimal_relative_error, relative_error, sum_of_outer
 from layouts import conv_terms
 
-from kfoc_backpack.collect import handover
+from kfoc_backpack.collect import handover, layer_terms
 from kfoc_backpack.collect.handover import sum_of_squares
 from kfoc_backpack.enums import Route
 from kfoc_backpack.solver import ROUTE_TABLE, LayerSizes, SolverOptions, choose_route
@@ -312,13 +312,13 @@ def test_a_weight_is_chosen_for_the_steps_its_last_solve_took(route, monkeypatch
     unfolded, sqrt = _layer(*SELECTED[route], torch.float64)
     steps = handover.WeightSteps()
     seen = []
-    choose = handover.choose_route
+    choose = layer_terms.choose_route
 
     def spy(*args, **kwargs):
         seen.append(kwargs["steps"])
         return choose(*args, **kwargs)
 
-    monkeypatch.setattr(handover, "choose_route", spy)
+    monkeypatch.setattr(layer_terms, "choose_route", spy)
     first = _weight_terms(unfolded, sqrt, steps=steps)
     assert first.terms.route == route and first.steps is steps and steps.last is None
     factors = first.solve(SolverOptions(tol=1e-9, max_iter=500))

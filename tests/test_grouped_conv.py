@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from kfoc_backpack import KFOCBackend, KFOCExact
 from kfoc_backpack.collect.handover import grouped_kfc_factors, kfc_factors
 from kfoc_backpack.collect.hooks import TermCollector
+from kfoc_backpack.enums import Grouped
 from kfoc_backpack.solver import SolverOptions
 
 TIGHT = {"tol": 1e-12, "max_iter": 5000}
@@ -93,7 +94,7 @@ def test_float32_matches_float64(case):
     products = []
     for model, X in ((model64, X64), (model32, X32)):
         batch = TermCollector(model, nn.CrossEntropyLoss(reduction="sum"))(X, y)
-        terms = batch.weights["0.weight"]
+        terms = batch.weights["0.weight"].with_structure(Grouped.COUPLED)
         left, right = terms.kfoc(terms.solve(SolverOptions(tol=1e-7)))
         assert left.dtype == X.dtype
         products.append(torch.kron(left.double(), right.double()))

@@ -66,22 +66,31 @@ def test_grouped_layers_are_measured_three_ways(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("rows_per_group", [1, 2])
-def test_the_per_group_optimum_is_the_dense_one(rows_per_group):
+def test_the_per_group_error_is_the_dense_one(rows_per_group):
+    """``‖F − blockdiag_g(L_g ⊗ R_g)‖ / ‖F‖`` against ``F`` and the block formed densely."""
     import grouped
 
-    from kfoc_backpack.solver import SolverOptions
+    from kfoc_backpack.collect import GroupedLayerTerms
+    from kfoc_backpack.solver import LayerSizes, SolverOptions
+    from kfoc_backpack.solver.grouped import GroupedTerms
 
     groups, cols = 3, 4
     gen = torch.Generator().manual_seed(0)
     samples = torch.randn(7, groups * rows_per_group, cols, generator=gen, dtype=torch.float64)
-    norms, captured = grouped.per_group(samples, groups, SolverOptions(tol=1e-12, max_iter=500))
+    terms = GroupedLayerTerms(
+        GroupedTerms(samples.unflatten(1, (groups, rows_per_group))),
+        torch.ones(groups, dtype=torch.float64),
+        None,
+        LayerSizes(1, 7, 1, groups * rows_per_group, cols, groups),
+    )
+    block = terms.kfoc_block(SolverOptions(tol=1e-12, max_iter=500))
+    dense = sum_of_outer(samples)
+    expected = float((dense - block.dense()).norm() / dense.norm())
+    assert grouped.per_group_error(terms, block) == pytest.approx(expected, rel=1e-8)
     split = samples.reshape(7, groups, rows_per_group * cols)
-    expected_norms, expected_captured = 0.0, 0.0
-    for group in range(groups):
-        block = sum_of_outer(split[:, group].reshape(7, rows_per_group, cols))
-        norm_sq = float(block.square().sum())
-        error = optimal_relative_error(block, rows_per_group, cols) if rows_per_group > 1 else 0
-        expected_norms += norm_sq
-        expected_captured += norm_sq * (1 - error**2)
-    assert norms == pytest.approx(expected_norms, rel=1e-10)
-    assert captured == pytest.approx(expected_captured, rel=1e-8)
+    for group in range(groups):  # each group's product is its block's optimum
+        own = sum_of_outer(split[:, group].reshape(7, rows_per_group, cols))
+        left, right = block.left[group], block.right[group]
+        error = float((own - torch.kron(left, right)).norm() / own.norm())
+        best = optimal_relative_error(own, rows_per_group, cols) if rows_per_group > 1 else 0
+        assert error == pytest.approx(best, abs=1e-8)

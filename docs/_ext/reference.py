@@ -262,11 +262,14 @@ def distributed(ref: Path) -> str:
     return "\n".join(lines)
 
 
-def grouped(ref: Path) -> str:
-    import grouped as script
+def grouped_of(file: str) -> Callable[[Path], str]:
+    def render(ref: Path) -> str:
+        import grouped as script
 
-    data = _load(ref, "grouped_cpu.json")
-    return _provenance(data, "grouped.py") + "\n\n" + script.table(data["layers"])
+        data = _load(ref, file)
+        return _provenance(data, "grouped.py") + "\n\n" + script.table(data["layers"])
+
+    return render
 
 
 def stopping(ref: Path) -> str:
@@ -316,7 +319,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "zoo_whole": zoo_whole,
     "correction_cost": correction_cost,
     "distributed": distributed,
-    "grouped": grouped,
+    "grouped": grouped_of("grouped_cpu.json"),
+    "grouped_224": grouped_of("grouped_224_cpu.json"),
     "stopping": stopping,
     "diagonal_routes": diagonal_routes,
     "influence": influence,

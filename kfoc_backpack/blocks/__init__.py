@@ -4,7 +4,10 @@
 * :class:`DenseBlock` — an exact ``[B, B]`` block (biases);
 * :class:`EigenCorrected` — a Kronecker eigenbasis with the data's own eigenvalues;
 * :class:`DiagonalKroneckerBlock` — a large table's ``diag(l) ⊗ R`` (a diagonal row
-  side), and :class:`DiagonalCorrected`, its basis with the data's eigenvalues.
+  side), and :class:`DiagonalCorrected`, its basis with the data's eigenvalues;
+* :class:`GroupedKroneckerBlock` — a grouped convolution's ``blockdiag_g(L_g ⊗ R_g)``
+  (one product per group), and :class:`GroupedCorrected`, its bases with the data's
+  eigenvalues.
 
 Each block adds and scales itself (:class:`BlockSum`: over batches, and over
 ``torch.distributed`` ranks through its summed and gathered parts), serialises into a
@@ -26,6 +29,11 @@ from kfoc_backpack.blocks.diagonal_kronecker import (
     DiagonalKroneckerBlock,
     DiagonalKroneckerSum,
 )
+from kfoc_backpack.blocks.grouped import (
+    GroupedCorrected,
+    GroupedKroneckerBlock,
+    GroupedKroneckerSum,
+)
 from kfoc_backpack.blocks.kronecker import DecomposedKronecker, KroneckerBlock, KroneckerSum
 
 __all__ = [
@@ -42,6 +50,9 @@ __all__ = [
     "DiagonalKroneckerSum",
     "DiagonalSum",
     "EigenCorrected",
+    "GroupedCorrected",
+    "GroupedKroneckerBlock",
+    "GroupedKroneckerSum",
     "Jacobian",
     "KroneckerBlock",
     "KroneckerSum",

@@ -19,7 +19,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from kfoc_backpack.enums import Aggregation
+from kfoc_backpack.enums import Aggregation, Grouped
 
 
 class Jacobian(Protocol):
@@ -227,6 +227,16 @@ class Block(ABC):
         ``None`` for blocks that are exact already (nothing to correct).
         """
         return None
+
+    def with_structure(self, grouped: Grouped) -> Block:
+        """Return this (zero) block in a grouped weight's structure ``grouped``.
+
+        Only a grouped convolution's per-group zero
+        (:class:`~kfoc_backpack.blocks.GroupedKroneckerBlock`) changes: to the zero
+        ``L ⊗ R`` over all rows where ``grouped`` couples the groups. Every other block
+        is itself.
+        """
+        return self
 
     def uncorrected(self) -> Block:
         """Return the block an eigenvalue correction started from (the block itself if none)."""

@@ -15,6 +15,7 @@ multiplied, ``W`` ranks.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -124,18 +125,29 @@ class KroneckerBlock(FactorPair, Block):
 class TwoSided(Decomposed):
     """An eigenform in the basis ``Q_L ⊗ Q_R`` with an ``[M, N]`` spectrum.
 
+    Or, for a grouped convolution's per-group block (:mod:`kfoc_backpack.blocks.grouped`),
+    ``G`` such bases, one per group, and a ``[G, M, N]`` spectrum: the block-diagonal of
+    ``Q_{L,g} ⊗ Q_{R,g}`` over the weight's ``G`` blocks of ``M`` rows (row-major
+    ``vec``: each group's entries are contiguous). Every operation below is the same
+    batched over the leading ``G``.
+
     Attributes:
-        left_basis: ``[M, M]`` orthonormal ``Q_L``.
-        right_basis: ``[N, N]`` orthonormal ``Q_R``.
+        left_basis: ``[M, M]`` (or ``[G, M, M]``) orthonormal ``Q_L``.
+        right_basis: ``[N, N]`` (or ``[G, N, N]``) orthonormal ``Q_R``.
     """
 
     left_basis: Tensor
     right_basis: Tensor
 
     @property
+    def grid(self) -> tuple[int, ...]:
+        """``(M, N)``, or ``(G, M, N)``: the spectrum's shape (a row in the basis)."""
+        return (*self.left_basis.shape[:-1], self.right_basis.shape[-1])
+
+    @property
     def size(self) -> int:  # type: ignore[override]
-        """``M·N``."""
-        return self.left_basis.shape[-1] * self.right_basis.shape[-1]
+        """``M·N`` (``G·M·N``)."""
+        return math.prod(self.grid)
 
     @property
     def eigenvectors(self) -> list[Tensor]:
@@ -143,17 +155,19 @@ class TwoSided(Decomposed):
         return [self.left_basis, self.right_basis]
 
     def rotate(self, rows: Tensor) -> Tensor:
-        """``Q_Lᵀ W Q_R`` per row ``W`` (``[R, M, N]``)."""
-        m, n = self.left_basis.shape[-1], self.right_basis.shape[-1]
-        return self.left_basis.T @ rows.reshape(-1, m, n) @ self.right_basis
+        """``Q_Lᵀ W Q_R`` per row ``W`` (``[R, M, N]``, or ``[R, G, M, N]`` per group)."""
+        return self.left_basis.mT @ rows.reshape(-1, *self.grid) @ self.right_basis
 
     def unrotate(self, rotated: Tensor) -> Tensor:
-        """``Q_L V Q_Rᵀ`` per row, flattened to ``[R, M·N]``."""
-        return (self.left_basis @ rotated @ self.right_basis.T).reshape(-1, self.size)
+        """``Q_L V Q_Rᵀ`` per row (per group), flattened to ``[R, P]``."""
+        return (self.left_basis @ rotated @ self.right_basis.mT).reshape(-1, self.size)
 
     def basis(self) -> Tensor:
-        """``Q_L ⊗ Q_R``."""
-        return torch.kron(self.left_basis, self.right_basis)
+        """``Q_L ⊗ Q_R`` (per group: their block-diagonal)."""
+        if self.left_basis.dim() == 2:
+            return torch.kron(self.left_basis, self.right_basis)
+        pairs = zip(self.left_basis, self.right_basis)
+        return torch.block_diag(*(torch.kron(left, right) for left, right in pairs))
 
     def output_covariance(
         self, jacobian: Jacobian, delta: Tensor, damping: bool = False, joint: bool = False
@@ -161,17 +175,18 @@ class TwoSided(Decomposed):
         """``Σ_{ij} Ĵ_a[i, j] Ĵ_b[i, j] / (E[i, j] + δ)`` with ``Ĵ = Q_Lᵀ J Q_R``.
 
         The Jacobian comes rotated into the basis (a weight's factors rotated before
-        ``J`` is formed) and is weighted by the inverse spectrum: ``O·I`` numbers per
-        row, never the ``P × P`` block. Shapes as :meth:`Decomposed.output_covariance`.
+        ``J`` is formed; per group with per-group bases) and is weighted by the inverse
+        spectrum: ``O·I`` numbers per row, never the ``P × P`` block. Shapes as
+        :meth:`Decomposed.output_covariance`.
         """
         rotated = jacobian.rotated(self.left_basis, self.right_basis)
         weighted = rotated * self.spectrum(delta, -1, damping)
         return output_products(rotated.flatten(2), weighted.flatten(2), joint)
 
     def diag(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
-        """``((Q_L ⊙ Q_L) E (Q_R ⊙ Q_R)ᵀ)`` flattened, ``E`` the spectrum."""
+        """``((Q_L ⊙ Q_L) E (Q_R ⊙ Q_R)ᵀ)`` flattened (per group), ``E`` the spectrum."""
         spectrum = self.spectrum(delta, exponent, damping)
-        return (self.left_basis.square() @ spectrum @ self.right_basis.square().T).flatten()
+        return (self.left_basis.square() @ spectrum @ self.right_basis.square().mT).flatten()
 
 
 S = TypeVar("S", bound="ProductSpectrum")
@@ -193,12 +208,16 @@ class ProductSpectrum:
         return [self.left_values, self.right_values]
 
     def spectrum(self, delta: Tensor, exponent: float = 1, damping: bool = False) -> Tensor:
-        """``(λ_L λ_Rᵀ + δ)^exponent``; with ``damping``, ``((λ_L + √δ)(λ_R + √δ)ᵀ)^exponent``."""
+        """``(λ_L λ_Rᵀ + δ)^exponent``; with ``damping``, ``((λ_L + √δ)(λ_R + √δ)ᵀ)^exponent``.
+
+        Per group for ``[G, M]`` and ``[G, N]`` eigenvalues (a ``[G, M, N]`` spectrum).
+        """
+        left, right = self.left_values, self.right_values
         if damping:
             root = torch.sqrt(delta)
-            values = torch.outer(self.left_values + root, self.right_values + root)
+            values = (left + root)[..., :, None] * (right + root)[..., None, :]
         else:
-            values = torch.outer(self.left_values, self.right_values) + delta
+            values = left[..., :, None] * right[..., None, :] + delta
         return values if exponent == 1 else torch.pow(values, exponent)
 
     def scaled(self: S, factor: Tensor | float) -> S:
@@ -269,7 +288,9 @@ class FactorPairSum(BlockSum):
         if len(ranks) == 1:
             return make(lefts[0], rights[0])
         weights = counts[ranks].to(rights)
-        trace = (weights * torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)).sum() / weights.sum()
+        traces = torch.diagonal(rights, dim1=-2, dim2=-1).sum(-1)  # [W] (or [W, G] per group)
+        spread = weights.reshape(-1, *([1] * (traces.dim() - 1)))
+        trace = (spread * traces).sum(0) / weights.sum()
         return make(*self._merge(lefts, rights, trace))
 
 

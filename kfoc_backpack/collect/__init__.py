@@ -16,13 +16,16 @@
 * :mod:`~kfoc_backpack.collect.batch` — what a route hands over per batch
   (``BatchQuantities``), and what a collector is (``Collector``);
 * :mod:`~kfoc_backpack.collect.layer_terms` — one weight's per-sample quantities
-  (``LayerTerms``) and the record of its solves.
+  (``LayerTerms``) and the record of its solves;
+* :mod:`~kfoc_backpack.collect.grouped` — a grouped convolution's
+  (``GroupedLayerTerms``), solved per group or coupled over all rows.
 
 BackPACK's extensions (:mod:`kfoc_backpack.extensions`) are the other route, for
 ``with backpack(KFOC()):`` blocks on models BackPACK can backpropagate through.
 """
 
 from kfoc_backpack.collect.batch import BatchQuantities, Collector
+from kfoc_backpack.collect.grouped import GroupedLayerTerms
 from kfoc_backpack.collect.handover import weight_terms
 from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.collect.kinds import KINDS, LayerKind, kind_of
@@ -38,6 +41,7 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "BatchQuantities",
     "Collector",
+    "GroupedLayerTerms",
     "LayerKind",
     "LayerTerms",
     "TermCollector",

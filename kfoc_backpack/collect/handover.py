@@ -21,11 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kfoc_backpack.collect.grouped import GroupedLayerTerms
 from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps
 from kfoc_backpack.enums import Route
-from kfoc_backpack.solver import LayerSizes
-from kfoc_backpack.solver._common import launch_bound
-from kfoc_backpack.solver.shared.table import choose_route, route_class
 
 SQUARES_ROW = 4096
 """Length of the rows whose squares :func:`sum_of_squares` sums by one batched dot each."""
@@ -108,9 +106,12 @@ def weight_terms(
     :class:`~kfoc_backpack.solver.LayerSizes`, its tensors' item size and device and
     the Lanczos steps of the weight's previous solve (``steps.last``; the assumed
     count where unknown): ``rank-one`` for one ungrouped position, else the route of
-    least estimated cost whose memory fits (a grouped layer's per-sample matrices are
-    formed: ``formed`` or ``operator``). The route's class builds the terms; every
+    least estimated cost whose memory fits. The route's class builds the terms; every
     route gives the same optimal factors, and the terms' ``route`` names the one taken.
+    A grouped layer's positions are handed over as they are
+    (:class:`~kfoc_backpack.collect.grouped.GroupedLayerTerms`): each approximation
+    takes them per group or coupled over all rows (:class:`~kfoc_backpack.enums.Grouped`),
+    and the route is chosen then; a forced ``route`` couples them.
 
     Args:
         inputs: ``[N, T, I]`` inputs at the positions (any strides; a grouped layer's
@@ -125,31 +126,22 @@ def weight_terms(
             solve's steps; this batch's solve notes its own), or ``None``.
 
     Returns:
-        The weight's :class:`LayerTerms`.
+        The weight's :class:`LayerTerms` (a grouped one's
+        :class:`~kfoc_backpack.collect.grouped.GroupedLayerTerms`).
 
     Raises:
         ValueError: For an unknown forced route, or one that does not support the
             layer's sizes.
     """
-    input_trace = sum_of_squares(inputs) / inputs.shape[0]
-    columns, num, positions, out_features = vectors.shape
-    sizes = LayerSizes(columns, num, positions, out_features, inputs.shape[-1] // groups, groups)
-    if route is None:
-        chosen = choose_route(
-            sizes,
-            itemsize=max(vectors.element_size(), 4),
-            accelerator=launch_bound(vectors.device),
-            steps=None if steps is None else steps.last,
-        )
-    else:
-        chosen = route_class(route, sizes)
     kfac = None
     if with_kfac and groups == 1:
         kfac = kfc_factors(vectors, inputs)
     elif with_kfac:
         kfac = grouped_kfc_factors(vectors.transpose(2, 3), inputs.transpose(1, 2), groups)
-    terms = chosen.from_positions(vectors, inputs, groups)
-    return LayerTerms(terms, input_trace, kfac, sizes, steps)
+    if groups > 1 and route is None:
+        return GroupedLayerTerms.of_positions(inputs, vectors, groups, kfac, steps)
+    input_trace = sum_of_squares(inputs) / inputs.shape[0]
+    return LayerTerms.from_positions(inputs, vectors, input_trace, kfac, groups, route, steps)
 
 
 def grouped_kfc_factors(sqrt: Tensor, unfolded: Tensor, groups: int) -> tuple[Tensor, Tensor]:

@@ -92,9 +92,18 @@ class PositionJacobian:
         ``(G Q_L)ᵀ (A Q_R)``: ``C·N·T·O² + N·T·I² + C·N·T·O·I`` multiply-adds instead of
         rotating the formed ``O × I`` matrices (``C·N·(O²·I + O·I²)``). A grouped layer's
         rows see their own group's inputs, so its left rotation follows the formed
-        product.
+        product; with a basis per group (``[G, O/G, O/G]`` and ``[G, I, I]``) each group's
+        factors are rotated by its own, ``[C, N, G, O/G, I]``.
         """
         outputs, num, _, out_features = self.vectors.shape
+        if left_basis.dim() == 3:  # a basis per group: [C, N, G, O/G, I]
+            groups = left_basis.shape[0]
+            vectors = self.vectors.unflatten(3, (groups, -1))
+            vectors = torch.einsum("cntgo,gop->cntgp", vectors, left_basis).flatten(3)
+            inputs = self.inputs.unflatten(2, (groups, -1))
+            inputs = torch.einsum("ntgi,gij->ntgj", inputs, right_basis).flatten(2)
+            formed = formed_samples(vectors, inputs, groups)
+            return formed.reshape(outputs, num, groups, -1, formed.shape[-1])
         if self.groups == 1:
             formed = formed_samples(self.vectors @ left_basis, self.inputs @ right_basis)
             return formed.reshape(outputs, num, out_features, -1)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kfoc_backpack.blocks import DenseBlock, DiagonalKroneckerBlock, KroneckerBlock
+from kfoc_backpack.enums import Grouped, Route
 from kfoc_backpack.solver import (
     FactoredTerms,
     KroneckerFactors,
@@ -29,9 +30,11 @@ from kfoc_backpack.solver import (
     SampleTerms,
     SolverOptions,
 )
+from kfoc_backpack.solver._common import launch_bound
 from kfoc_backpack.solver.rescale import solve_rescaled
 from kfoc_backpack.solver.scale import finalize
 from kfoc_backpack.solver.shared.route import lanczos_steps
+from kfoc_backpack.solver.shared.table import choose_route, route_class
 from kfoc_backpack.solver.vocabulary import VocabularyTerms
 
 Terms = OuterTerms | SampleTerms | FactoredTerms
@@ -98,6 +101,55 @@ class LayerTerms:
     kfac: tuple[Tensor, Tensor] | None
     sizes: LayerSizes | None = None
     steps: WeightSteps | None = None
+
+    @classmethod
+    def from_positions(
+        cls,
+        inputs: Tensor,
+        vectors: Tensor,
+        input_trace: Tensor,
+        kfac: tuple[Tensor, Tensor] | None = None,
+        groups: int = 1,
+        route: Route | str | None = None,
+        steps: WeightSteps | None = None,
+    ) -> LayerTerms:
+        """Return the terms of the route the table picks (or ``route``) for the positions.
+
+        The route is :func:`~kfoc_backpack.solver.shared.table.choose_route`'s for the
+        layer's :class:`~kfoc_backpack.solver.LayerSizes`, its tensors' item size and
+        device and the Lanczos steps of the weight's previous solve (``steps.last``).
+
+        Args:
+            inputs: ``[N, T, I·groups]`` inputs at the positions (any strides).
+            vectors: ``[M, N, T, O]`` output-side vectors at the positions.
+            input_trace: K-FAC's ``tr R`` of the weight (the split).
+            kfac: K-FAC's factors of the same samples, or ``None``.
+            groups: Rows in ``groups`` blocks over disjoint input features, coupled by
+                one product over all rows (``formed`` or ``operator``).
+            route: Force a route instead of the choice.
+            steps: The weight's :class:`WeightSteps`, or ``None``.
+
+        Raises:
+            ValueError: For an unknown forced route, or one that does not support the
+                layer's sizes.
+        """
+        columns, num, positions, out_features = vectors.shape
+        in_features = inputs.shape[-1] // groups
+        sizes = LayerSizes(columns, num, positions, out_features, in_features, groups)
+        if route is None:
+            chosen = choose_route(
+                sizes,
+                itemsize=max(vectors.element_size(), 4),
+                accelerator=launch_bound(vectors.device),
+                steps=None if steps is None else steps.last,
+            )
+        else:
+            chosen = route_class(route, sizes)
+        return cls(chosen.from_positions(vectors, inputs, groups), input_trace, kfac, sizes, steps)
+
+    def with_structure(self, grouped: Grouped) -> LayerTerms:
+        """Return the terms for a grouped weight's structure (ungrouped terms: themselves)."""
+        return self
 
     def solve(self, options: SolverOptions | None = None, what: Naming = None) -> KroneckerFactors:
         """K-FOC's optimal factors in K-FAC's scale split, ``tr(R_in) = input_trace``.

@@ -30,7 +30,7 @@ from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.batch import BatchQuantities
 from kfoc_backpack.collect.layer_terms import DenseTerms, LayerTerms
 from kfoc_backpack.dataset.data_pass import DataPass
-from kfoc_backpack.enums import Aggregation, Reduction, Structure
+from kfoc_backpack.enums import Aggregation, Grouped, Reduction, Structure
 
 
 @dataclass
@@ -91,6 +91,15 @@ class Approximation(ABC):
         (``earlier.num_samples`` inputs), the same on every rank; they count once.
         """
 
+    def template(self, zero: Block) -> Block:
+        """Return a parameter's zero block in this approximation's structure.
+
+        ``zero`` is the collector's; by default a grouped convolution's groups are
+        coupled (:meth:`~kfoc_backpack.blocks.Block.with_structure`), as K-FAC's
+        factors couple them.
+        """
+        return zero.with_structure(Grouped.COUPLED)
+
     def dense_block(self, terms: DenseTerms) -> Block:
         """Return the block of a parameter with dense terms: its exact block (default).
 
@@ -130,7 +139,7 @@ def fit_per_batch(
     Returns:
         The blocks (zero for a parameter no batch of any rank used), loss and inputs.
     """
-    zeros = data.zero_blocks()
+    zeros = {name: approximation.template(zero) for name, zero in data.zero_blocks().items()}
     sums = {name: zero.new_sum(aggregation) for name, zero in zeros.items()}
     if earlier is not None and earlier.num_samples > 0 and data.reducer.rank == 0:
         for name, block in earlier.blocks.items():

@@ -92,7 +92,7 @@ class EigenCorrection(Approximation):
     """
 
     supports_damping = False
-    block_kinds = ("corrected", "diagonal_corrected", "dense")
+    block_kinds = ("corrected", "grouped_corrected", "diagonal_corrected", "dense")
     replay_memory: int = DEFAULT_MAX_MEMORY
     """Byte budget of the factors' pass's per-sample terms kept for the correction, so
     that it needs no second pass over the data (larger passes are read again)."""

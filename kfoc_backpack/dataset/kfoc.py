@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from kfoc_backpack.blocks import KroneckerBlock
+from kfoc_backpack.blocks import Block
 from kfoc_backpack.collect.layer_terms import LayerTerms
 from kfoc_backpack.dataset.approximation import Approximation, Fitted, WeightBlock, fit_per_batch
 from kfoc_backpack.dataset.data_pass import DataPass
@@ -25,7 +25,7 @@ from kfoc_backpack.dataset.options import (
     DEFAULT_OPTIMAL_TOL,
     OptimalOptions,
 )
-from kfoc_backpack.enums import Aggregation, Structure
+from kfoc_backpack.enums import Aggregation, Grouped, Structure
 from kfoc_backpack.solver import SolverOptions
 
 
@@ -44,6 +44,9 @@ class KFOCFactors(Approximation):
         store_terms: ``"optimal"`` keeps the per-sample terms in memory (``True``),
             streams over the data (``False``) or decides by ``max_memory`` (``None``).
         max_memory: Byte budget for the per-sample terms of ``"optimal"``.
+        grouped: The block of a grouped convolution's weight
+            (:class:`~kfoc_backpack.enums.Grouped`): ``"coupled"`` (default: one
+            product over all rows) or ``"per-group"`` (one per group, cheaper).
 
     Raises:
         ValueError: For an unknown aggregation or invalid options.
@@ -54,10 +57,13 @@ class KFOCFactors(Approximation):
     max_passes: int = DEFAULT_MAX_PASSES
     store_terms: bool | None = None
     max_memory: int = DEFAULT_MAX_MEMORY
+    grouped: Grouped | str = Grouped.COUPLED  # type: ignore[assignment]
     structure = Structure.KFOC
+    block_kinds = ("kronecker", "grouped_kronecker", "diagonal_kronecker", "dense")
 
     def __post_init__(self) -> None:
         self.aggregation = Aggregation.parse(self.aggregation, "aggregation")
+        self.grouped = Grouped.parse(self.grouped, "grouped")
         self.options = OptimalOptions(self.tol, self.max_passes, self.store_terms, self.max_memory)
         self.solver_options: SolverOptions | None = None
         """Options of the per-batch solves (``None``: the defaults; a laplace-torch
@@ -69,7 +75,7 @@ class KFOCFactors(Approximation):
     def fit(self, data: DataPass, earlier: Fitted | None = None) -> Fitted:
         """K-FOC's blocks; earlier blocks enter the aggregation as one more term."""
         if not self.aggregation.per_batch:
-            return OptimalSolver(data, self.options, self.init).solve(earlier)
+            return OptimalSolver(data, self.options, self.init, self.grouped).solve(earlier)
 
         block = self.weight_block(data.owner, data.params)
         return fit_per_batch(data, self, block, self.aggregation, earlier)
@@ -82,8 +88,12 @@ class KFOCFactors(Approximation):
             params: The parameters by name (their shapes name the weight).
         """
 
-        def block(name: str, terms: LayerTerms) -> KroneckerBlock:
+        def block(name: str, terms: LayerTerms) -> Block:
             what = f"{owner}: the K-FOC solve of '{name}' {tuple(params[name].shape)}"
-            return terms.kfoc_block(self.solver_options, what=what)
+            return terms.with_structure(self.grouped).kfoc_block(self.solver_options, what=what)
 
         return block
+
+    def template(self, zero: Block) -> Block:
+        """Return the zero block in this fit's structure (a grouped weight's as ``grouped``)."""
+        return zero.with_structure(self.grouped)  # type: ignore[arg-type]

@@ -19,14 +19,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import RandomSampler
 
-from kfoc_backpack.blocks import BlockSum, DiagonalKroneckerBlock, KroneckerBlock
+from kfoc_backpack.blocks import (
+    BlockSum,
+    DiagonalKroneckerBlock,
+    GroupedKroneckerBlock,
+    KroneckerBlock,
+)
 from kfoc_backpack.collect.batch import BatchQuantities
 from kfoc_backpack.collect.layer_terms import LayerTerms, named_failures
 from kfoc_backpack.dataset.approximation import Fitted
 from kfoc_backpack.dataset.data_pass import DataPass
 from kfoc_backpack.dataset.optimal_state import KroneckerTerm, WeightState, normalized
 from kfoc_backpack.dataset.options import OptimalOptions
-from kfoc_backpack.enums import Aggregation, Reduction
+from kfoc_backpack.enums import Aggregation, Grouped, Reduction
 from kfoc_backpack.solver import KroneckerFactors, SolverOptions, nearest_kronecker_terms
 from kfoc_backpack.solver.rescale import check_representable
 from kfoc_backpack.solver.scale import finalize
@@ -44,8 +49,18 @@ class OptimalSolver:
         init: Optional warm start ``[M, M]`` of the left factor per weight name.
     """
 
-    def __init__(self, data: DataPass, options: OptimalOptions, init: dict[str, Tensor]):
-        self.data, self.options, self.init = data, options, init
+    def __init__(
+        self,
+        data: DataPass,
+        options: OptimalOptions,
+        init: dict[str, Tensor],
+        grouped: Grouped = Grouped.COUPLED,
+    ):
+        self.data, self.options, self.init, self.grouped = data, options, init, grouped
+        self.zeros = {
+            name: zero.with_structure(grouped) for name, zero in data.zero_blocks().items()
+        }
+        """The parameters' zero blocks (a grouped weight's coupled, or refused by :meth:`solve`)."""
         self.store = options.store_terms is not False
         self.batch_options = SolverOptions(tol=options.tol)
         self.weights: dict[str, WeightState] = {}
@@ -63,26 +78,27 @@ class OptimalSolver:
     def _state(self, name: str) -> WeightState:
         state = self.weights.get(name)
         if state is None:
-            zero: KroneckerBlock = self.data.zero_blocks()[name]  # type: ignore[assignment]
+            zero: KroneckerBlock = self.zeros[name]  # type: ignore[assignment]
             state = self.weights[name] = WeightState(zero, self.init.get(name))
         return state
 
     def _weight_names(self) -> list[str]:
         """Return the parameters with Kronecker factors: the ones the power method iterates."""
-        zeros = self.data.zero_blocks()
+        zeros = self.zeros
         return [name for name, zero in zeros.items() if isinstance(zero, KroneckerBlock)]
 
     def _exact_sum(self, name: str) -> BlockSum:
         total = self.exact.get(name)
         if total is None:
-            total = self.exact[name] = self.data.zero_blocks()[name].new_sum(Aggregation.APPROX)
+            total = self.exact[name] = self.zeros[name].new_sum(Aggregation.APPROX)
         return total
 
     def _first_visit(self, batch: BatchQuantities, scale: float) -> None:
         num = batch.num_samples
         for name, bias in batch.dense.items():
             self._exact_sum(name).add(bias.exact, num, scale)
-        for name, value in batch.weights.items():
+        for name, layer in batch.weights.items():
+            value = layer.with_structure(Grouped.COUPLED)
             state = self._state(name)
             state.trace_sum = state.trace_sum + num * value.input_trace
             if state.running is not None:
@@ -128,7 +144,7 @@ class OptimalSolver:
         # every collective lists the parameters in their order, the same on every rank
         self.weights = {n: self.weights[n] for n in data.params if n in self.weights}
         sums: dict[str, BlockSum] = {}
-        for name in data.zero_blocks():
+        for name in self.zeros:
             state = self.weights.get(name)
             if state is None and name not in names:
                 sums[name] = self._exact_sum(name)
@@ -136,7 +152,7 @@ class OptimalSolver:
                 sums[name] = state.running
         combined = data.combine(sums)
         for name in sums:
-            fresh = data.zero_blocks()[name].new_sum(
+            fresh = self.zeros[name].new_sum(
                 Aggregation.RUNNING if name in self.weights else Aggregation.APPROX
             )
             if name in combined:
@@ -240,7 +256,7 @@ class OptimalSolver:
         def visit(batch: BatchQuantities, scale: float) -> None:
             for name, state in self.weights.items():
                 if name in batch.weights:
-                    terms = batch.weights[name].terms
+                    terms = batch.weights[name].with_structure(Grouped.COUPLED).terms
                     if state.exponents != (0, 0):
                         terms = terms.scaled(*state.exponents)
                     contribute(name, terms, scale)
@@ -308,12 +324,20 @@ class OptimalSolver:
         data = self.data
         if earlier is not None and data.reduction is not Reduction.SUM:
             raise ValueError("prior is only supported with reduction='sum'.")
-        tables = [n for n, z in data.zero_blocks().items() if isinstance(z, DiagonalKroneckerBlock)]
+        tables = [n for n, z in self.zeros.items() if isinstance(z, DiagonalKroneckerBlock)]
         if tables:
             raise ValueError(
                 f"aggregation='optimal' is not supported for {', '.join(map(repr, tables))}: "
                 "a table of that many rows has a diagonal row side (diag(l) ⊗ R), which only "
                 "the per-batch aggregations 'running' and 'approx' give. Use one of them."
+            )
+        grouped = [n for n, z in self.zeros.items() if isinstance(z, GroupedKroneckerBlock)]
+        if grouped:
+            raise ValueError(
+                f"aggregation='optimal' is not supported for {', '.join(map(repr, grouped))} "
+                f"with grouped={self.grouped.value!r}: the data set's optimum is the coupled "
+                "product of a grouped convolution (one L ⊗ R over all rows); pass "
+                "grouped='coupled', or use 'running' or 'approx' for one product per group."
             )
         # this rank's loss and inputs until _combine sums them over the ranks
         self.loss, self.num_samples = data.run(
@@ -348,7 +372,7 @@ class OptimalSolver:
         total_inputs = self.num_samples + num_prior
         divisor = self.num_samples if data.reduction is Reduction.MEAN else 1
         blocks = {}
-        for name, zero in data.zero_blocks().items():
+        for name, zero in self.zeros.items():
             state = self.weights.get(name)
             if state is not None:
                 blocks[name] = self._factors(name, state, total_inputs, divisor)

@@ -20,7 +20,7 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from kfoc_backpack.collect.layer_terms import LayerTerms, WeightSteps, warn_unconverged
 from kfoc_backpack.collect.registry import layer_problem
-from kfoc_backpack.enums import Stop
+from kfoc_backpack.enums import Grouped, Stop
 from kfoc_backpack.extensions.convnd import KFOCConv1d, KFOCConv2d, KFOCConv3d
 from kfoc_backpack.extensions.linear import KFOCLinear
 from kfoc_backpack.extensions.module_map import (
@@ -189,12 +189,18 @@ class KFOCBase(SqrtGGN):
     """Whether the weights' terms carry K-FAC's factors of the samples (``KFOCTerms``)."""
 
     def weight_result(self, module: Module, terms: LayerTerms) -> list[Tensor] | object:
-        """Return what the weight's savefield holds: ``[L_out, R_in]`` in K-FAC's split."""
+        """Return what the weight's savefield holds: ``[L_out, R_in]`` in K-FAC's split.
+
+        A grouped convolution's factors are coupled over all its rows (BackPACK's and
+        laplace-torch's layout of a weight's factors, ``[C_out, C_out]`` and
+        ``[C_in/groups·Πkernel, …]``).
+        """
         factors = self.solve(module, terms)
         return [factors.left, factors.right]
 
     def solve(self, module: Module, terms: LayerTerms) -> KroneckerFactors:
-        """K-FOC's factors of the weight's terms: logged, and warned about unconverged."""
+        """K-FOC's factors of the weight's terms (coupled): logged, warned about unconverged."""
+        terms = terms.with_structure(Grouped.COUPLED)
         self.note_route(module, terms.terms.route)
 
         def what() -> str:

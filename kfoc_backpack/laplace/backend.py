@@ -35,7 +35,7 @@ from kfoc_backpack._compat import supported_kwargs
 from kfoc_backpack.collect.hooks import TermCollector
 from kfoc_backpack.collect.registry import covered
 from kfoc_backpack.dataset.kfoc import KFOCFactors
-from kfoc_backpack.enums import Aggregation, Curvature, Stop
+from kfoc_backpack.enums import Aggregation, Curvature, Grouped, Stop
 from kfoc_backpack.laplace.errors import BatchKeyError
 from kfoc_backpack.laplace.posterior import BlockKron
 from kfoc_backpack.solver import DEFAULT_MAX_ITER, DEFAULT_STOP, DEFAULT_TOL, SolverOptions
@@ -176,7 +176,10 @@ class KFOCKronMixin:
 
         Per weight the Frobenius-optimal ``L_out ⊗ R_in`` of the batch's block of the
         curvature of the summed loss (K-FAC's split, ``tr(R_in) = (1/n) Σ_i ‖â_i‖²``),
-        per bias its exact block; labels drawn from torch's global generator.
+        per bias its exact block; labels drawn from torch's global generator. A grouped
+        convolution's factors are coupled over all its rows (``Kron``'s layout, which
+        laplace-torch's ``KronLaplace`` adds batch to batch;
+        ``hessian_structure="kfoc"`` has the per-group block, ``grouped``).
 
         Args:
             x: ``[n, *]`` inputs (or a dict-like batch).
@@ -190,7 +193,7 @@ class KFOCKronMixin:
             give K-FOC_approx of the data set.
         """
         batch = self.collector(x, y)
-        approximation = KFOCFactors(Aggregation.APPROX)
+        approximation = KFOCFactors(Aggregation.APPROX, grouped=Grouped.COUPLED)
         approximation.solver_options = self.solver_options
         solve = approximation.weight_block(type(self).__name__, self.named_trainable)
         zeros = self.collector.zero_blocks()
@@ -200,7 +203,8 @@ class KFOCKronMixin:
                 block = solve(name, batch.weights[name])
             else:
                 terms = batch.dense.get(name)
-                block = zeros[name] if terms is None else approximation.dense_block(terms)
+                zero = approximation.template(zeros[name])
+                block = zero if terms is None else approximation.dense_block(terms)
             blocks.append(block.input_scaled(batch.num_samples / N))
         return self.factor * batch.loss, BlockKron(blocks) * self.factor
 

@@ -90,3 +90,33 @@ def symeig(symmetric: Tensor, what: str = "the factor") -> tuple[Tensor, Tensor]
     """
     values, vectors = stable_eigh(symmetric, what, uplo="U")
     return torch.nan_to_num(values.clamp(min=0.0)), torch.nan_to_num(vectors)
+
+
+def stacked_eigh(stack: Tensor, what: str, uplo: str = "L") -> tuple[Tensor, Tensor]:
+    """``(eigenvalues [G, D], eigenvectors [G, D, D])`` of ``G`` symmetric matrices.
+
+    One batched ``eigh``; a matrix whose result is not finite (or the whole stack,
+    where the batched call raises) is decomposed again by :func:`stable_eigh`'s
+    attempts, its error naming ``what`` and the matrix's index.
+
+    Args:
+        stack: ``[G, D, D]`` symmetric matrices (only the triangle ``uplo`` is read).
+        what: The matrices, for the error (e.g. ``"the left factors"``).
+        uplo: The triangle ``torch.linalg.eigh`` reads.
+    """
+    try:
+        values, vectors = torch.linalg.eigh(stack, UPLO=uplo)
+        finite = torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(1).all(-1)
+        redo = (~finite).nonzero().flatten().tolist()
+    except torch.linalg.LinAlgError:
+        values, vectors = stack.new_empty(stack.shape[:-1]), torch.empty_like(stack)
+        redo = list(range(len(stack)))
+    for index in redo:
+        values[index], vectors[index] = stable_eigh(stack[index], f"{what} [{index}]", uplo)
+    return values, vectors
+
+
+def stacked_symeig(stack: Tensor, what: str = "the factors") -> tuple[Tensor, Tensor]:
+    """:func:`symeig` of each of ``G`` matrices ``[G, D, D]`` (:func:`stacked_eigh`)."""
+    values, vectors = stacked_eigh(stack, what, uplo="U")
+    return torch.nan_to_num(values.clamp(min=0.0)), torch.nan_to_num(vectors)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from kfoc_backpack.blocks import Block, DenseBlock, KroneckerBlock
+from kfoc_backpack.blocks import Block, DenseBlock, GroupedKroneckerBlock, KroneckerBlock
 from kfoc_backpack.collect.batch_layout import PLAIN, BatchLayout
 from kfoc_backpack.collect.handover import bias_block, weight_terms
 from kfoc_backpack.collect.jacobians import Jacobian, PositionJacobian, RowJacobian
@@ -181,13 +181,18 @@ class LayerKind(ModuleKind):
         """Return the all-zero blocks of the layer's parameters: weight ``0 ⊗ 0``, bias ``[0]``.
 
         The weight ``W`` is the ``O × I`` matrix of its first dimension against the rest
-        (a grouped convolution's ``I`` is its group's ``C_in/groups·Πkernel``); the bias
+        (a grouped convolution's ``I`` is its group's ``C_in/groups·Πkernel``, and its
+        zero is per group: :class:`~kfoc_backpack.blocks.GroupedKroneckerBlock`, which
+        an approximation that couples the groups replaces by its
+        :meth:`~kfoc_backpack.blocks.GroupedKroneckerBlock.coupled_zero`); the bias
         gets its exact ``O × O`` block.
         """
-        weight = module.weight
-        blocks: dict[str, Block] = {
-            "weight": KroneckerBlock.zeros(weight.shape[0], weight[0].numel(), weight.detach())
-        }
+        weight = module.weight.detach()
+        rows, columns, groups = weight.shape[0], weight[0].numel(), self.groups(module)
+        zero: Block = KroneckerBlock.zeros(rows, columns, weight)
+        if groups > 1:
+            zero = GroupedKroneckerBlock.zeros(groups, rows // groups, columns, weight)
+        blocks: dict[str, Block] = {"weight": zero}
         if getattr(module, "bias", None) is not None:
             blocks["bias"] = DenseBlock.zeros(module.bias.numel(), module.bias.detach())
         return blocks
