@@ -13,7 +13,7 @@ Index conventions: ``M``/``N`` the sizes of the left/right bases, ``R`` rows mul
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -133,6 +133,8 @@ class EigenCorrected(CorrectedSpectrum, TwoSided, Block):
     diagonal: Tensor
     factors: KroneckerBlock | None = None
     kind = "corrected"
+    factors_class: ClassVar[type[Block]] = KroneckerBlock
+    """The structure of :attr:`factors` (in a state)."""
 
     @classmethod
     def basis_of(cls, factors: KroneckerBlock, what: str = "the block") -> EigenCorrected:
@@ -196,7 +198,7 @@ class EigenCorrected(CorrectedSpectrum, TwoSided, Block):
         """Return the block from :meth:`tensors`' output."""
         factors = None
         if "factor_left" in tensors:
-            factors = KroneckerBlock(tensors["factor_left"], tensors["factor_right"])
+            factors = cls.factors_class(tensors["factor_left"], tensors["factor_right"])  # type: ignore[call-arg]
         return cls(tensors["left_basis"], tensors["right_basis"], tensors["diagonal"], factors)
 
     def dense(self) -> Tensor:

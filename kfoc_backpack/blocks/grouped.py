@@ -144,6 +144,7 @@ class GroupedCorrected(EigenCorrected):
 
     factors: GroupedKroneckerBlock | None = None  # type: ignore[assignment]
     kind = "grouped_corrected"
+    factors_class = GroupedKroneckerBlock
 
     @classmethod
     def basis_of(  # type: ignore[override]
@@ -163,14 +164,6 @@ class GroupedCorrected(EigenCorrected):
         groups, rows, columns = factors.groups, factors.left.shape[-1], factors.right.shape[-1]
         zeros = factors.left.new_zeros(groups, rows, columns)
         return cls(bases[0], bases[1], zeros, factors)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> GroupedCorrected:
-        """Return the block from :meth:`tensors`' output."""
-        factors = None
-        if "factor_left" in tensors:
-            factors = GroupedKroneckerBlock(tensors["factor_left"], tensors["factor_right"])
-        return cls(tensors["left_basis"], tensors["right_basis"], tensors["diagonal"], factors)
 
 
 class GroupedKroneckerSum(FactorPairSum):

@@ -14,18 +14,17 @@ rows/input features per group.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kfoc_backpack.solver.shared.formed import formed_samples
-from kfoc_backpack.solver.terms import SampleTerms
+from kfoc_backpack.solver.terms import FormedSamples, SampleTerms
 
 
 @dataclass(frozen=True)
-class GroupedTerms:
+class GroupedTerms(FormedSamples):
     """A grouped weight's block ``F = Σ_k vec(X_k) vec(X_k)ᵀ``, its samples split by group.
 
     Attributes:
@@ -44,24 +43,6 @@ class GroupedTerms:
     def groups(self) -> int:
         """``G``."""
         return self.samples.shape[1]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(M, N)``: one group's rows and input features."""
-        return self.samples.shape[-2], self.samples.shape[-1]
-
-    @property
-    def like(self) -> Tensor:
-        """The stored tensor, whose device and dtype the terms have."""
-        return self.samples
-
-    def nbytes(self) -> int:
-        """Bytes held by the stored tensor."""
-        return self.samples.numel() * self.samples.element_size()
-
-    def detach(self) -> GroupedTerms:
-        """Return the same terms, detached from any autograd graph."""
-        return dataclasses.replace(self, samples=self.samples.detach())
 
     def coupled(self) -> Tensor:
         """``[J·K, G·M, N]``: the matrices over all rows (a view)."""

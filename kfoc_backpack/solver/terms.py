@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -137,21 +138,21 @@ class OuterTerms:
         return grads.T @ grads
 
 
-@dataclass(frozen=True)
-class SampleTerms:
-    """``F = Σ_k vec(X_k) vec(X_k)ᵀ`` for general per-sample matrices.
+T = TypeVar("T", bound="FormedSamples")
 
-    Attributes:
-        samples: ``[K, M, N]`` per-sample matrices ``X_k``.
-        route: The route these terms are solved by, ``formed`` (class attribute).
+
+class FormedSamples:
+    """What terms that hold formed per-sample matrices ``samples`` (``[…, M, N]``) share.
+
+    For frozen dataclasses with the field ``samples``: the factors' sizes, the stored
+    tensor, its bytes, and a detached copy.
     """
 
     samples: Tensor
-    route = Route.FORMED
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(M, N)``: sizes of the left and right factors."""
+        """``(M, N)``: sizes of the left and right factors (of one group, if grouped)."""
         return self.samples.shape[-2], self.samples.shape[-1]
 
     @property
@@ -163,9 +164,22 @@ class SampleTerms:
         """Bytes held by the stored tensor."""
         return self.samples.numel() * self.samples.element_size()
 
-    def detach(self) -> SampleTerms:
+    def detach(self: T) -> T:
         """Return the same terms (same class), detached from any autograd graph."""
-        return dataclasses.replace(self, samples=self.samples.detach())
+        return dataclasses.replace(self, samples=self.samples.detach())  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class SampleTerms(FormedSamples):
+    """``F = Σ_k vec(X_k) vec(X_k)ᵀ`` for general per-sample matrices.
+
+    Attributes:
+        samples: ``[K, M, N]`` per-sample matrices ``X_k``.
+        route: The route these terms are solved by, ``formed`` (class attribute).
+    """
+
+    samples: Tensor
+    route = Route.FORMED
 
     def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
         """``[tr F, 1, 1]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
