@@ -376,3 +376,22 @@ def test_influence_scores_use_each_groups_basis(structure):
         inverses.append(torch.linalg.inv(dense + damping * torch.eye(len(dense), dtype=DTYPE)))
     expected = gradients(X[10:], y[10:]) @ torch.block_diag(*inverses) @ gradients(X[:10], y[:10]).T
     assert float((scores - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_backpack_savefields_of_grouped_layers_accumulate_coupled():
+    """BackPACK's savefields hold a grouped weight's factors over all rows (its layout)."""
+    from backpack import backpack, extend
+
+    from kfoc_backpack import KFOCAccumulator, KFOCExact
+
+    model, X, y = conv_model("multiplier2")
+    model = extend(model)
+    lossfunc = extend(nn.CrossEntropyLoss())
+    accumulator = KFOCAccumulator(model, savefield="kfoc_exact")
+    for rows in (slice(0, 4), slice(4, 7)):
+        with backpack(KFOCExact()):
+            lossfunc(model(X[rows]), y[rows]).backward()
+        assert model[0].weight.kfoc_exact[0].shape == (6, 6)
+        accumulator.update(len(X[rows]))
+    left, right = accumulator.factors()["0.weight"]
+    assert left.shape == (6, 6) and right.shape == (9, 9)

@@ -17,7 +17,7 @@ from torch.nn import Module
 from kfoc_backpack.collect.batch import model_zero_blocks
 from kfoc_backpack.collect.layer_terms import LayerTerms
 from kfoc_backpack.dataset.distributed import Reducer, reduce_sums
-from kfoc_backpack.enums import Aggregation, Reduction
+from kfoc_backpack.enums import Aggregation, Grouped, Reduction
 
 
 class KFOCAccumulator:
@@ -70,7 +70,11 @@ class KFOCAccumulator:
         self.reduction = Reduction.parse(reduction, "reduction")
         self.savefield = savefield
         self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self._zeros = model_zero_blocks(model)
+        # the savefields' layout: a grouped convolution's factors coupled over all rows
+        self._zeros = {
+            name: zero.with_structure(Grouped.COUPLED)
+            for name, zero in model_zero_blocks(model).items()
+        }
         self._sums = {name: zero.new_sum(self.aggregation) for name, zero in self._zeros.items()}
         self.num_samples = 0
         self.process_group = process_group
