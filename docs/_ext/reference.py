@@ -276,7 +276,7 @@ def stopping(ref: Path) -> str:
     import stopping as script
 
     parts = []
-    for name in ("stopping_cpu.json", "stopping_resnet18_cpu.json"):
+    for name in ("stopping_cpu.json", "stopping_resnet18_cpu.json", "stopping_vit_tiny_cpu.json"):
         data = _load(ref, name)
         parts.append(_provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"]))
     return "\n\n".join(parts)
@@ -316,6 +316,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "laplace_flops": laplace_flops,
     "zoo_curvature": zoo_curvature_of("zoo_cpu.json"),
     "zoo_curvature_224": zoo_curvature_of("zoo_224_cpu.json"),
+    "zoo_grouped": zoo_curvature_of("zoo_grouped_cpu.json"),
+    "zoo_grouped_224": zoo_curvature_of("zoo_grouped_224_cpu.json"),
     "zoo_whole": zoo_whole,
     "correction_cost": correction_cost,
     "distributed": distributed,
