@@ -103,9 +103,9 @@ class GroupedLayerTerms(LayerTerms):
 
     def group(self, index: int) -> LayerTerms:
         """Group ``index`` as an ungrouped weight's terms (its matrices, route ``formed``)."""
-        rows, columns = self.terms.shape
-        columns_, num, positions = self.sizes[:3]
-        sizes = LayerSizes(columns_, num, positions, rows, columns)
+        rows, features = self.terms.shape
+        columns, num, positions = self.sizes[:3]
+        sizes = LayerSizes(columns, num, positions, rows, features)
         terms = FormedRouteTerms(self.terms.group(index).samples)
         return LayerTerms(terms, self.input_trace[index], None, sizes, self.steps)
 
