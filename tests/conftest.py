@@ -54,6 +54,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(_device_note(), yellow=True)
 
 
+@pytest.fixture
+def keeps_threads() -> Iterator[None]:
+    """Restore torch's intra-op thread count after the test.
+
+    For tests that run an integration script's ``main``, which sets the count it
+    measures with.
+    """
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=devices())
 def device(request) -> Iterator[torch.device]:
     if request.param == "cpu-accelerator-routes":

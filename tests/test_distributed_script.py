@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 
 import distributed
-import torch
 
 
-def test_quick_run_in_one_process(tmp_path):
+def test_quick_run_in_one_process(tmp_path, keeps_threads):
     out = tmp_path / "distributed.json"
-    threads = torch.get_num_threads()
-    try:
-        result = distributed.main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)  # the script sets the thread count per mode
+    result = distributed.main(["--quick", "--out", str(out)])
     assert result["world"] == 1 and result["samples"] == 500
     rows = {row["aggregation"]: row for row in result["rows"]}
     assert set(rows) == set(distributed.AGGREGATIONS)

@@ -57,25 +57,21 @@ def test_margin_and_tokens():
     assert TokenTransformer()(tokens).shape == (2, 10)
 
 
-def test_quick_run_writes_every_output(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        result = influence.main(
-            [
-                "--quick",
-                "--problems",
-                "boston",
-                "--methods",
-                "identity",
-                "kfac",
-                "ekfoc",
-                "ggn",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+def test_quick_run_writes_every_output(tmp_path, keeps_threads):
+    result = influence.main(
+        [
+            "--quick",
+            "--problems",
+            "boston",
+            "--methods",
+            "identity",
+            "kfac",
+            "ekfoc",
+            "ggn",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "influence.json").read_text())
     assert saved["summary"] == result["summary"]
     methods = {(r["method"], r["damping"]) for r in saved["records"]}

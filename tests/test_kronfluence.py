@@ -224,27 +224,23 @@ def test_kronfluence_covariances_refuse_a_bias(tmp_path):
         use_kfoc_covariances(analyzer, "f", blocks)
 
 
-def test_speed_script_runs_every_method(tmp_path):
+def test_speed_script_runs_every_method(tmp_path, keeps_threads):
     import influence_speed
 
-    threads = torch.get_num_threads()
-    try:
-        result = influence_speed.main(
-            [
-                "--train",
-                "40",
-                "--test",
-                "8",
-                "--batch",
-                "16",
-                "--repeats",
-                "1",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    result = influence_speed.main(
+        [
+            "--train",
+            "40",
+            "--test",
+            "8",
+            "--batch",
+            "16",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert [row["method"] for row in result["rows"]] == list(influence_speed.METHODS)
     assert all(row["total_s"] > 0 for row in result["rows"])
     assert (tmp_path / "influence_speed.json").exists()

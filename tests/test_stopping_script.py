@@ -27,13 +27,9 @@ def small_cnn(image_size: int = 32) -> nn.Module:
     )
 
 
-def test_every_rule_is_measured_against_the_optimum(tmp_path, monkeypatch):
+def test_every_rule_is_measured_against_the_optimum(tmp_path, monkeypatch, keeps_threads):
     monkeypatch.setitem(zoo.MODELS, "small_cnn", (small_cnn, "image"))
-    threads = torch.get_num_threads()
-    try:
-        result = stopping.main(["--models", "small_cnn", "--batch", "4", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)  # the script sets its own
+    result = stopping.main(["--models", "small_cnn", "--batch", "4", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "stopping.json").read_text())
     assert saved["summary"] == result["summary"]
     assert {row["weight"] for row in saved["layers"]} == {"0.weight", "2.weight", "5.weight"}
@@ -47,17 +43,13 @@ def test_every_rule_is_measured_against_the_optimum(tmp_path, monkeypatch):
     assert "| small_cnn | objective:1e-05 |" in (tmp_path / "stopping.md").read_text()
 
 
-def test_grouped_layers_are_measured_three_ways(tmp_path, monkeypatch):
+def test_grouped_layers_are_measured_three_ways(tmp_path, monkeypatch, keeps_threads):
     import grouped
 
     monkeypatch.setitem(zoo.MODELS, "small_cnn", (small_cnn, "image"))
-    threads = torch.get_num_threads()
-    try:
-        grouped.main(
-            ["--models", "small_cnn", "--batch", "4", "--image-size", "20", "--out", str(tmp_path)]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    grouped.main(
+        ["--models", "small_cnn", "--batch", "4", "--image-size", "20", "--out", str(tmp_path)]
+    )
     (row,) = json.loads((tmp_path / "grouped.json").read_text())["layers"]
     assert row["weight"] == "2.weight" and row["sizes"][-1] == 3
     assert row["sizes"][2] == 25  # 20-pixel images: 5 × 5 positions after the stride-4 stem
