@@ -147,8 +147,8 @@ class EigenCorrected(CorrectedSpectrum, TwoSided, Block):
             left_basis, right_basis = eigenbases(factors.left, factors.right)
         except FloatingPointError as error:
             raise FloatingPointError(f"{what}: {error}") from error
-        zeros = factors.left.new_zeros(len(left_basis), len(right_basis))
-        return cls(left_basis, right_basis, zeros, factors)
+        grid = (*left_basis.shape[:-1], right_basis.shape[-1])  # [M, N] (or [G, M, N])
+        return cls(left_basis, right_basis, factors.left.new_zeros(grid), factors)
 
     @classmethod
     def of_terms(cls, terms: RotatableTerms, left: Tensor, right: Tensor) -> EigenCorrected:

@@ -42,7 +42,7 @@ from kfoc_backpack.blocks.kronecker import (
 )
 from kfoc_backpack.enums import Aggregation, Grouped
 from kfoc_backpack.solver import KroneckerAccumulator, nearest_kronecker_sum
-from kfoc_backpack.solver.eigen import stacked_eigh, stacked_symeig
+from kfoc_backpack.solver.eigen import stacked_symeig
 
 
 @dataclass(frozen=True)
@@ -145,25 +145,6 @@ class GroupedCorrected(EigenCorrected):
     factors: GroupedKroneckerBlock | None = None  # type: ignore[assignment]
     kind = "grouped_corrected"
     factors_class = GroupedKroneckerBlock
-
-    @classmethod
-    def basis_of(  # type: ignore[override]
-        cls, factors: GroupedKroneckerBlock, what: str = "the block"
-    ) -> GroupedCorrected:
-        """Return each group's eigenbasis of ``factors`` with ``S = 0``, keeping the factors.
-
-        Raises:
-            FloatingPointError: If a factor is not finite or has no eigendecomposition.
-        """
-        bases = []
-        for name, factor in (("left", factors.left), ("right", factors.right)):
-            if not torch.isfinite(factor).all():
-                raise FloatingPointError(f"{what}: the {name} factors are not finite.")
-            symmetric = (factor + factor.mT) / 2
-            bases.append(stacked_eigh(symmetric, f"{what}: the {name} factors")[1])
-        groups, rows, columns = factors.groups, factors.left.shape[-1], factors.right.shape[-1]
-        zeros = factors.left.new_zeros(groups, rows, columns)
-        return cls(bases[0], bases[1], zeros, factors)
 
 
 class GroupedKroneckerSum(FactorPairSum):

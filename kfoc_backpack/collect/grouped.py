@@ -27,13 +27,17 @@ from torch import Tensor
 
 from kfoc_backpack.blocks import GroupedKroneckerBlock, KroneckerBlock
 from kfoc_backpack.blocks.grouped import split_blocks
-from kfoc_backpack.collect.layer_terms import LayerTerms, Naming, WeightSteps, named_failures
+from kfoc_backpack.collect.layer_terms import (
+    LayerTerms,
+    Naming,
+    WeightSteps,
+    named_failures,
+    table_route,
+)
 from kfoc_backpack.enums import Grouped
 from kfoc_backpack.solver import LayerSizes, SolverOptions
-from kfoc_backpack.solver._common import launch_bound
 from kfoc_backpack.solver.grouped import GroupedTerms
 from kfoc_backpack.solver.shared.formed import FormedRouteTerms
-from kfoc_backpack.solver.shared.table import choose_route
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,9 @@ class GroupedLayerTerms(LayerTerms):
         The grouped routes (``formed``, ``operator``) both hold the matrices over all
         rows: the choice is between their solves, by the layer's sizes.
         """
-        sizes, steps = self.sizes, self.steps
-        chosen = choose_route(
-            sizes,
-            itemsize=max(self.terms.samples.element_size(), 4),
-            accelerator=launch_bound(self.terms.samples.device),
-            steps=None if steps is None else steps.last,
-        )
-        terms = chosen(self.terms.coupled())  # type: ignore[call-arg]
-        return LayerTerms(terms, self.input_trace.sum(), self.kfac, sizes, steps)
+        chosen = table_route(self.sizes, self.terms.samples, self.steps)
+        terms = chosen(self.terms.coupled())
+        return LayerTerms(terms, self.input_trace.sum(), self.kfac, self.sizes, self.steps)
 
     def solve(self, options: SolverOptions | None = None, what: Naming = None):  # type: ignore[override]
         """Refused: a grouped weight's factors are per group (:meth:`kfoc_block`) or coupled.

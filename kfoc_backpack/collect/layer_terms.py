@@ -136,15 +136,7 @@ class LayerTerms:
         columns, num, positions, out_features = vectors.shape
         in_features = inputs.shape[-1] // groups
         sizes = LayerSizes(columns, num, positions, out_features, in_features, groups)
-        if route is None:
-            chosen = choose_route(
-                sizes,
-                itemsize=max(vectors.element_size(), 4),
-                accelerator=launch_bound(vectors.device),
-                steps=None if steps is None else steps.last,
-            )
-        else:
-            chosen = route_class(route, sizes)
+        chosen = table_route(sizes, vectors, steps) if route is None else route_class(route, sizes)
         return cls(chosen.from_positions(vectors, inputs, groups), input_trace, kfac, sizes, steps)
 
     def with_structure(self, grouped: Grouped) -> LayerTerms:
@@ -283,6 +275,21 @@ class DenseTerms:
         if self.kfac is None:
             raise ValueError("K-FAC's blocks were not collected (with_kfac=False).")
         return self.kfac
+
+
+def table_route(sizes: LayerSizes, like: Tensor, steps: WeightSteps | None = None) -> type:
+    """Return the route class the table picks for a weight of ``sizes``.
+
+    :func:`~kfoc_backpack.solver.shared.table.choose_route` for the item size and device
+    of ``like`` (one of the weight's tensors) and the Lanczos steps of its previous solve
+    (``steps.last``; the assumed count where unknown).
+    """
+    return choose_route(
+        sizes,
+        itemsize=max(like.element_size(), 4),
+        accelerator=launch_bound(like.device),
+        steps=None if steps is None else steps.last,
+    )
 
 
 Naming = str | Callable[[], str] | None

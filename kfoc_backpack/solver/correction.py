@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from kfoc_backpack.solver.eigen import stable_eigh
+from kfoc_backpack.solver.eigen import stable_eigh, stacked_eigh
 
 
 class RotatableTerms(Protocol):
@@ -50,11 +50,11 @@ def eigenbases(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvectors ``(U_L, U_R)`` of the symmetric parts of two factors.
 
     Args:
-        left: ``[M, M]`` factor.
-        right: ``[N, N]`` factor.
+        left: ``[M, M]`` factor, or ``[G, M, M]``: one per group of a grouped weight.
+        right: ``[N, N]`` factor, or ``[G, N, N]``.
 
     Returns:
-        ``[M, M]`` ``U_L`` and ``[N, N]`` ``U_R``, in the factors' dtype.
+        ``U_L`` and ``U_R`` of the factors' shapes, in their dtype.
 
     Raises:
         FloatingPointError: If a factor is not finite or has no eigendecomposition.
@@ -63,7 +63,8 @@ def eigenbases(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     for name, factor in (("left", left), ("right", right)):
         if not torch.isfinite(factor).all():
             raise FloatingPointError(f"the {name} factor is not finite; it has no eigenbasis.")
-        bases.append(stable_eigh((factor + factor.mT) / 2, f"the {name} factor")[1])
+        decompose = stable_eigh if factor.dim() == 2 else stacked_eigh
+        bases.append(decompose((factor + factor.mT) / 2, f"the {name} factor")[1])
     return bases[0], bases[1]
 
 
