@@ -139,6 +139,18 @@ def corrected_fits(rank: int, world: int) -> dict:
         )
         la.fit(cases.shard("mlp", rank, world))
         runs.append([s[0].clone() for s in la.H.eigenvalues])
+    # rank 0 keeps only its last batch and reads the others again, the rest keep all
+    torch.manual_seed(321)
+    la = Laplace(
+        cases.make_model("mlp"),
+        "classification",
+        "all",
+        "ekfoc",
+        backend_kwargs={"stochastic": True},
+        max_memory=0 if rank == 0 else 1 << 30,
+    )
+    la.fit(cases.shard("mlp", rank, world))
+    runs.append([s[0].clone() for s in la.H.eigenvalues])
     out["monte_carlo"] = runs
     return out
 

@@ -161,29 +161,72 @@ def test_no_list_length_stands_for_a_block_type():
     assert not offenders
 
 
-def test_a_kept_pass_is_replayed_once_within_its_budget():
+def test_a_kept_pass_is_revisited_once_within_its_budget():
     collect = Recorder()
     data = DataPass(collect, batches(), PARAMS, curvature="mc")
     seen = []
     data.keep(1 << 20)
     first = data.run(lambda batch, scale: seen.append(scale), "first")
-    assert data.replay(lambda batch, scale: seen.append(scale), "again") == first
+    assert data.revisit(lambda batch, scale: seen.append(scale), "again") == first
     assert len(collect.draws) == 3 and seen[:3] == seen[3:]  # no second pass over the data
-    assert data.replay(lambda batch, scale: None, "once more") is None  # replayed once
+    assert data.passes == 1
+    assert data.revisit(lambda batch, scale: None, "once more") == first  # a pass again
+    assert len(collect.draws) == 6 and collect.draws[3:] == collect.draws[:3]
     data.run(lambda batch, scale: None, "unkept")
-    assert data.replay(lambda batch, scale: None, "nothing kept") is None
+    assert data.revisit(lambda batch, scale: None, "nothing kept") == first
+    assert data.passes == 4
 
 
-def test_a_pass_over_the_budget_is_not_kept():
-    class Sized(Recorder):
+class Sized(Recorder):
+    """Batches whose terms take ``8·8·4`` bytes each."""
+
+    def __call__(self, X, y, *, with_kfac=False):
+        batch = super().__call__(X, y)
+        return BatchQuantities(batch.loss, len(X), {}, {"b": _dense(torch.zeros(8, 8))})
+
+
+@pytest.mark.parametrize("budget", [0, 8 * 8 * 4])
+def test_a_pass_over_the_budget_reads_only_the_unkept_batches_again(budget):
+    """Kept in order while they fit, the last batch in any case; the rest read again."""
+    collect = Sized()
+    data = DataPass(collect, batches((3, 1, 4, 2)), PARAMS, curvature="mc", reduction="mean")
+    first_seen, again_seen = [], []
+    data.keep(budget)
+    first = data.run(lambda batch, scale: first_seen.append(batch), "first")
+    kept = budget // (8 * 8 * 4) + 1  # batches within the budget, and the last
+    again = data.revisit(lambda batch, scale: again_seen.append((batch, scale)), "again")
+    assert again == first and data.passes == 2
+    # the unread batches collected again under their own Monte-Carlo seeds
+    assert len(collect.draws) == 4 + 4 - kept
+    unkept = [i for i in range(4) if i >= budget // (8 * 8 * 4) and i != 3]
+    assert collect.draws[4:] == [collect.draws[i] for i in unkept]
+    # the kept batches are the first pass's own (not collected again), every batch once
+    assert {b.num_samples for b, _ in again_seen} == {3, 1, 4, 2}
+    assert sum(b is f for b, _ in again_seen for f in first_seen) == kept
+    assert sorted(scale for _, scale in again_seen) == [1, 2, 3, 4]
+
+
+def test_the_last_batch_is_kept_without_holding_the_one_before():
+    """While a batch is collected, the batch before it (unkept) is no longer referenced."""
+    import gc
+    import weakref
+
+    refs = []
+
+    class Tracked(Sized):
         def __call__(self, X, y, *, with_kfac=False):
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
             batch = super().__call__(X, y)
-            return BatchQuantities(batch.loss, len(X), {}, {"b": _dense(torch.zeros(8, 8))})
+            refs.append(weakref.ref(batch))
+            return batch
 
-    data = DataPass(Sized(), batches(), PARAMS)
-    data.keep(2 * 8 * 8 * 4)  # two of the three batches' blocks
+    alive: list[int] = []
+    data = DataPass(Tracked(), batches((3, 1, 4)), PARAMS)
+    data.keep(0)
     data.run(lambda batch, scale: None, "first")
-    assert data.replay(lambda batch, scale: None, "again") is None
+    assert alive == [0, 0, 0]
+    data.revisit(lambda batch, scale: None, "again")
 
 
 def _dense(matrix):

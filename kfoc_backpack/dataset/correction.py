@@ -36,8 +36,9 @@ from kfoc_backpack.enums import Aggregation, Reduction, Structure
 def corrected_blocks(data: DataPass, bases: dict[str, EigenCorrected]) -> dict[str, EigenCorrected]:
     """Return the data set's eigenvalues ``S`` in each weight's basis: one pass over ``data``.
 
-    The factors' pass's batches where ``data`` kept them (:meth:`DataPass.keep
-    <kfoc_backpack.dataset.data_pass.DataPass.keep>`), else a pass over the data.
+    The factors' pass's batches that ``data`` kept (:meth:`DataPass.keep
+    <kfoc_backpack.dataset.data_pass.DataPass.keep>`) from memory, the others read again
+    (:meth:`DataPass.revisit <kfoc_backpack.dataset.data_pass.DataPass.revisit>`).
 
     Args:
         data: The fit's passes (the same labels as the factors' passes).
@@ -64,9 +65,7 @@ def corrected_blocks(data: DataPass, bases: dict[str, EigenCorrected]) -> dict[s
             basis = bases[name]
             total.add(basis.with_diagonal(basis.diagonal_of(terms.terms)), batch.num_samples, scale)
 
-    local = data.replay(add, "[eigenvalue correction]")
-    if local is None:
-        local = data.run(add, "[eigenvalue correction]")
+    local = data.revisit(add, "[eigenvalue correction]")
     combined = data.combine(sums)
     num_samples = data.totals(*local)[1] if data.reduction is Reduction.MEAN else 0
     result = {}
@@ -84,8 +83,8 @@ class EigenCorrection(Approximation):
     Put before the approximation it corrects (``class EKFOCFactors(EigenCorrection,
     KFOCFactors)``): the approximation fits its factors, then one more pass gives each
     weight's ``S`` in their eigenbasis (:func:`corrected_blocks`; from the factors' pass's
-    per-sample terms kept in memory where they fit in :attr:`replay_memory`) — never farther from
-    the block in the Frobenius norm than ``L ⊗ R``, and trace-exact. Biases stay exact.
+    per-sample terms kept in memory — those that fit in :attr:`replay_memory`, and its last
+    batch's — and the other batches read again) — never farther from the block in the Frobenius norm than ``L ⊗ R``, and trace-exact. Biases stay exact.
     Online, the earlier factors enter the approximation's fit as one more term, and the
     earlier ``S`` is projected onto the new basis
     (:meth:`~kfoc_backpack.blocks.EigenCorrected.projected`) and added.
@@ -94,8 +93,8 @@ class EigenCorrection(Approximation):
     supports_damping = False
     block_kinds = ("corrected", "grouped_corrected", "diagonal_corrected", "dense")
     replay_memory: int = DEFAULT_MAX_MEMORY
-    """Byte budget of the factors' pass's per-sample terms kept for the correction, so
-    that it needs no second pass over the data (larger passes are read again)."""
+    """Byte budget of the factors' pass's per-sample terms kept for the correction
+    (besides its last batch's): the kept batches are not read again."""
 
     def dense_block(self, terms: DenseTerms) -> Block:
         """Return a bias's exact block (whatever the corrected approximation's own)."""

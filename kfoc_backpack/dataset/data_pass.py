@@ -94,8 +94,8 @@ class DataPass:
         self.seed = self.reducer.shared_seed(seed) if self.curvature.stochastic else None
         self.passes = 0
         self._zero_blocks: dict[str, Block] | None = None
-        self._keep_bytes = 0
-        self._kept: list[BatchQuantities] | None = None
+        self._keep_bytes: int | None = None
+        self._kept: _Kept | None = None
 
     @property
     def communication(self) -> Communication:
@@ -131,28 +131,30 @@ class DataPass:
             This rank's summed loss and number of inputs of the pass (all ranks':
             :meth:`totals`).
         """
-        loss: Tensor | float = 0.0
-        num_samples = 0
-        budget, self._keep_bytes, self._kept = self._keep_bytes, 0, None
-        kept: list[BatchQuantities] | None = [] if budget > 0 else None
-        held = 0
+        budget, self._keep_bytes, self._kept = self._keep_bytes, None, None
+        kept, totals = _Kept(), _Totals(self.reduction)
+        last: tuple[int, BatchQuantities] | None = None
 
         def collect(X: object, y: Tensor) -> None:
-            nonlocal loss, num_samples, kept, held
+            nonlocal last
+            last = None  # not the pass's last batch: dropped before the next is collected
             batch = self.collect(X, y, with_kfac=with_kfac)
-            if kept is not None:
-                held += batch.nbytes()
-                if held <= budget:
-                    kept.append(batch)
+            index = kept.num_batches
+            kept.num_batches += 1
+            if budget is not None:
+                if kept.nbytes + batch.nbytes() <= budget:
+                    kept.batches[index] = batch
+                    kept.nbytes += batch.nbytes()
                 else:
-                    kept = None
-            loss = loss + batch.loss
-            num_samples += batch.num_samples
-            visit(batch, self.reduction.batch_scale(batch.num_samples))
+                    last = (index, batch)
+            totals.add(batch, visit)
 
         self.each(collect, description)
-        self._kept = kept
-        return loss, num_samples
+        if budget is not None:
+            if last is not None:
+                kept.batches[last[0]] = last[1]
+            self._kept = kept
+        return totals.loss, totals.num_samples
 
     def each(self, visit: Callable[[object, Tensor], None], description: str) -> None:
         """One pass over the loader: ``visit(X, y)`` per batch, under the batch's seed.
@@ -162,45 +164,60 @@ class DataPass:
         the batch split into input and targets, the progress bar, the Monte-Carlo seed,
         a failure on any rank raised on every rank once the pass ends.
         """
+        with self.reducer.guard(f"{description.strip('[]')} (pass {self.passes + 1} over the data)"):
+            self._loop(lambda index, X, y: visit(X, y), description)
+
+    def _loop(self, visit: Callable[[int, object, Tensor], None], description: str) -> None:
+        """The loop of :meth:`each`, without the guard: ``visit(index, X, y)`` per batch."""
         self.passes += 1
         batches = tqdm.tqdm(self.loader, desc=description, disable=not self.progress_bar)
-        with self.reducer.guard(f"{description.strip('[]')} (pass {self.passes} over the data)"):
-            for index, raw in enumerate(batches):
-                X, y = self.split(raw)
-                with self._seeded(index):
-                    visit(X, y)
+        for index, raw in enumerate(batches):
+            X, y = self.split(raw)
+            with self._seeded(index):
+                visit(index, X, y)
 
     def keep(self, max_bytes: int) -> None:
-        """Keep the next pass's batches for one :meth:`replay`, while they fit in ``max_bytes``.
+        """Keep the next pass's batches for one :meth:`revisit`.
 
-        The per-sample terms of a pass stay in memory (:meth:`BatchQuantities.nbytes
-        <kfoc_backpack.collect.batch.BatchQuantities.nbytes>` summed over its batches);
-        past the budget none are kept and a later pass reads the data again.
+        Its batches are kept in order while their per-sample terms fit in ``max_bytes``
+        (:meth:`BatchQuantities.nbytes
+        <kfoc_backpack.collect.batch.BatchQuantities.nbytes>` summed), and its last
+        batch in any case: the pass held that batch's terms while it visited them, so
+        keeping them until the pass is revisited raises no peak. The others are read
+        again by the revisit.
         """
         self._keep_bytes = max(int(max_bytes), 0)
 
-    def replay(self, visit: Visit, description: str) -> tuple[Tensor | float, int] | None:
-        """Visit the batches :meth:`keep` kept, instead of a pass over the data.
+    def revisit(self, visit: Visit, description: str) -> tuple[Tensor | float, int]:
+        """Visit every batch of the pass :meth:`keep` kept, reading only the others again.
 
-        The same quantities under the same Monte-Carlo labels as the pass that kept
-        them: a pass over the data would give them again. Each kept pass is replayed
-        once; on each rank where it was not kept whole, ``None`` (make the pass with
-        :meth:`run`).
+        The kept batches first (each dropped once visited), then — unless all were
+        kept — a pass over the loader that collects the other batches under their
+        own Monte-Carlo seeds: the same quantities under the same labels as the kept
+        pass, so the result is that of a pass over the data. A kept pass is revisited
+        once; without one (or after its revisit) this is :meth:`run`.
 
         Returns:
-            As :meth:`run`, or ``None``.
+            As :meth:`run`.
         """
         kept, self._kept = self._kept, None
         if kept is None:
-            return None
-        loss: Tensor | float = 0.0
-        num_samples = 0
-        with self.reducer.guard(f"{description.strip('[]')} (the kept pass)"):
-            for batch in kept:
-                loss = loss + batch.loss
-                num_samples += batch.num_samples
-                visit(batch, self.reduction.batch_scale(batch.num_samples))
-        return loss, num_samples
+            return self.run(visit, description)
+        totals = _Totals(self.reduction)
+        in_memory = frozenset(kept.batches)
+        unread = kept.num_batches - len(in_memory)
+        where = "the kept pass" if unread == 0 else f"pass {self.passes + 1} over the data"
+
+        def read(index: int, X: object, y: Tensor) -> None:
+            if index not in in_memory:
+                totals.add(self.collect(X, y), visit)
+
+        with self.reducer.guard(f"{description.strip('[]')} ({where})"):
+            for index in sorted(in_memory):
+                totals.add(kept.batches.pop(index), visit)
+            if unread > 0:
+                self._loop(read, description)
+        return totals.loss, totals.num_samples
 
     def _seeded(self, index: int):
         if self.seed is None:
@@ -231,3 +248,27 @@ class DataPass:
     def guard(self, where: str):
         """Local work after which every rank learns whether any rank failed in it."""
         return self.reducer.guard(where)
+
+
+class _Kept:
+    """The batches a pass kept (by index), its number of batches, and their bytes."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, BatchQuantities] = {}
+        self.num_batches = 0
+        self.nbytes = 0
+
+
+class _Totals:
+    """A pass's summed loss and number of inputs, as it visits each batch."""
+
+    def __init__(self, reduction: Reduction) -> None:
+        self.reduction = reduction
+        self.loss: Tensor | float = 0.0
+        self.num_samples = 0
+
+    def add(self, batch: BatchQuantities, visit: Visit) -> None:
+        """Count ``batch`` and visit it with its weight ``s_p``."""
+        self.loss = self.loss + batch.loss
+        self.num_samples += batch.num_samples
+        visit(batch, self.reduction.batch_scale(batch.num_samples))
