@@ -84,7 +84,8 @@ class EigenCorrection(Approximation):
     KFOCFactors)``): the approximation fits its factors, then one more pass gives each
     weight's ``S`` in their eigenbasis (:func:`corrected_blocks`; from the factors' pass's
     per-sample terms kept in memory — those that fit in :attr:`replay_memory`, and its last
-    batch's — and the other batches read again) — never farther from the block in the Frobenius norm than ``L ⊗ R``, and trace-exact. Biases stay exact.
+    batch's — and the other batches read again) — never farther from the block in the
+    Frobenius norm than ``L ⊗ R``, and trace-exact. Biases stay exact.
     Online, the earlier factors enter the approximation's fit as one more term, and the
     earlier ``S`` is projected onto the new basis
     (:meth:`~kfoc_backpack.blocks.EigenCorrected.projected`) and added.

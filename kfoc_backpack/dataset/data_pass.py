@@ -164,11 +164,12 @@ class DataPass:
         the batch split into input and targets, the progress bar, the Monte-Carlo seed,
         a failure on any rank raised on every rank once the pass ends.
         """
-        with self.reducer.guard(f"{description.strip('[]')} (pass {self.passes + 1} over the data)"):
+        where = f"{description.strip('[]')} (pass {self.passes + 1} over the data)"
+        with self.reducer.guard(where):
             self._loop(lambda index, X, y: visit(X, y), description)
 
     def _loop(self, visit: Callable[[int, object, Tensor], None], description: str) -> None:
-        """The loop of :meth:`each`, without the guard: ``visit(index, X, y)`` per batch."""
+        """Loop as :meth:`each` does, without its guard: ``visit(index, X, y)`` per batch."""
         self.passes += 1
         batches = tqdm.tqdm(self.loader, desc=description, disable=not self.progress_bar)
         for index, raw in enumerate(batches):
