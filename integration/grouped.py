@@ -67,6 +67,7 @@ def layer_rows(
         exact = high[weight]
         coupled = exact.with_structure(Grouped.COUPLED)
         factors = coupled.solve(options)
+        norm_sq = coupled.terms.norm_sq()
         sizes = value.sizes
         groups, out_features, in_features = sizes.groups, sizes.out_features, sizes.in_features
         rows.append(
@@ -74,9 +75,11 @@ def layer_rows(
                 "model": name,
                 "weight": weight,
                 "sizes": list(sizes),
-                "coupled_error": float(coupled.terms.error(factors.left, factors.right)),
+                "coupled_error": stopping.relative_error(
+                    coupled.terms, norm_sq, factors.left, factors.right
+                ),
                 "per_group_error": per_group_error(exact, exact.kfoc_block(options)),
-                "kfac_error": stopping.relative_error(coupled.terms, *exact.kfac),
+                "kfac_error": stopping.relative_error(coupled.terms, norm_sq, *exact.kfac),
                 "coupled_ms": timed(
                     lambda v=value: v.with_structure(Grouped.COUPLED).solve(options)
                 ),

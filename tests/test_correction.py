@@ -141,6 +141,42 @@ def test_both_diagonal_routes_give_the_dense_diagonal(monkeypatch, diagonal_rout
         )
 
 
+@pytest.mark.parametrize("norm_route", ["positions", "formed"])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 1), (1, 3, 7, 4, 5), (3, 2, 1, 6, 2), (2, 5, 4, 3, 8)]
+)
+@pytest.mark.parametrize("chunk", [1, None])
+def test_both_norm_routes_give_the_gram_of_the_formed_matrices(
+    monkeypatch, norm_route, shape, chunk
+):
+    """``‖F‖²`` by position Grams or formed rows (forced), float32/64, strided, zeros."""
+    other = "formed" if norm_route == "positions" else "positions"
+    monkeypatch.setattr(factored, "norm_flops", lambda *_: {norm_route: 0, other: 1})
+    if chunk is not None:
+        monkeypatch.setattr(factored, "DIAGONAL_CHUNK", chunk)
+    for dtype in (torch.float64, torch.float32):
+        terms, samples = _factored(*shape, dtype, seed=sum(shape))
+        flat = samples.flatten(start_dim=1)
+        dense = (flat @ flat.T).square().sum()
+        torch.testing.assert_close(terms.norm_sq().double(), dense, rtol=TOL[dtype], atol=0)
+        # strided inputs (a transposed copy's view) and a zero column: the same sum
+        strided = factored.FactoredTerms(
+            terms.grads.mT.contiguous().mT, terms.inputs.mT.contiguous().mT
+        )
+        zeroed = factored.FactoredTerms(torch.cat([terms.grads, 0 * terms.grads[:1]]), terms.inputs)
+        for variant in (strided, zeroed):
+            torch.testing.assert_close(variant.norm_sq().double(), dense, rtol=TOL[dtype], atol=0)
+
+
+def test_the_norm_route_is_the_one_with_fewer_flops():
+    # ResNet-18's layer3 at 224 px (14 × 14 positions, exact GGN, batch 8): formed
+    flops = factored.norm_flops(LayerSizes(9, 8, 196, 256, 2304))
+    assert flops["formed"] < flops["positions"]
+    # a few positions (a late layer at 32 px, a Linear on one token): position Grams
+    flops = factored.norm_flops(LayerSizes(10, 16, 1, 512, 512))
+    assert flops["positions"] < flops["formed"]
+
+
 def test_the_diagonal_route_is_the_one_with_fewer_flops():
     # few positions, many columns (a 512-channel convolution at 4 × 4, exact GGN): pairs
     assert choose_diagonal_route(LayerSizes(10, 16, 16, 512, 4608)) == "pairs"

@@ -22,7 +22,24 @@ from torch import Tensor
 from kfoc_backpack.solver.outer import outer_gram_left
 
 
-def _finish(norm_sq: Tensor, cross: Tensor, left: Tensor, right: Tensor, relative: bool):
+def kron_error_from(
+    norm_sq: Tensor, cross: Tensor, left: Tensor, right: Tensor, relative: bool = True
+) -> Tensor:
+    """Frobenius error of ``left ⊗ right`` from ``‖F‖²_F`` and ``⟨F, L ⊗ R⟩``.
+
+    For callers that hold ``‖F‖²`` already (errors of several factor pairs of one
+    block): ``cross = Σ_k tr(X_kᵀ L X_k R)``, e.g. ``(terms.to_right(L) * R).sum()``.
+
+    Args:
+        norm_sq: Scalar ``‖F‖²_F``.
+        cross: Scalar ``⟨F, L ⊗ R⟩``.
+        left: ``[M, M]`` left factor.
+        right: ``[N, N]`` right factor.
+        relative: Divide by ``‖F‖_F`` (zero ``F`` gives the absolute error).
+
+    Returns:
+        Scalar error.
+    """
     err_sq = norm_sq - 2 * cross + left.square().sum() * right.square().sum()
     err = err_sq.clamp_min(0).sqrt()
     if not relative:
@@ -48,7 +65,7 @@ def kron_error_samples(
     flat = samples.reshape(samples.shape[0], -1)
     norm_sq = (flat @ flat.T).square().sum()
     cross = (torch.matmul(left, samples) * torch.matmul(samples, right)).sum()
-    return _finish(norm_sq, cross, left, right, relative)
+    return kron_error_from(norm_sq, cross, left, right, relative)
 
 
 def kron_error_outer(
@@ -71,7 +88,7 @@ def kron_error_outer(
     norm_sq = (outer_gram_left(sqrt_out) * (inputs @ inputs.T).square()).sum()
     quad_left = torch.einsum("kjp,pq,kjq->k", sqrt_out, left, sqrt_out)
     quad_right = torch.einsum("kp,pq,kq->k", inputs, right, inputs)
-    return _finish(norm_sq, (quad_left * quad_right).sum(), left, right, relative)
+    return kron_error_from(norm_sq, (quad_left * quad_right).sum(), left, right, relative)
 
 
 def kron_error_dense(dense: Tensor, left: Tensor, right: Tensor, relative: bool = True):

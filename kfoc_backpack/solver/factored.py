@@ -38,7 +38,7 @@ from kfoc_backpack.solver._common import (
     zero_solution,
 )
 from kfoc_backpack.solver.coefficient import check_every
-from kfoc_backpack.solver.error import _finish
+from kfoc_backpack.solver.error import kron_error_from
 from kfoc_backpack.solver.power import factor_power_iteration
 from kfoc_backpack.solver.rescale import mean_squares_summary
 from kfoc_backpack.solver.scale import finalize
@@ -68,6 +68,22 @@ def diagonal_flops(sizes: LayerSizes) -> dict[DiagonalRoute, int]:
     return {
         DiagonalRoute.FORMED: cols * num * pos * m * n,
         DiagonalRoute.PAIRS: num * pairs * (m * n + cols * m + n),
+    }
+
+
+def norm_flops(sizes: LayerSizes) -> dict[str, int]:
+    """Multiply-adds of ``‖F‖²_F`` per route of :meth:`FactoredTerms.norm_sq`.
+
+    ``positions``: the output-side ``T × T`` Gram blocks of every pair of the ``J·K``
+    matrices and the input-side ones of every sample pair,
+    ``(J·K)²·T²·M + K²·T²·N``; ``formed``: forming the matrices and their Gram,
+    ``J·K·T·M·N + (J·K)²·M·N``.
+    """
+    cols, num, pos, m, n = sizes[:5]
+    pairs = (cols * num) ** 2
+    return {
+        "positions": pairs * pos * pos * m + num * num * pos * pos * n,
+        "formed": cols * num * pos * m * n + pairs * m * n,
     }
 
 
@@ -193,19 +209,44 @@ class FactoredTerms:
         return nearest_kronecker_factored(self, options=options, init=init, right_trace=right_trace)
 
     def norm_sq(self) -> Tensor:
-        """``‖F‖²_F = Σ_{a,b} ⟨X_a, X_b⟩²``, from ``T × T`` Gram blocks."""
-        g = self.grads.flatten(end_dim=1)  # [JK, T, M]
-        a = self.inputs.repeat(self.grads.shape[0], 1, 1)  # [JK, T, N]
+        """``‖F‖²_F = Σ_{a,b} ⟨X_a, X_b⟩²`` over the ``J·K`` per-sample matrices.
+
+        By the cheaper of two exact routes (:func:`norm_flops`): the ``T × T`` Gram
+        blocks, ``⟨X_{jk}, X_{j'k'}⟩ = Σ (G_{jk} G_{j'k'}ᵀ) ⊙ (A_k A_{k'}ᵀ)`` (each input
+        block once per sample pair), or the Gram of the formed matrices, ``M_c`` of their
+        rows at a time (at most :data:`DIAGONAL_CHUNK` numbers).
+        """
+        cols, num, pos, m = self.grads.shape
+        n = self.inputs.shape[-1]
+        flops = norm_flops(LayerSizes(cols, num, pos, m, n))
+        if flops["formed"] < flops["positions"]:
+            return self._norm_sq_formed()
+        g, a = self.grads, self.inputs
         total = g.new_zeros(())
-        for index in range(g.shape[0]):  # one row of the [JK, JK] inner products at a time
-            inner = ((g[index] @ g.mT) * (a[index] @ a.mT)).sum((-2, -1))
-            total = total + inner.square().sum()
+        for k in range(num):
+            inputs = a[k] @ a.mT  # [K, T, T]: A_k A_k'ᵀ, once per sample pair
+            for j in range(cols):  # one row of the [JK, JK] inner products at a time
+                outputs = g[j, k] @ g.mT  # [J, K, T, T]: G_jk G_j'k'ᵀ
+                total = total + (outputs * inputs).sum((-2, -1)).square().sum()
         return total
+
+    def _norm_sq_formed(self) -> Tensor:
+        cols, num, pos, m = self.grads.shape
+        n = self.inputs.shape[-1]
+        gram = self.grads.new_zeros(cols * num, cols * num)
+        step = max(1, DIAGONAL_CHUNK // max(cols * num * n, 1))
+        for start in range(0, m, step):  # rows of every X_{jk} at once
+            rows = torch.einsum(
+                "jktm,ktn->jkmn", self.grads[..., start : start + step], self.inputs
+            )
+            flat = rows.reshape(cols * num, -1)
+            gram += flat @ flat.T
+        return gram.square().sum()
 
     def error(self, left: Tensor, right: Tensor, relative: bool = True) -> Tensor:
         """Frobenius error of ``left ⊗ right`` against ``F``."""
         cross = (self.to_right(left) * right).sum()
-        return _finish(self.norm_sq(), cross, left, right, relative)
+        return kron_error_from(self.norm_sq(), cross, left, right, relative)
 
     def diagonal(self, route: DiagonalRoute | str | None = None) -> Tensor:
         """``diag(F) = Σ_{j,k} X_{j,k} ⊙ X_{j,k}`` as an ``[M, N]`` matrix (row-major ``vec``).
