@@ -272,14 +272,19 @@ def grouped_of(file: str) -> Callable[[Path], str]:
     return render
 
 
-def stopping(ref: Path) -> str:
-    import stopping as script
+def stopping_of(*files: str) -> Callable[[Path], str]:
+    def render(ref: Path) -> str:
+        import stopping as script
 
-    parts = []
-    for name in ("stopping_cpu.json", "stopping_resnet18_cpu.json", "stopping_vit_tiny_cpu.json"):
-        data = _load(ref, name)
-        parts.append(_provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"]))
-    return "\n\n".join(parts)
+        parts = []
+        for name in files:
+            data = _load(ref, name)
+            parts.append(
+                _provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"])
+            )
+        return "\n\n".join(parts)
+
+    return render
 
 
 def diagonal_routes(ref: Path) -> str:
@@ -323,7 +328,10 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "distributed": distributed,
     "grouped": grouped_of("grouped_cpu.json"),
     "grouped_224": grouped_of("grouped_224_cpu.json"),
-    "stopping": stopping,
+    "stopping": stopping_of(
+        "stopping_cpu.json", "stopping_resnet18_cpu.json", "stopping_vit_tiny_cpu.json"
+    ),
+    "stopping_224": stopping_of("stopping_224_cpu.json"),
     "diagonal_routes": diagonal_routes,
     "influence": influence,
     "influence_speed": influence_speed,
