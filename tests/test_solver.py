@@ -652,3 +652,24 @@ def test_slow_outer_problem_is_finished_exactly(num, dtype, device):
     plain_error = relative_error(dense.cpu(), plain.left.cpu(), plain.right.cpu())
     assert plain_error > best + 2e-4  # the gap it closes
     assert not solve(exact_max_terms=num - 1).converged
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_float32_scale_of_a_wide_exactly_kronecker_block(transposed):
+    """A block that is one Kronecker product with a wide, rank-deficient factor.
+
+    (EfficientNet-B0's depthwise layers on 1 × 1 maps at 32 px: only the centre tap of a
+    ``5 × 5`` kernel is not padding, ``F = (Σ x xᵀ) ⊗ e eᵀ`` with ``1152``-wide
+    ``x``.) The float32 factors' product must carry the scale to float32's accuracy:
+    torch's float32 CPU norm of such a factor is off by up to ``1e-4``, and the product
+    scale is ``1/‖L‖²`` (it was ``2e-4`` off before the norms were accumulated in float64).
+    """
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(100, 2048, generator=gen)
+    samples = torch.zeros(100, 2048, 5)
+    samples[:, :, 2] = x
+    if transposed:
+        samples = samples.transpose(1, 2).contiguous()
+    found = nearest_kronecker_samples(samples)
+    error = kron_error_samples(samples.double(), found.left.double(), found.right.double())
+    assert error < 3e-5

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from kfoc_backpack.enums import Stop
-from kfoc_backpack.solver._common import unit
+from kfoc_backpack.solver._common import frobenius_norm, unit
 
 RESTART = 48
 """Basis size at which the iteration restarts from its current Ritz vector."""
@@ -154,7 +154,7 @@ def lanczos_top(
         stacked = store[:size]
         out = out - stacked.T @ (stacked @ out)  # full re-orthogonalisation, twice
         out = out - stacked.T @ (stacked @ out)
-        norm = torch.linalg.vector_norm(out)
+        norm = frobenius_norm(out)
         done = steps >= max_iter or size >= RESTART
         if steps % check_every == 0 or done:
             theta, coef, last = _top_ritz(alphas, betas)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kfoc_backpack.enums import Stop
-from kfoc_backpack.solver._common import unit
+from kfoc_backpack.solver._common import frobenius_norm, unit
 
 
 def factor_power_iteration(
@@ -61,7 +61,7 @@ def factor_power_iteration(
         right = to_right(left)
         tested = iterations % check_every == 0 or iterations == max_iter
         if objective and tested:  # σ² at L: L and its right factor are the result
-            value = float(torch.linalg.matrix_norm(right).square())
+            value = float(frobenius_norm(right).square())
             if value == 0.0 or (captured is not None and abs(value - captured) <= tol * value):
                 return left, right, iterations, True
             captured = value

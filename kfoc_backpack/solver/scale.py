@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from kfoc_backpack.solver._common import frobenius_norm
+
 
 def scale_split(
     norm_left: float,
@@ -156,8 +158,8 @@ def pair_scalars(
     if symmetric:  # twice the symmetric parts; the 1/2 is folded into the scale
         left, right, half = left + left.mT, right + right.mT, 0.5
     scalars = [
-        torch.linalg.matrix_norm(left),
-        torch.linalg.matrix_norm(right),
+        frobenius_norm(left),
+        frobenius_norm(right),
         torch.trace(left),
         torch.trace(right),
     ]
