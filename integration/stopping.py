@@ -31,8 +31,7 @@ import tqdm
 import zoo
 
 from kfoc_backpack import Grouped, KFOCBackend
-from kfoc_backpack.solver import SolverOptions
-from kfoc_backpack.solver.error import kron_error_from
+from kfoc_backpack.solver import SolverOptions, kron_error_from
 
 RULES = (
     ("factors", 1e-5),

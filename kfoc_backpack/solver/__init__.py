@@ -49,7 +49,12 @@ from kfoc_backpack.solver._common import (
     launch_bound,
 )
 from kfoc_backpack.solver.aggregation import KroneckerAccumulator
-from kfoc_backpack.solver.error import kron_error_dense, kron_error_outer, kron_error_samples
+from kfoc_backpack.solver.error import (
+    kron_error_dense,
+    kron_error_from,
+    kron_error_outer,
+    kron_error_samples,
+)
 from kfoc_backpack.solver.factored import (
     DIAGONAL_ROUTES,
     FactoredTerms,
@@ -84,6 +89,7 @@ __all__ = [
     "choose_route",
     "diagonal_flops",
     "kron_error_dense",
+    "kron_error_from",
     "kron_error_outer",
     "kron_error_samples",
     "launch_bound",
