@@ -234,6 +234,7 @@ def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_expon
     in float32 (its squared norms are of order ``|X|⁸ = 2^∓64``); outside it the
     solve scales. Against the dense optimum of the same samples in float64.
     """
+    from kfoc_backpack.solver import rescale
     from kfoc_backpack.solver import samples as samples_module
 
     seen = []
@@ -249,14 +250,14 @@ def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_expon
     samples = torch.randn(num, m, n, generator=gen, dtype=torch.float64)
     samples = samples / samples.abs().max() * 2.0**top_exponent
     options = SolverOptions(tol=1e-6, max_iter=500)
-    factors = samples_module.nearest_kronecker_samples_scaled(samples.float(), options, None, None)
+    factors = samples_module.nearest_kronecker_samples(samples.float(), options=options)
     assert factors.converged and factors.iterations > 1
     assert torch.isfinite(factors.left).all() and torch.isfinite(factors.right).all()
     dense = sum_of_outer(samples)
     best = optimal_relative_error(dense, m, n)
     assert relative_error(dense, factors.left.double(), factors.right.double()) <= best + 2e-4
-    inside = abs(top_exponent) <= samples_module.SAFE_EXPONENT
-    assert seen == [2.0**top_exponent if inside else 1.0]
+    inside = abs(top_exponent) <= rescale.SAFE_EXPONENT
+    assert seen == ([2.0**top_exponent] if inside else [2.0**top_exponent, 1.0])
 
 
 def test_summed_gram_map_of_one_coefficient_matches():

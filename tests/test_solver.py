@@ -500,8 +500,9 @@ def test_squaring_retry_converges_like_stepping():
 
 
 def test_outer_solve_fetches_from_the_device_once(routes):
-    """The Gram route of ``Linear`` layers reads the device once per stopping test (the
-    test and the scale split share the transfer); the first test usually suffices."""
+    """The Gram route of ``Linear`` layers reads the device once for the terms' range
+    (:func:`~kfoc_backpack.solver.rescale.range_exponents`) and once per stopping test
+    (the test and the scale split share the transfer); the first test usually suffices."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountTransfers(TorchDispatchMode):
@@ -520,7 +521,7 @@ def test_outer_solve_fetches_from_the_device_once(routes):
     with CountTransfers() as counter:
         result = nearest_kronecker_outer(sqrt_out, inputs, method="gram")
     assert result.converged and result.iterations == 33
-    assert counter.count == 1
+    assert counter.count == 2
 
 
 @pytest.mark.parametrize("max_iter", [1, 2, 40, 500])
@@ -673,3 +674,45 @@ def test_float32_scale_of_a_wide_exactly_kronecker_block(transposed):
     found = nearest_kronecker_samples(samples)
     error = kron_error_samples(samples.double(), found.left.double(), found.right.double())
     assert error < 3e-5
+
+
+@pytest.mark.parametrize("scale", [2.0**-40, 2.0**-70, 2.0**40])
+@pytest.mark.parametrize("kind", ["samples", "outer", "factored"])
+@pytest.mark.parametrize("right_trace", [None, 3.0])
+def test_the_pure_solvers_take_blocks_far_from_unit_scale_in_float32(scale, kind, right_trace):
+    """Tiny and huge float32 terms: the float64 optimum's error, not zeros or overflow.
+
+    (Squares of the block's squares leave float32's range at ``|X| ≈ 2⁻⁴⁰``; before the
+    pure solvers scaled their inputs by powers of two they returned zero factors — an
+    error of 1 — or reported a finite input as not finite.)
+    """
+    from kfoc_backpack.solver import FactoredTerms
+
+    gen = torch.Generator().manual_seed(23)
+    s = torch.randn(20, 3, 6, generator=gen, dtype=torch.float64)
+    a = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(3, 20, 4, 6, generator=gen, dtype=torch.float64)
+    aa = torch.randn(20, 4, 5, generator=gen, dtype=torch.float64)
+    terms = {
+        "samples": SampleTerms(torch.einsum("kjp,kq->kjpq", s * scale, a).reshape(-1, 6, 5)),
+        "outer": OuterTerms(s * scale, a),
+        "factored": FactoredTerms(g * scale, aa),
+    }[kind]
+    single = type(terms)(
+        *[
+            t.float()
+            for t in (getattr(terms, f) for f in terms.__dataclass_fields__)
+            if torch.is_tensor(t)
+        ]
+    )
+    if right_trace is not None and scale < 2.0**-60:  # L alone carries 2⁻²⁸⁰: not float32
+        with pytest.raises(FloatingPointError, match="normal range in the requested split"):
+            single.solve(right_trace=right_trace)
+        return
+    found = single.solve(right_trace=right_trace)
+    best = terms.solve(SolverOptions(tol=1e-10, max_iter=500))
+    assert torch.isfinite(found.left).all() and torch.isfinite(found.right).all()
+    error = terms.error(found.left.double(), found.right.double())
+    assert error <= terms.error(best.left, best.right) + 1e-4
+    if right_trace is not None:
+        assert abs(float(found.right.trace()) - right_trace) <= 1e-5 * right_trace

@@ -279,9 +279,7 @@ def stopping_of(*files: str) -> Callable[[Path], str]:
         parts = []
         for name in files:
             data = _load(ref, name)
-            parts.append(
-                _provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"])
-            )
+            parts.append(_provenance(data, "stopping.py") + "\n\n" + script.table(data["summary"]))
         return "\n\n".join(parts)
 
     return render

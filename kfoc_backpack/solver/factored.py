@@ -40,7 +40,12 @@ from kfoc_backpack.solver._common import (
 from kfoc_backpack.solver.coefficient import check_every
 from kfoc_backpack.solver.error import kron_error_from
 from kfoc_backpack.solver.power import factor_power_iteration
-from kfoc_backpack.solver.rescale import mean_squares_summary
+from kfoc_backpack.solver.rescale import (
+    mean_squares_summary,
+    range_exponents,
+    scaled_back,
+    scaled_trace,
+)
 from kfoc_backpack.solver.scale import finalize
 from kfoc_backpack.solver.shared.route import LayerSizes
 
@@ -329,6 +334,15 @@ def nearest_kronecker_factored(
     Returns:
         The optimal factors (conventions of the solver package).
     """
+    exponents = range_exponents(terms.grads, terms.inputs)
+    if exponents != (0, 0):  # far from unit scale: solve scaled sides, exactly
+        factors = nearest_kronecker_factored(
+            FactoredTerms(terms.grads * 2.0 ** exponents[0], terms.inputs * 2.0 ** exponents[1]),
+            options=options,
+            init=init,
+            right_trace=scaled_trace(right_trace, exponents[1]),
+        )
+        return scaled_back(factors, *exponents, right_trace)
     opts, out_dtype, tensors = working_tensors(options, terms.grads, terms.inputs)
     terms = FactoredTerms(*tensors)
     m, n = terms.shape

@@ -38,6 +38,7 @@ from kfoc_backpack.solver.coefficient import (
     outer_power_is_cheaper,
 )
 from kfoc_backpack.solver.power import factor_power_iteration, outer_half_steps
+from kfoc_backpack.solver.rescale import range_exponents, scaled_back, scaled_trace
 from kfoc_backpack.solver.scale import fetched_split, finalize, target_scalars
 
 
@@ -153,6 +154,17 @@ def nearest_kronecker_outer(
             "nearest_kronecker_outer expects sqrt_out [K, J, M] (or [K, M]) and inputs "
             f"[K, N], got {tuple(sqrt_out.shape)} and {tuple(inputs.shape)}."
         )
+    exponents = range_exponents(sqrt_out, inputs)
+    if exponents != (0, 0):  # far from unit scale: solve scaled sides, exactly
+        factors = nearest_kronecker_outer(
+            sqrt_out * 2.0 ** exponents[0],
+            inputs * 2.0 ** exponents[1],
+            options=options,
+            init=init,
+            right_trace=scaled_trace(right_trace, exponents[1]),
+            method=method,
+        )
+        return scaled_back(factors, *exponents, right_trace)
     opts, out_dtype, (sqrt_out, inputs) = working_tensors(options, sqrt_out, inputs)
     num, cols, m = sqrt_out.shape
     n = inputs.shape[1]

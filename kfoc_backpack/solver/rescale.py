@@ -225,3 +225,61 @@ def unscaled(factors: KroneckerFactors, exponent: int, dtype: torch.dtype) -> Kr
     right = (factors.right * 2.0**exponent).to(dtype)
     check_representable(factors, left, right)
     return KroneckerFactors(left, right, factors.iterations, factors.converged)
+
+
+SAFE_EXPONENT = 8
+"""Tensors with ``2^-8 ≤ max|x| ≤ 2^8`` keep their scale in the pure solvers
+(:func:`range_exponents`). The power method normalises only the left factor, so a step's
+new left factor has entries of order ``|X|⁴`` (times the sums' lengths) and its squared
+norm ``|X|⁸``: ``2^±64`` at the ends of this window, with room for sums of ``2^40``
+terms inside float32's normal range (``2^-126`` to ``2^128``)."""
+
+
+def range_exponents(*tensors: Tensor) -> tuple[int, ...]:
+    """Return per tensor the ``e`` that brings ``max|x|·2^e`` near one, or 0 (the window).
+
+    ``e ≠ 0`` where ``max|x|`` lies outside ``2^{±SAFE_EXPONENT}``.
+
+    Zero inside the window (the tensor is solved as it is, no copy), for an empty or
+    all-zero tensor, and for one with non-finite entries (the solver reports those).
+    One ``aminmax`` pass per tensor and one device-to-host transfer for all of them.
+    """
+    tops = []
+    for tensor in tensors:
+        if tensor.numel() == 0:
+            tops.append(torch.zeros((), dtype=torch.float64, device=tensor.device))
+            continue
+        low, high = torch.aminmax(tensor)
+        tops.append(torch.maximum(-low, high).double())
+    exponents = []
+    for top in torch.stack(tops).tolist():
+        inside = not (0 < top < math.inf) or abs(math.log2(top)) <= SAFE_EXPONENT
+        exponents.append(0 if inside else -round(math.log2(top)))
+    return tuple(exponents)
+
+
+def scaled_trace(right_trace: Tensor | float | None, in_exponent: int) -> Tensor | float | None:
+    """Return the right factor's target trace for terms with the input side scaled by ``2^e``."""
+    return None if right_trace is None else right_trace * 2.0 ** (2 * in_exponent)
+
+
+def scaled_back(
+    factors: KroneckerFactors,
+    out_exponent: int,
+    in_exponent: int,
+    right_trace: Tensor | float | None,
+) -> KroneckerFactors:
+    """Return the factors of terms from those of the terms scaled by ``2^{out}``, ``2^{in}``.
+
+    The output side (``X``'s rows, ``G``, ``S``) scaled by ``2^{out}``, the input side
+    by ``2^{in}``, solved with :func:`scaled_trace`: exact in binary floating point, and
+    the same split as the unscaled solve (even, or ``tr R`` fixed).
+    """
+    if right_trace is None:
+        scale = 2.0 ** -(out_exponent + in_exponent)
+        left, right = factors.left * scale, factors.right * scale
+    else:
+        left = factors.left * 2.0 ** (-2 * out_exponent)
+        right = factors.right * 2.0 ** (-2 * in_exponent)
+    check_representable(factors, left, right)
+    return KroneckerFactors(left, right, factors.iterations, factors.converged)

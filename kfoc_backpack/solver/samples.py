@@ -5,8 +5,8 @@ per-sample matrices ``X_k`` (convolutions, ``Linear`` layers on inputs with extr
 dimensions): by the factor power method, or on launch-bound devices, while it fits
 (:func:`~kfoc_backpack.solver.coefficient.samples_operator_fits`), through the
 ``M² × M²`` matrix of the left power map (:func:`_samples_operator_solve`).
-:func:`nearest_kronecker_samples_scaled` first scales ``X`` by a power of two where
-``max|X|`` is far from one (tiny blocks of deep layers).
+Where ``max|X|`` is far from one (tiny blocks of deep layers) ``X`` is first scaled by
+a power of two (:func:`~kfoc_backpack.solver.rescale.range_exponents`; exact).
 
 Index conventions of this module: ``K`` terms (samples), ``M`` output features (left
 factor ``[M, M]``), ``N`` input features (right factor ``[N, N]``).
@@ -14,7 +14,6 @@ factor ``[M, M]``), ``N`` input features (right factor ``[N, N]``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,7 @@ from kfoc_backpack.solver._common import (
 )
 from kfoc_backpack.solver.coefficient import check_every, coefficient_solve, samples_operator_fits
 from kfoc_backpack.solver.power import factor_power_iteration, output_major, samples_half_steps
+from kfoc_backpack.solver.rescale import range_exponents, scaled_back
 from kfoc_backpack.solver.scale import apply_scale_split, finalize, pair_scalars
 
 
@@ -64,6 +64,12 @@ def nearest_kronecker_samples(
     """
     if samples.dim() != 3:
         raise ValueError(f"samples must have shape [K, M, N], got {tuple(samples.shape)}.")
+    (exponent,) = range_exponents(samples)
+    if exponent != 0:  # far from unit scale: solve 2^e X, exactly (solver.rescale)
+        factors = nearest_kronecker_samples(
+            samples * 2.0**exponent, options=options, init=init, right_trace=right_trace
+        )
+        return scaled_back(factors, exponent, 0, right_trace)
     opts, out_dtype, (samples,) = working_tensors(options, samples)
     num, m, n = samples.shape
     if num == 0:
@@ -88,48 +94,6 @@ def nearest_kronecker_samples(
         left, right, out_dtype, right_trace=right_trace, what="nearest_kronecker_samples"
     )
     return KroneckerFactors(left, right, iters, converged)
-
-
-SAFE_EXPONENT = 8
-"""Blocks with ``2^-8 ≤ max|X| ≤ 2^8`` keep their scale. The power method normalises only
-the left factor, so a step's new left factor has entries of order ``|X|⁴`` (times the
-sums' lengths) and its squared norm ``|X|⁸``: ``2^±64`` at the ends of this window, with
-room for sums of ``2^40`` terms inside float32's normal range (``2^-126`` to ``2^128``)."""
-
-
-def nearest_kronecker_samples_scaled(
-    samples: Tensor,
-    options: SolverOptions | None,
-    init: Tensor | None,
-    right_trace: Tensor | float | None,
-) -> KroneckerFactors:
-    """:func:`nearest_kronecker_samples` of ``[K, M, N]`` ``samples``, scaled by ``2^p``.
-
-    The power method's norms square ``X L Xᵀ``: blocks of deep layers (``|X|`` near
-    ``1e-15``) or huge ones leave float32's range. Blocks with ``max|X|`` within
-    ``2^{±SAFE_EXPONENT}`` are solved as they are (no copy); others are scaled. The
-    scaling is exact; the product ``L ⊗ R`` is scaled back by ``2^{-2p}`` (on ``L`` when
-    ``right_trace`` fixes ``R``).
-    """
-    top = 0.0
-    if samples.numel():  # min and max in one pass, no |X| copy
-        low, high = torch.aminmax(samples)
-        top = max(-float(low), float(high))
-    scale = 1.0
-    if 0 < top < math.inf and abs(math.log2(top)) > SAFE_EXPONENT:
-        scale = math.ldexp(1.0, -round(math.log2(top)))
-    if scale == 1.0:
-        return nearest_kronecker_samples(
-            samples, options=options, init=init, right_trace=right_trace
-        )
-    factors = nearest_kronecker_samples(
-        samples * scale, options=options, init=init, right_trace=right_trace
-    )
-    if right_trace is None:
-        left, right = factors.left / scale, factors.right / scale
-    else:
-        left, right = factors.left / scale**2, factors.right
-    return KroneckerFactors(left, right, factors.iterations, factors.converged)
 
 
 def _samples_operator_solve(

@@ -33,7 +33,7 @@ from kfoc_backpack.solver._common import (
     zero_solution,
 )
 from kfoc_backpack.solver.power import output_major, samples_half_steps
-from kfoc_backpack.solver.samples import nearest_kronecker_samples_scaled
+from kfoc_backpack.solver.samples import nearest_kronecker_samples
 from kfoc_backpack.solver.shared.gram import PositionGram
 from kfoc_backpack.solver.shared.route import LayerSizes, RouteTerms, krylov_solve
 from kfoc_backpack.solver.symmetric import SYM_MIN_COLUMNS, congruence_sum
@@ -157,7 +157,9 @@ class FormedRouteTerms(SampleTerms, RouteTerms):
         if launch_bound(self.samples.device):
             return super().solve(options, init, right_trace)
         if is_tiny(*self.samples.shape):
-            return nearest_kronecker_samples_scaled(self.samples, options, init, right_trace)
+            return nearest_kronecker_samples(
+                self.samples, options=options, init=init, right_trace=right_trace
+            )
         opts, out_dtype, (samples,) = working_tensors(options, self.samples)
         num, m, n = samples.shape
         if num == 0:
