@@ -128,29 +128,21 @@ def corrected_fits(rank: int, world: int) -> dict:
                 "n_data": la.n_data,
             }
     runs = []
-    for _ in range(2):
+    # twice as given, then with rank 0 keeping only its last batch and reading the
+    # others again while the other ranks keep all of theirs
+    for max_memory in (None, None, 0 if rank == 0 else 1 << 30):
         torch.manual_seed(321)
+        kwargs = {} if max_memory is None else {"max_memory": max_memory}
         la = Laplace(
             cases.make_model("mlp"),
             "classification",
             "all",
             "ekfoc",
             backend_kwargs={"stochastic": True},
+            **kwargs,
         )
         la.fit(cases.shard("mlp", rank, world))
         runs.append([s[0].clone() for s in la.H.eigenvalues])
-    # rank 0 keeps only its last batch and reads the others again, the rest keep all
-    torch.manual_seed(321)
-    la = Laplace(
-        cases.make_model("mlp"),
-        "classification",
-        "all",
-        "ekfoc",
-        backend_kwargs={"stochastic": True},
-        max_memory=0 if rank == 0 else 1 << 30,
-    )
-    la.fit(cases.shard("mlp", rank, world))
-    runs.append([s[0].clone() for s in la.H.eigenvalues])
     out["monte_carlo"] = runs
     return out
 
