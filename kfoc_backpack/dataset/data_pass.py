@@ -142,9 +142,10 @@ class DataPass:
             index = kept.num_batches
             kept.num_batches += 1
             if budget is not None:
-                if kept.nbytes + batch.nbytes() <= budget:
+                size = batch.nbytes()
+                if kept.nbytes + size <= budget:
                     kept.batches[index] = batch
-                    kept.nbytes += batch.nbytes()
+                    kept.nbytes += size
                 else:
                     last = (index, batch)
             totals.add(batch, visit)

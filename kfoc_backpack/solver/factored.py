@@ -337,7 +337,7 @@ def nearest_kronecker_factored(
     exponents = range_exponents(terms.grads, terms.inputs)
     if exponents != (0, 0):  # far from unit scale: solve scaled sides, exactly
         factors = nearest_kronecker_factored(
-            FactoredTerms(terms.grads * 2.0 ** exponents[0], terms.inputs * 2.0 ** exponents[1]),
+            terms.scaled(*exponents),
             options=options,
             init=init,
             right_trace=scaled_trace(right_trace, exponents[1]),

@@ -136,17 +136,10 @@ def solve_rescaled(
     exponents = rescale_exponents(summary)
     if exponents is None:
         return terms.solve(options, right_trace=right_trace)
-    out_exponent, in_exponent = exponents
-    if right_trace is None:  # even split: both factors carry half of 2^(2·total)
-        left_scale = right_scale = 2.0 ** -(out_exponent + in_exponent)
-        scaled_trace = None
-    else:
-        left_scale, right_scale = 2.0 ** (-2 * out_exponent), 2.0 ** (-2 * in_exponent)
-        scaled_trace = right_trace * 2.0 ** (2 * in_exponent)
-    factors = terms.scaled(out_exponent, in_exponent).solve(options, right_trace=scaled_trace)
-    left, right = factors.left * left_scale, factors.right * right_scale
-    check_representable(factors, left, right)
-    return KroneckerFactors(left, right, factors.iterations, factors.converged)
+    factors = terms.scaled(*exponents).solve(
+        options, right_trace=scaled_trace(right_trace, exponents[1])
+    )
+    return scaled_back(factors, *exponents, right_trace)
 
 
 def check_representable(scaled: KroneckerFactors, left: Tensor, right: Tensor) -> None:
