@@ -43,8 +43,10 @@ memory (``ru_maxrss``) is its own: the table gives the fit time, the peak after 
 fit, the predictive's time per input and what it added to the peak, the log marginal
 likelihood (finite) and whether every probit row sums to one. The fit-time *ratio* to
 ``kfoc`` comes from one more process that fits ``kfoc``, ``ekfoc`` and ``ekfac`` in
-turns (one warm-up round, then ``--repeats`` rounds; medians): an A/B in one run, where
-the single fits above each pay their own process's first-call costs.
+turns (one warm-up round, then ``--repeats`` rounds, or as many more as fit in
+``--ab-seconds`` — a 2-second fit's median over two rounds moves by 0.05 with the
+machine's jitter; medians): an A/B in one run, where the single fits above each pay their
+own process's first-call costs.
 
 **Curvature on the same parameters** (the second table): per model it prints the
 *curvature time* — ``la.fit`` less the eigendecompositions of the
@@ -96,6 +98,8 @@ WHOLE_METHODS = ("kron", "kfoc", "ekfoc", "ekfac")
 """``kron`` fits what laplace-torch can (the rest frozen); the others fit every parameter."""
 AB_METHODS = ("kfoc", "ekfoc", "ekfac")
 """The whole-model fits timed A/B in one process (their ratio to ``kfoc`` is the table's)."""
+MAX_AB_ROUNDS = 15
+"""Most timed A/B rounds ``--ab-seconds`` adds (the smallest models' fits take 1-2 s)."""
 CLASSES = 10
 IMAGE_SIZE = 32
 """Side of the random RGB images (``--image-size``; 224 is the resolution the
@@ -510,32 +514,56 @@ def whole_once(
     }
 
 
+def ab_rounds(repeats: int, round_seconds: float, budget_seconds: float) -> int:
+    """Return the timed A/B rounds: ``repeats``, or more where they fit in the budget.
+
+    As many rounds of ``round_seconds`` as ``budget_seconds`` holds, at most
+    :data:`MAX_AB_ROUNDS`, never fewer than ``repeats``.
+    """
+    affordable = int(budget_seconds // max(round_seconds, 1e-9))
+    return max(repeats, min(MAX_AB_ROUNDS, affordable))
+
+
 def whole_fit_ab(
-    name: str, batch: int, batches: int, repeats: int, image_size: int = IMAGE_SIZE
+    name: str,
+    batch: int,
+    batches: int,
+    repeats: int,
+    image_size: int = IMAGE_SIZE,
+    budget_seconds: float = 0.0,
 ) -> dict[str, object]:
     """Fit seconds of ``kfoc``, ``ekfoc`` and ``ekfac`` on the whole model, A/B in one process.
 
-    One model and data set; after one warm-up fit of each method, ``repeats`` rounds in
-    which the methods take turns (so that load on the machine reaches each alike).
+    One model and data set; after one warm-up fit of each method, rounds in which the
+    methods take turns (so that load on the machine reaches each alike): ``repeats``, or
+    more where the warm-up round says that more fit in ``budget_seconds``
+    (:func:`ab_rounds`) — small models' fits are short, and their medians noisy.
 
     Returns:
-        ``{"fit_s": {method: median seconds}, "fit_s_all": {method: [seconds per round]}}``.
+        ``{"fit_s": {method: median seconds}, "fit_s_all": {method: [seconds per round]},
+        "rounds": timed rounds}``.
     """
     build, kind = MODELS[name]
     torch.manual_seed(0)
     model = build(image_size).eval()
     case = make_data(model, kind, batch, batches, [], image_size)
+
+    def fit_seconds(method: str) -> float:
+        la = Laplace(model, "classification", "all", method, **case.laplace_kwargs)
+        start = time.perf_counter()
+        la.fit(case.loader)
+        return time.perf_counter() - start
+
+    warm_up = sum(fit_seconds(method) for method in AB_METHODS)
+    rounds = ab_rounds(repeats, warm_up, budget_seconds)
     seconds: dict[str, list[float]] = {method: [] for method in AB_METHODS}
-    for round_ in range(repeats + 1):  # round 0 warms up
+    for _ in range(rounds):
         for method in AB_METHODS:
-            la = Laplace(model, "classification", "all", method, **case.laplace_kwargs)
-            start = time.perf_counter()
-            la.fit(case.loader)
-            if round_ > 0:
-                seconds[method].append(time.perf_counter() - start)
+            seconds[method].append(fit_seconds(method))
     return {
         "fit_s": {method: statistics.median(times) for method, times in seconds.items()},
         "fit_s_all": seconds,
+        "rounds": rounds,
     }
 
 
@@ -569,7 +597,8 @@ def whole_model(name: str, args: argparse.Namespace) -> dict[str, object]:
             record["errors"][method] = error  # type: ignore[index]
             continue
         record[method] = found
-    found, error = _run_self(["--whole-ab", name, *common, "--repeats", str(args.repeats)])
+    timing = ["--repeats", str(args.repeats), "--ab-seconds", str(args.ab_seconds)]
+    found, error = _run_self(["--whole-ab", name, *common, *timing])
     if found is None:
         record["errors"]["ab"] = error  # type: ignore[index]
     else:
@@ -612,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models"
     )
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed fits per method")
+    parser.add_argument(
+        "--ab-seconds",
+        type=float,
+        default=60.0,
+        help="whole models: more A/B rounds than --repeats where they fit in this many seconds",
+    )
     parser.add_argument("--batch", type=cli.positive_int, default=16, help="batch size")
     parser.add_argument("--batches", type=cli.positive_int, default=2, help="batches per fit")
     parser.add_argument(
@@ -660,7 +695,12 @@ def main(argv: list[str] | None = None) -> dict:
         return record
     if args.whole_ab:
         record = whole_fit_ab(
-            args.whole_ab, args.batch, args.batches, args.repeats, args.image_size
+            args.whole_ab,
+            args.batch,
+            args.batches,
+            args.repeats,
+            args.image_size,
+            args.ab_seconds,
         )
         print(json.dumps(record))
         return record

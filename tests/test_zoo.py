@@ -67,6 +67,7 @@ def test_whole_fit_ab_times_every_method_in_turns():
     """The whole table's fit ratio: each method's median over rounds after a warm-up."""
     found = zoo.whole_fit_ab("bert_tiny", batch=2, batches=1, repeats=2)
     assert set(found["fit_s"]) == set(zoo.AB_METHODS)
+    assert found["rounds"] == 2
     for method, times in found["fit_s_all"].items():
         assert len(times) == 2 and found["fit_s"][method] == statistics.median(times)
     record = {"model": "bert_tiny", "errors": {"kron": "boom"}, "ab": found}
@@ -74,6 +75,15 @@ def test_whole_fit_ab_times_every_method_in_turns():
     table = zoo.whole_table([record])
     ratio = found["fit_s"]["ekfoc"] / found["fit_s"]["kfoc"]
     assert f"| bert_tiny | ekfoc | 1 | 9.0 | {ratio:.2f}× |" in table
+
+
+def test_ab_rounds_add_what_the_budget_holds_within_the_cap():
+    """More rounds for short fits, never fewer than asked, never more than the cap."""
+    assert zoo.ab_rounds(2, round_seconds=5.0, budget_seconds=0.0) == 2
+    assert zoo.ab_rounds(2, round_seconds=5.0, budget_seconds=60.0) == 12
+    assert zoo.ab_rounds(2, round_seconds=100.0, budget_seconds=60.0) == 2
+    assert zoo.ab_rounds(2, round_seconds=0.5, budget_seconds=60.0) == zoo.MAX_AB_ROUNDS
+    assert zoo.ab_rounds(20, round_seconds=0.5, budget_seconds=60.0) == 20
 
 
 _WHOLE_ROW = {
