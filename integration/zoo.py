@@ -611,11 +611,13 @@ def whole_table(records: list[dict]) -> str:
     lines = [
         "| model | method | trainable | fit s | fit / kfoc fit (A/B) | peak after fit MB "
         "| predictive s/input | predictive added MB | inputs | log marglik "
-        "| probit rows sum to 1 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| probit rows sum to 1 | A/B rounds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for rec in records:
         medians = rec.get("ab", {}).get("fit_s", {})
+        times = rec.get("ab", {}).get("fit_s_all", {}).get("kfoc", [])
+        rounds = rec.get("ab", {}).get("rounds", len(times)) or "–"
         for method in WHOLE_METHODS:
             if method in rec["errors"]:
                 lines.append(f"| {rec['model']} | {method} | {rec['errors'][method]} ||||||||")
@@ -628,7 +630,7 @@ def whole_table(records: list[dict]) -> str:
                 f"| {r['peak_after_fit_mb']:.0f} | {r['predict_s_per_input']:.3f} "
                 f"| {r['predict_added_peak_mb']:.0f} | {r['test_inputs']} "
                 f"| {r['log_marginal_likelihood']:.1f} "
-                f"| {'yes' if r['rows_sum_to_one'] else 'NO'} |"
+                f"| {'yes' if r['rows_sum_to_one'] else 'NO'} | {rounds} |"
             )
     return "\n".join(lines)
 

@@ -75,6 +75,7 @@ def test_whole_fit_ab_times_every_method_in_turns():
     table = zoo.whole_table([record])
     ratio = found["fit_s"]["ekfoc"] / found["fit_s"]["kfoc"]
     assert f"| bert_tiny | ekfoc | 1 | 9.0 | {ratio:.2f}× |" in table
+    assert table.splitlines()[-1].endswith("| yes | 2 |")  # the A/B rounds
 
 
 def test_ab_rounds_add_what_the_budget_holds_within_the_cap():
