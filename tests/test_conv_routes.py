@@ -7,6 +7,8 @@ reference is the dense SVD of the rearranged block (``tests/ground_truth.py``).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from ground_truth import optimal_relative_error, relative_error, sum_of_outer
@@ -226,13 +228,14 @@ def test_tiny_blocks_are_solved_not_stopped_at_the_start(route, scale):
     _check_optimal(layer_terms, _dense(unfolded, sqrt), m, n, torch.float32)
 
 
-@pytest.mark.parametrize("top_exponent", [-40, -9, -8, 0, 8, 9, 40])
+@pytest.mark.parametrize("top_exponent", [-40, -12, -11, -9, 0, 8, 9, 40])
 def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_exponent, monkeypatch):
-    """Formed float32 blocks with ``max|X| = 2^p``: unscaled inside ``|p| ≤ 8``, scaled outside.
+    """Formed float32 blocks with ``max|X| = 2^p``: unscaled inside the window, scaled outside.
 
-    At the window's edges (``p = ±8``) the unscaled power method must still be optimal
-    in float32 (its squared norms are of order ``|X|⁸ = 2^∓64``); outside it the
-    solve scales. Against the dense optimum of the same samples in float64.
+    The window is the layers' (``2^LOW ≤ tr F ≤ 2^HIGH``, :mod:`~kfoc_backpack.solver.rescale`;
+    here ``tr F ≈ 2^{2p+6}``): at its edges (``p = -11``, ``9``) the unscaled power method
+    must still be optimal in float32; outside it the solve scales. Against the dense
+    optimum of the same samples in float64.
     """
     from kfoc_backpack.solver import rescale
     from kfoc_backpack.solver import samples as samples_module
@@ -256,8 +259,11 @@ def test_scaled_samples_solve_is_optimal_inside_and_outside_its_window(top_expon
     dense = sum_of_outer(samples)
     best = optimal_relative_error(dense, m, n)
     assert relative_error(dense, factors.left.double(), factors.right.double()) <= best + 2e-4
-    inside = abs(top_exponent) <= rescale.SAFE_EXPONENT
-    assert seen == ([2.0**top_exponent] if inside else [2.0**top_exponent, 1.0])
+    trace = float(samples.float().double().square().sum())
+    inside = rescale.LOW <= math.log2(trace) <= rescale.HIGH
+    assert len(seen) == (1 if inside else 2) and seen[0] == 2.0**top_exponent
+    if not inside:  # scaled by 2^e to tr F ≈ 1
+        assert abs(math.log2(trace * (seen[1] / seen[0]) ** 2)) <= 1
 
 
 def test_summed_gram_map_of_one_coefficient_matches():

@@ -500,8 +500,8 @@ def test_squaring_retry_converges_like_stepping():
 
 
 def test_outer_solve_fetches_from_the_device_once(routes):
-    """The Gram route of ``Linear`` layers reads the device once for the terms' range
-    (:func:`~kfoc_backpack.solver.rescale.range_exponents`) and once per stopping test
+    """The Gram route of ``Linear`` layers reads the device once for the terms' scale
+    (:func:`~kfoc_backpack.solver.rescale.needed_exponents`) and once per stopping test
     (the test and the scale split share the transfer); the first test usually suffices."""
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -34,6 +34,7 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     left_start,
+    working_dtype,
     working_tensors,
     zero_solution,
 )
@@ -42,7 +43,7 @@ from kfoc_backpack.solver.error import kron_error_from
 from kfoc_backpack.solver.power import factor_power_iteration
 from kfoc_backpack.solver.rescale import (
     mean_squares_summary,
-    range_exponents,
+    needed_exponents,
     scaled_back,
     scaled_trace,
 )
@@ -334,8 +335,9 @@ def nearest_kronecker_factored(
     Returns:
         The optimal factors (conventions of the solver package).
     """
-    exponents = range_exponents(terms.grads, terms.inputs)
-    if exponents != (0, 0):  # far from unit scale: solve scaled sides, exactly
+    working_dtype(terms.grads.dtype)  # floating input, or the TypeError that says so
+    exponents = needed_exponents(terms.scale_summary)
+    if exponents is not None:  # far from unit scale: solve scaled sides, exactly
         factors = nearest_kronecker_factored(
             terms.scaled(*exponents),
             options=options,

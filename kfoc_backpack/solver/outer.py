@@ -26,6 +26,7 @@ from kfoc_backpack.solver._common import (
     launch_bound,
     random_coefficients,
     random_matrix,
+    working_dtype,
     working_tensors,
     zero_solution,
 )
@@ -38,7 +39,12 @@ from kfoc_backpack.solver.coefficient import (
     outer_power_is_cheaper,
 )
 from kfoc_backpack.solver.power import factor_power_iteration, outer_half_steps
-from kfoc_backpack.solver.rescale import range_exponents, scaled_back, scaled_trace
+from kfoc_backpack.solver.rescale import (
+    needed_exponents,
+    outer_summary,
+    scaled_back,
+    scaled_trace,
+)
 from kfoc_backpack.solver.scale import fetched_split, finalize, target_scalars
 
 
@@ -154,8 +160,9 @@ def nearest_kronecker_outer(
             "nearest_kronecker_outer expects sqrt_out [K, J, M] (or [K, M]) and inputs "
             f"[K, N], got {tuple(sqrt_out.shape)} and {tuple(inputs.shape)}."
         )
-    exponents = range_exponents(sqrt_out, inputs)
-    if exponents != (0, 0):  # far from unit scale: solve scaled sides, exactly
+    working_dtype(sqrt_out.dtype)  # floating input, or the TypeError that says so
+    exponents = needed_exponents(lambda dtype: outer_summary(sqrt_out, inputs, dtype))
+    if exponents is not None:  # far from unit scale: solve scaled sides, exactly
         factors = nearest_kronecker_outer(
             sqrt_out * 2.0 ** exponents[0],
             inputs * 2.0 ** exponents[1],

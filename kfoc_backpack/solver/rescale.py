@@ -19,12 +19,18 @@ returns NaN or a wrong answer. Here the terms are brought to ``tr(F) ≈ 1`` fir
   terms are solved, and the factors are multiplied back by ``2^{−2e_out}`` and
   ``2^{−2e_in}``: the same factors, in the same split, as an exact-arithmetic solve.
 
+The layers' solves (:func:`solve_rescaled`) and the pure solvers
+(``nearest_kronecker_samples``/``_outer``/``_factored``, for callers who pass tensors
+of any scale) take this one test (:func:`needed_exponents`): terms that a layer
+brought into the window are not copied again by the solver it calls.
+
 Index conventions: ``M``/``N`` left/right factor sizes, ``T`` positions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -112,6 +118,42 @@ def rescale_exponents(summary: list[float]) -> tuple[int, int] | None:
     return out_exponent, total - out_exponent
 
 
+def outer_summary(sqrt_out: Tensor, inputs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``[tr F, mean s², mean a²]`` of rank-one terms ``s_{kj} a_kᵀ`` (``[K, J, M]``, ``[K, N]``).
+
+    ``tr F = Σ_k ‖S_k‖² ‖a_k‖²`` exactly; norms taken in ``dtype`` (default: the terms').
+    """
+    out = torch.linalg.vector_norm(sqrt_out, dim=(1, 2), dtype=dtype).double()
+    inp = torch.linalg.vector_norm(inputs, dim=1, dtype=dtype).double()
+    return mean_squares_summary(out.square() @ inp.square(), out, inp, sqrt_out, inputs)
+
+
+def samples_summary(samples: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``[tr F, 1, 1]`` of formed terms ``[K, M, N]`` (one tensor: no sides to balance)."""
+    trace = torch.linalg.vector_norm(samples, dtype=dtype).double().square()
+    return torch.stack([trace, torch.ones_like(trace), torch.ones_like(trace)])
+
+
+def needed_exponents(
+    summarise: Callable[[torch.dtype | None], Tensor],
+) -> tuple[int, int] | None:
+    """``(e_out, e_in)`` that bring the terms into the window, or ``None`` where they are.
+
+    ``summarise(dtype)`` is a ``scale_summary``: taken in the terms' dtype first (one
+    pass, no copy), again in float64 where ``τ`` is zero or overflowed there. One
+    device-to-host transfer in the common case. The one test of every solve's scale —
+    the layers' (:func:`solve_rescaled`) and the pure solvers' own — so that terms one
+    of them accepted are never copied by the other.
+
+    Raises:
+        FloatingPointError: If the terms contain NaN or infinite values.
+    """
+    summary = summarise(None).tolist()
+    if not (0 < summary[0] < math.inf):  # zero, or over/underflowed in the terms' dtype
+        summary = summarise(torch.float64).tolist()
+    return rescale_exponents(summary)
+
+
 def solve_rescaled(
     terms: ScalableTerms,
     options: SolverOptions | None = None,
@@ -130,10 +172,7 @@ def solve_rescaled(
     Raises:
         FloatingPointError: If the terms contain NaN or infinite values.
     """
-    summary = terms.scale_summary().tolist()
-    if not (0 < summary[0] < math.inf):  # zero, or over/underflowed in the terms' dtype
-        summary = terms.scale_summary(torch.float64).tolist()
-    exponents = rescale_exponents(summary)
+    exponents = needed_exponents(terms.scale_summary)
     if exponents is None:
         return terms.solve(options, right_trace=right_trace)
     factors = terms.scaled(*exponents).solve(
@@ -218,37 +257,6 @@ def unscaled(factors: KroneckerFactors, exponent: int, dtype: torch.dtype) -> Kr
     right = (factors.right * 2.0**exponent).to(dtype)
     check_representable(factors, left, right)
     return KroneckerFactors(left, right, factors.iterations, factors.converged)
-
-
-SAFE_EXPONENT = 8
-"""Tensors with ``2^-8 ≤ max|x| ≤ 2^8`` keep their scale in the pure solvers
-(:func:`range_exponents`). The power method normalises only the left factor, so a step's
-new left factor has entries of order ``|X|⁴`` (times the sums' lengths) and its squared
-norm ``|X|⁸``: ``2^±64`` at the ends of this window, with room for sums of ``2^40``
-terms inside float32's normal range (``2^-126`` to ``2^128``)."""
-
-
-def range_exponents(*tensors: Tensor) -> tuple[int, ...]:
-    """Return per tensor the ``e`` that brings ``max|x|·2^e`` near one, or 0 (the window).
-
-    ``e ≠ 0`` where ``max|x|`` lies outside ``2^{±SAFE_EXPONENT}``.
-
-    Zero inside the window (the tensor is solved as it is, no copy), for an empty or
-    all-zero tensor, and for one with non-finite entries (the solver reports those).
-    One ``aminmax`` pass per tensor and one device-to-host transfer for all of them.
-    """
-    tops = []
-    for tensor in tensors:
-        if tensor.numel() == 0:
-            tops.append(torch.zeros((), dtype=torch.float64, device=tensor.device))
-            continue
-        low, high = torch.aminmax(tensor)
-        tops.append(torch.maximum(-low, high).double())
-    exponents = []
-    for top in torch.stack(tops).tolist():
-        inside = not (0 < top < math.inf) or abs(math.log2(top)) <= SAFE_EXPONENT
-        exponents.append(0 if inside else -round(math.log2(top)))
-    return tuple(exponents)
 
 
 def scaled_trace(right_trace: Tensor | float | None, in_exponent: int) -> Tensor | float | None:

@@ -5,8 +5,9 @@ per-sample matrices ``X_k`` (convolutions, ``Linear`` layers on inputs with extr
 dimensions): by the factor power method, or on launch-bound devices, while it fits
 (:func:`~kfoc_backpack.solver.coefficient.samples_operator_fits`), through the
 ``M² × M²`` matrix of the left power map (:func:`_samples_operator_solve`).
-Where ``max|X|`` is far from one (tiny blocks of deep layers) ``X`` is first scaled by
-a power of two (:func:`~kfoc_backpack.solver.rescale.range_exponents`; exact).
+Where the block's trace lies outside the window of every solve (tiny blocks of deep
+layers) ``X`` is first scaled by a power of two
+(:func:`~kfoc_backpack.solver.rescale.needed_exponents`; exact).
 
 Index conventions of this module: ``K`` terms (samples), ``M`` output features (left
 factor ``[M, M]``), ``N`` input features (right factor ``[N, N]``).
@@ -23,12 +24,13 @@ from kfoc_backpack.solver._common import (
     KroneckerFactors,
     SolverOptions,
     left_start,
+    working_dtype,
     working_tensors,
     zero_solution,
 )
 from kfoc_backpack.solver.coefficient import check_every, coefficient_solve, samples_operator_fits
 from kfoc_backpack.solver.power import factor_power_iteration, output_major, samples_half_steps
-from kfoc_backpack.solver.rescale import range_exponents, scaled_back
+from kfoc_backpack.solver.rescale import needed_exponents, samples_summary, scaled_back
 from kfoc_backpack.solver.scale import apply_scale_split, finalize, pair_scalars
 
 
@@ -64,8 +66,10 @@ def nearest_kronecker_samples(
     """
     if samples.dim() != 3:
         raise ValueError(f"samples must have shape [K, M, N], got {tuple(samples.shape)}.")
-    (exponent,) = range_exponents(samples)
-    if exponent != 0:  # far from unit scale: solve 2^e X, exactly (solver.rescale)
+    working_dtype(samples.dtype)  # floating input, or the TypeError that says so
+    exponents = needed_exponents(lambda dtype: samples_summary(samples, dtype))
+    if exponents is not None:  # far from unit scale: solve 2^e X, exactly (solver.rescale)
+        exponent = sum(exponents)
         factors = nearest_kronecker_samples(
             samples * 2.0**exponent, options=options, init=init, right_trace=right_trace
         )

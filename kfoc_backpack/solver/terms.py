@@ -35,7 +35,7 @@ from kfoc_backpack.solver.power import (
     outer_half_steps,
     samples_half_steps,
 )
-from kfoc_backpack.solver.rescale import mean_squares_summary
+from kfoc_backpack.solver.rescale import outer_summary, samples_summary
 from kfoc_backpack.solver.samples import nearest_kronecker_samples
 from kfoc_backpack.solver.scale import finalize
 
@@ -76,10 +76,7 @@ class OuterTerms:
 
     def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
         """``[tr F, mean s², mean a²]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
-        out = torch.linalg.vector_norm(self.sqrt_out, dim=(1, 2), dtype=dtype).double()
-        inp = torch.linalg.vector_norm(self.inputs, dim=1, dtype=dtype).double()
-        bound = out.square() @ inp.square()
-        return mean_squares_summary(bound, out, inp, self.sqrt_out, self.inputs)
+        return outer_summary(self.sqrt_out, self.inputs, dtype)
 
     def scaled(self, out_exponent: int, in_exponent: int) -> OuterTerms:
         """Return the terms with ``S·2^out_exponent`` and ``A·2^in_exponent`` (exact)."""
@@ -183,8 +180,7 @@ class SampleTerms(FormedSamples):
 
     def scale_summary(self, dtype: torch.dtype | None = None) -> Tensor:
         """``[tr F, 1, 1]`` (see :mod:`~kfoc_backpack.solver.rescale`)."""
-        trace = torch.linalg.vector_norm(self.samples, dtype=dtype).double().square()
-        return torch.stack([trace, torch.ones_like(trace), torch.ones_like(trace)])
+        return samples_summary(self.samples, dtype)
 
     def scaled(self, out_exponent: int, in_exponent: int) -> SampleTerms:
         """Return the terms with ``X·2^(out_exponent + in_exponent)`` (exact; same class)."""
