@@ -676,6 +676,41 @@ def test_float32_scale_of_a_wide_exactly_kronecker_block(transposed):
     assert error < 3e-5
 
 
+def test_a_layer_solve_tests_its_scale_once_and_sub_problems_again(monkeypatch):
+    """``solve_rescaled`` tests the terms' scale; the pure solver it calls on the same
+    tensors does not test again, one called on other tensors (a group, a scaled copy)
+    does — and solves those optimally however far from unit scale they are."""
+    import dataclasses
+
+    from kfoc_backpack.solver import rescale
+
+    calls = []
+    original = rescale.rescale_exponents
+    monkeypatch.setattr(
+        rescale, "rescale_exponents", lambda summary: calls.append(summary) or original(summary)
+    )
+    gen = torch.Generator().manual_seed(3)
+    terms = OuterTerms(torch.randn(20, 2, 6, generator=gen), torch.randn(20, 5, generator=gen))
+    rescale.solve_rescaled(terms)
+    assert len(calls) == 1
+    terms.solve()  # a direct call tests
+    assert len(calls) == 2
+
+    @dataclasses.dataclass(frozen=True)
+    class TinyCopy(OuterTerms):  # its solve works on other tensors: 2⁻⁴⁰ times its own
+        def solve(self, options=None, init=None, right_trace=None):
+            return nearest_kronecker_outer(self.sqrt_out * 2.0**-40, self.inputs)
+
+    calls.clear()
+    found = rescale.solve_rescaled(TinyCopy(terms.sqrt_out, terms.inputs))
+    assert len(calls) == 3  # the layer's test, the copy's own, its scaled copy's
+    exact = OuterTerms(terms.sqrt_out.double(), terms.inputs.double())
+    best = exact.solve(SolverOptions(tol=1e-10, max_iter=500))
+    scaled = (found.left.double() * 2.0**80, found.right.double())
+    assert exact.error(*scaled) <= exact.error(best.left, best.right) + 1e-5
+    assert not rescale._TESTED.get()  # reset after the solve
+
+
 @pytest.mark.parametrize("scale", [2.0**-40, 2.0**-70, 2.0**40])
 @pytest.mark.parametrize("kind", ["samples", "outer", "factored"])
 @pytest.mark.parametrize("right_trace", [None, 3.0])

@@ -336,7 +336,7 @@ def nearest_kronecker_factored(
         The optimal factors (conventions of the solver package).
     """
     working_dtype(terms.grads.dtype)  # floating input, or the TypeError that says so
-    exponents = needed_exponents(terms.scale_summary)
+    exponents = needed_exponents(terms.scale_summary, terms.grads, terms.inputs)
     if exponents is not None:  # far from unit scale: solve scaled sides, exactly
         factors = nearest_kronecker_factored(
             terms.scaled(*exponents),

@@ -161,7 +161,9 @@ def nearest_kronecker_outer(
             f"[K, N], got {tuple(sqrt_out.shape)} and {tuple(inputs.shape)}."
         )
     working_dtype(sqrt_out.dtype)  # floating input, or the TypeError that says so
-    exponents = needed_exponents(lambda dtype: outer_summary(sqrt_out, inputs, dtype))
+    exponents = needed_exponents(
+        lambda dtype: outer_summary(sqrt_out, inputs, dtype), sqrt_out, inputs
+    )
     if exponents is not None:  # far from unit scale: solve scaled sides, exactly
         factors = nearest_kronecker_outer(
             sqrt_out * 2.0 ** exponents[0],

@@ -21,16 +21,18 @@ returns NaN or a wrong answer. Here the terms are brought to ``tr(F) ≈ 1`` fir
 
 The layers' solves (:func:`solve_rescaled`) and the pure solvers
 (``nearest_kronecker_samples``/``_outer``/``_factored``, for callers who pass tensors
-of any scale) take this one test (:func:`needed_exponents`): terms that a layer
-brought into the window are not copied again by the solver it calls.
+of any scale) take this one test (:func:`needed_exponents`): the terms a layer tested
+are neither tested nor copied again by the solver it calls.
 
 Index conventions: ``M``/``N`` left/right factor sizes, ``T`` positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Protocol
 
 import torch
@@ -134,20 +136,30 @@ def samples_summary(samples: Tensor, dtype: torch.dtype | None = None) -> Tensor
     return torch.stack([trace, torch.ones_like(trace), torch.ones_like(trace)])
 
 
+_TESTED: ContextVar[frozenset[int]] = ContextVar("kfoc_scale_tested", default=frozenset())
+"""``id``s of the tensors of the terms :func:`solve_rescaled` tested and is solving (alive
+for the whole solve, so no other live tensor shares one)."""
+
+
 def needed_exponents(
-    summarise: Callable[[torch.dtype | None], Tensor],
+    summarise: Callable[[torch.dtype | None], Tensor], *tensors: Tensor
 ) -> tuple[int, int] | None:
     """``(e_out, e_in)`` that bring the terms into the window, or ``None`` where they are.
 
     ``summarise(dtype)`` is a ``scale_summary``: taken in the terms' dtype first (one
     pass, no copy), again in float64 where ``τ`` is zero or overflowed there. One
     device-to-host transfer in the common case. The one test of every solve's scale —
-    the layers' (:func:`solve_rescaled`) and the pure solvers' own — so that terms one
-    of them accepted are never copied by the other.
+    the layers' (:func:`solve_rescaled`) and the pure solvers' own: a pure solver
+    called (through ``terms.solve``) on the very ``tensors`` that
+    :func:`solve_rescaled` has tested returns ``None`` without a second summary; on
+    any other tensors (a group of them, a reshaped copy, a direct call) it tests.
 
     Raises:
         FloatingPointError: If the terms contain NaN or infinite values.
     """
+    tested = _TESTED.get()
+    if tensors and all(id(tensor) in tested for tensor in tensors):
+        return None
     summary = summarise(None).tolist()
     if not (0 < summary[0] < math.inf):  # zero, or over/underflowed in the terms' dtype
         summary = summarise(torch.float64).tolist()
@@ -173,11 +185,16 @@ def solve_rescaled(
         FloatingPointError: If the terms contain NaN or infinite values.
     """
     exponents = needed_exponents(terms.scale_summary)
-    if exponents is None:
-        return terms.solve(options, right_trace=right_trace)
-    factors = terms.scaled(*exponents).solve(
-        options, right_trace=scaled_trace(right_trace, exponents[1])
-    )
+    solved = terms if exponents is None else terms.scaled(*exponents)
+    fields = dataclasses.fields(solved) if dataclasses.is_dataclass(solved) else ()
+    values = (getattr(solved, field.name) for field in fields)
+    token = _TESTED.set(frozenset(id(v) for v in values if isinstance(v, Tensor)))
+    try:
+        if exponents is None:
+            return solved.solve(options, right_trace=right_trace)
+        factors = solved.solve(options, right_trace=scaled_trace(right_trace, exponents[1]))
+    finally:
+        _TESTED.reset(token)
     return scaled_back(factors, *exponents, right_trace)
 
 

@@ -67,7 +67,7 @@ def nearest_kronecker_samples(
     if samples.dim() != 3:
         raise ValueError(f"samples must have shape [K, M, N], got {tuple(samples.shape)}.")
     working_dtype(samples.dtype)  # floating input, or the TypeError that says so
-    exponents = needed_exponents(lambda dtype: samples_summary(samples, dtype))
+    exponents = needed_exponents(lambda dtype: samples_summary(samples, dtype), samples)
     if exponents is not None:  # far from unit scale: solve 2^e X, exactly (solver.rescale)
         exponent = sum(exponents)
         factors = nearest_kronecker_samples(
