@@ -152,6 +152,47 @@ def test_sum_random(shape, kind, method, dtype, routes):
         assert_psd(result.right, dtype)
 
 
+@pytest.mark.parametrize("method", ["closed_form", "gram", "power"])
+@pytest.mark.parametrize(
+    ("left_scale", "right_scale"),
+    [(2.0**-58, 2.0**8), (2.0**-100, 1.0), (2.0**-70, 2.0**-70), (2.0**60, 2.0**-10)],
+)
+def test_sum_of_terms_far_apart_in_scale_in_float32(left_scale, right_scale, method):
+    """One term far from the others (a confidently classified sample's ``L_k ≈ 1e-17``
+    beside ``R_k ≈ 240``, as the paper's running K-FOC of LeNet-5 met at batch size 1;
+    a term at ``2⁻²⁰⁰`` or ``2⁻¹⁴⁰`` relative; a huge one): optimal in float32, with
+    no overflow in the closed form and no endless rescaling (both raised before)."""
+    gen = torch.Generator().manual_seed(41)
+    num = 2 if method == "closed_form" else 5
+    left = torch.randn(num, 3, 3, generator=gen, dtype=torch.float64)
+    right = torch.randn(num, 4, 4, generator=gen, dtype=torch.float64)
+    left, right = left @ left.mT, right @ right.mT
+    left[1] *= left_scale
+    right[1] *= right_scale
+    result = nearest_kronecker_sum(left.float(), right.float(), method=method)
+    exact = sum_of_kron(left.float().double(), right.float().double())
+    assert_optimal(exact, result, 3, 4, torch.float32)
+
+
+def test_running_sum_takes_a_sample_far_below_the_others():
+    """``KroneckerAccumulator("running")`` over per-sample factors where one sample's
+    left factor is ``2⁻⁵⁸`` of the others': the float64 accumulation's factors."""
+    gen = torch.Generator().manual_seed(42)
+    found, exact = KroneckerAccumulator("running"), KroneckerAccumulator("running")
+    for k in range(6):
+        left = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+        right = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+        left, right = left @ left.T, right @ right.T
+        if k == 2:
+            left, right = left * 2.0**-58, right * 2.0**8
+        found.update(left.float(), right.float(), 1.0)
+        exact.update(left.float().double(), right.float().double(), 1.0)
+    got, want = found.factors(), exact.factors()
+    product = torch.kron(*(f.double() for f in got))
+    expected = torch.kron(*want)
+    assert float((product - expected).norm() / expected.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sum_weighted_and_closed_form(dtype, routes):
     gen = torch.Generator().manual_seed(0)

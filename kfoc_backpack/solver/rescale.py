@@ -229,13 +229,18 @@ FACTOR_WINDOW = 20
 
 
 def balanced_terms(left_terms: Tensor, right_terms: Tensor) -> tuple[Tensor, Tensor, int] | None:
-    """``Σ_k L_k ⊗ R_k`` rewritten with every factor near unit entries, or ``None``.
+    """``Σ_k L_k ⊗ R_k`` rewritten with the largest term's factors near unit entries, or ``None``.
 
     Each term is first balanced, ``(L_k·2^{b_k}) ⊗ (R_k·2^{-b_k})`` with both factors'
     largest entries equal (the sum is unchanged), then every factor is divided by a
-    common ``2^e`` (the sum by ``2^{2e}``). One fetch of the ``2K`` largest magnitudes;
-    ``None`` when every factor's largest entry is within ``2^{±FACTOR_WINDOW}`` (or
-    one is non-finite, which the solve reports).
+    common ``2^e`` (the sum by ``2^{2e}``) that brings the *largest* term's factors to
+    entries near one: the sum's Gram and closed-form quantities are of the order of that
+    term's, and a term smaller by more than float32's range is negligible in the sum
+    (it may underflow; it cannot overflow the others). One fetch of the ``2K`` largest
+    magnitudes; ``None`` when every factor's largest entry is within
+    ``2^{±FACTOR_WINDOW}`` (or one is non-finite, which the solve reports). Applied once
+    per solve: its result is solved as it is, even where small terms stay outside the
+    window.
 
     Args:
         left_terms: ``[K, M, M]`` left factors (weights applied).
@@ -253,7 +258,12 @@ def balanced_terms(left_terms: Tensor, right_terms: Tensor) -> tuple[Tensor, Ten
     if all(abs(v) <= FACTOR_WINDOW for v in logs):
         return None
     balance = [round((logs[num + k] - logs[k]) / 2) for k in range(num)]
-    common = round(sum(logs) / (2 * num))
+    sizes = [
+        (logs[k] + logs[num + k]) / 2 for k in range(num) if values[k] > 0 and values[num + k] > 0
+    ]
+    if not sizes:  # every term is zero
+        return None
+    common = round(max(sizes))
     shifts = torch.tensor(
         [[2.0 ** (b - common) for b in balance], [2.0 ** (-b - common) for b in balance]],
         dtype=left_terms.dtype,

@@ -98,17 +98,10 @@ def nearest_kronecker_sum(
         left_terms = left_terms * weights.to(dtype).reshape(num, 1, 1)
 
     balanced = balanced_terms(left_terms, right_terms)
+    exponent = 0
     if balanced is not None:  # far from unit scale: solve the terms scaled by powers of two
-        left_scaled, right_scaled, exponent = balanced
-        scaled = nearest_kronecker_sum(
-            left_scaled,
-            right_scaled,
-            options=opts,
-            init=init,
-            method=method,
-            right_trace=None if right_trace is None else right_trace * 2.0**-exponent,
-        )
-        return unscaled(scaled, exponent, out_dtype)
+        left_terms, right_terms, exponent = balanced
+        right_trace = None if right_trace is None else right_trace * 2.0**-exponent
 
     if method == "auto":
         method = "closed_form" if num <= 2 else "gram" if num <= GRAM_MAX_TERMS else "power"
@@ -126,8 +119,12 @@ def nearest_kronecker_sum(
         (left_terms == left_terms.transpose(-1, -2)).all()
         & (right_terms == right_terms.transpose(-1, -2)).all()
     )
-    left, right = finalize(left, right, out_dtype, symmetric, right_trace, "nearest_kronecker_sum")
-    return KroneckerFactors(left, right, iters, converged)
+    solved_dtype = out_dtype if balanced is None else dtype
+    left, right = finalize(
+        left, right, solved_dtype, symmetric, right_trace, "nearest_kronecker_sum"
+    )
+    factors = KroneckerFactors(left, right, iters, converged)
+    return factors if balanced is None else unscaled(factors, exponent, out_dtype)
 
 
 def _sum_coefficients(
