@@ -177,7 +177,7 @@ COINCIDENCES: dict[str, dict[str, str]] = {
         # paper's and a third scale split, --activation; no JSON holds them)
         **dict.fromkeys(
             "0.588 0.573 0.640 0.526 0.473 0.570 0.138 0.545 0.255 0.465 0.400 0.498 "
-            "0.890 0.977 0.604 0.756 0.946 0.940".split(),
+            "0.890 0.977 0.604 0.756 0.946 0.940 0.516 0.593 0.601".split(),
             "a diagnostic run recorded only in this note",
         ),
         "2.30": "the untrained model's training loss in the --epochs 0 diagnostic",
@@ -193,6 +193,7 @@ COINCIDENCES: dict[str, dict[str, str]] = {
         "0.343": "the --weight-decay 5e-4 diagnostic (seed 0; no JSON holds it)",
         "0.437": "the --weight-decay 5e-4 diagnostic (seed 0; no JSON holds it)",
         "79.5": "the thread diagnostic (seconds with 2 threads; no JSON holds it)",
+        "12.4": "the thread diagnostic (a K-FAC fit with 2 threads; no JSON holds it)",
     },
 }
 
