@@ -177,13 +177,15 @@ COINCIDENCES: dict[str, dict[str, str]] = {
         # paper's and a third scale split, --activation; no JSON holds them)
         **dict.fromkeys(
             "0.588 0.573 0.640 0.526 0.473 0.570 0.138 0.545 0.255 0.465 0.400 0.498 "
-            "0.890 0.977 0.604 0.756 0.946 0.940 0.516 0.593 0.601".split(),
+            "0.890 0.977 0.604 0.756 0.946 0.940 0.516 0.593 0.601 0.103 0.503 0.583 "
+            "0.632".split(),
             "a diagnostic run recorded only in this note",
         ),
         "2.30": "the untrained model's training loss in the --epochs 0 diagnostic",
     },
     "notes/performance.md": {
         "0.941": "an eigenvalue ratio printed by integration/convergence.py (no JSON)",
+        "2.96": "a one-off operation count (ratio) of an earlier route (dated history)",
         "1.25": "the 1.25× tolerance the analysis applies, not a measurement",
         "1.69": "peak memory before the buffer rewrite (dated history)",
         "1.54": "peak memory before the buffer rewrite (dated history)",
