@@ -724,6 +724,7 @@ def test_a_layer_solve_tests_its_scale_once_and_sub_problems_again(monkeypatch):
     import dataclasses
 
     from kfoc_backpack.solver import rescale
+    from kfoc_backpack.solver.transposed import TransposedTerms
 
     calls = []
     original = rescale.rescale_exponents
@@ -736,6 +737,8 @@ def test_a_layer_solve_tests_its_scale_once_and_sub_problems_again(monkeypatch):
     assert len(calls) == 1
     terms.solve()  # a direct call tests
     assert len(calls) == 2
+    rescale.solve_rescaled(TransposedTerms(terms))  # wrapped terms: the same tensors
+    assert len(calls) == 3
 
     @dataclasses.dataclass(frozen=True)
     class TinyCopy(OuterTerms):  # its solve works on other tensors: 2⁻⁴⁰ times its own

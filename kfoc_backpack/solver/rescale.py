@@ -186,9 +186,7 @@ def solve_rescaled(
     """
     exponents = needed_exponents(terms.scale_summary)
     solved = terms if exponents is None else terms.scaled(*exponents)
-    fields = dataclasses.fields(solved) if dataclasses.is_dataclass(solved) else ()
-    values = (getattr(solved, field.name) for field in fields)
-    token = _TESTED.set(frozenset(id(v) for v in values if isinstance(v, Tensor)))
+    token = _TESTED.set(frozenset(_tensor_ids(solved)))
     try:
         if exponents is None:
             return solved.solve(options, right_trace=right_trace)
@@ -196,6 +194,20 @@ def solve_rescaled(
     finally:
         _TESTED.reset(token)
     return scaled_back(factors, *exponents, right_trace)
+
+
+def _tensor_ids(terms: object) -> set[int]:
+    """``id``s of the tensors among ``terms``' dataclass fields, nested terms included.
+
+    Wrapped terms (``TransposedTerms.inner``) hand their own tensors to the pure solver.
+    """
+    if not dataclasses.is_dataclass(terms) or isinstance(terms, type):
+        return set()
+    ids: set[int] = set()
+    for field in dataclasses.fields(terms):
+        value = getattr(terms, field.name)
+        ids |= {id(value)} if isinstance(value, Tensor) else _tensor_ids(value)
+    return ids
 
 
 def check_representable(scaled: KroneckerFactors, left: Tensor, right: Tensor) -> None:
