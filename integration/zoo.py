@@ -615,9 +615,9 @@ def whole_table(records: list[dict]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for rec in records:
-        medians = rec.get("ab", {}).get("fit_s", {})
-        times = rec.get("ab", {}).get("fit_s_all", {}).get("kfoc", [])
-        rounds = rec.get("ab", {}).get("rounds", len(times)) or "–"
+        ab = rec.get("ab", {})
+        medians = ab.get("fit_s", {})
+        rounds = ab.get("rounds", len(ab.get("fit_s_all", {}).get("kfoc", []))) or "–"
         for method in WHOLE_METHODS:
             if method in rec["errors"]:
                 lines.append(f"| {rec['model']} | {method} | {rec['errors'][method]} ||||||||")
